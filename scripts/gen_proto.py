@@ -29,7 +29,6 @@ def generate(out: Path) -> None:
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out}",
-        f"--pyi_out={out}",
         f"--grpc_python_out={out}",
         *PROTOS,
     ]

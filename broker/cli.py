@@ -1,0 +1,117 @@
+"""Command line: ``credential-broker serve | keys generate | config check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import yaml
+
+from broker.config import BrokerConfig, load_config, load_config_file
+from broker.crypto import generate_keyring_file
+from broker.errors import BrokerError
+from broker.logs import configure, fields
+
+# The embedded default: a local SQLite file, a dev keyring generated on first start, and one
+# example upstream, so `credential-broker serve` runs with no file at all. Not for production.
+DEFAULT_CONFIG = """
+listen: ["127.0.0.1:50051"]
+store: {backend: sqlite, path: credential-broker-data/broker.db}
+keyring: {file: credential-broker-data/dev-keyring.json}
+upstreams:
+  - name: example
+    url: https://api.example.com
+    auth_broker:
+      mode: oauth_connect
+      authorization_endpoint: https://auth.example.com/oauth/authorize
+      token_endpoint: https://auth.example.com/oauth/token
+      client_id: example-client
+      token_endpoint_auth_method: none
+      scopes: [read]
+      redirect_uri: http://127.0.0.1:8080/callback
+"""
+
+
+def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[BrokerConfig, bool]:
+    if args.config is not None:
+        return load_config_file(Path(args.config), environ=environ), False
+    return load_config(yaml.safe_load(DEFAULT_CONFIG), environ=environ, base_dir=Path.cwd()), True
+
+
+async def _serve(config: BrokerConfig, embedded: bool) -> int:
+    from broker.app import build_app  # grpc is imported only when serving
+
+    log = configure(config.log.format, config.log.level)
+    if embedded:
+        if not config.keyring.file.exists():
+            generate_keyring_file(config.keyring.file)
+            log.warning("generated a development keyring", extra=fields(path=str(config.keyring.file)))
+        log.warning("running on the embedded development config; pass --config for real use")
+    app = build_app(config, logger=log)
+    await app.start()
+    log.info(
+        "serving",
+        extra=fields(addresses=",".join(app.server.addresses), upstreams=len(config.upstreams)),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: health is NOT_SERVING, finishing in-flight calls")
+    await app.stop(grace=10.0)
+    log.info("stopped")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="credential-broker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC sidecar")
+    serve.add_argument("--config", help="YAML config file (default: the embedded development config)")
+
+    keys = commands.add_parser("keys", help="manage the keyring").add_subparsers(
+        dest="keys_command", required=True
+    )
+    generate = keys.add_parser("generate", help="write a new keyring file (mode 0600)")
+    generate.add_argument("--output", required=True, help="where to write it; never overwritten")
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True
+    )
+    check = config.add_parser("check", help="validate a config file and exit")
+    check.add_argument("--config", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    try:
+        if args.command == "serve":
+            config, embedded = _load(args, env)
+            return asyncio.run(_serve(config, embedded))
+        if args.command == "keys" and args.keys_command == "generate":
+            keyring = generate_keyring_file(Path(args.output))
+            print(f"wrote keyring {args.output} with primary key {keyring.primary_id}")
+            return 0
+        if args.command == "config" and args.config_command == "check":
+            config, _ = _load(args, env)
+            print(f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(config.listen)}")
+            return 0
+    except BrokerError as exc:
+        print(f"credential-broker: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"credential-broker: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The broker's error tree. Every error has a stable ``code`` and a message safe to show callers.
+
+Messages never contain a token, code, state, verifier, client secret, key or an authorization
+server's ``error_description``. Foreign exceptions (httpx, sqlite3, cryptography) are
+translated into this tree once, at their boundary, with ``raise ... from exc``.
+
+    BrokerError
+    ├── InvalidArgument            INVALID_ARGUMENT     a field is malformed or too large
+    ├── Unauthenticated            UNAUTHENTICATED      no user id (or, later, no valid user token)
+    ├── PermissionDenied           PERMISSION_DENIED    the caller may not act for that user
+    ├── UnknownUpstream            NOT_FOUND            no upstream of that name is configured
+    ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
+    ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
+    │   ├── NotConnected               the user never connected this upstream
+    │   └── ReconnectRequired          the stored credential can no longer be refreshed
+    ├── TokenRequestRejected       FAILED_PRECONDITION  the token endpoint refused (4xx)
+    ├── UpstreamUnavailable        UNAVAILABLE          unreachable, timed out, 5xx, or junk answer
+    ├── NotImplementedMode         UNIMPLEMENTED        an auth mode this build cannot run yet
+    ├── ConfigError                (start-up only)      names the offending config field
+    ├── KeyringError               (start-up only)      missing or unreadable keyring
+    ├── DecryptionError            INTERNAL             one uninformative error for any bad record
+    └── StoreError                 UNAVAILABLE          the store could not be read or written
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class BrokerError(Exception):
+    """Base of every error the broker raises on purpose."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgument(BrokerError):
+    code = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(BrokerError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    code = "PERMISSION_DENIED"
+
+
+class UnknownUpstream(BrokerError):
+    code = "UPSTREAM_NOT_FOUND"
+
+
+class FlowNotFound(BrokerError):
+    code = "FLOW_NOT_FOUND"
+
+
+class ConnectRequired(BrokerError):
+    """The user must (re)connect: the error carries the upstream and an authorization URL."""
+
+    code = "CONNECT_REQUIRED"
+
+    def __init__(self, message: str, *, upstream: str, authorization_url: str) -> None:
+        super().__init__(message, metadata={"upstream": upstream, "authorization_url": authorization_url})
+
+
+class NotConnected(ConnectRequired):
+    code = "NOT_CONNECTED"
+
+
+class ReconnectRequired(ConnectRequired):
+    code = "RECONNECT_REQUIRED"
+
+
+class TokenRequestRejected(BrokerError):
+    """The token endpoint answered 4xx. Only the status and an allow-listed error code survive."""
+
+    code = "TOKEN_REQUEST_REJECTED"
+
+    def __init__(self, status: int, oauth_error: str | None) -> None:
+        detail = f", error {oauth_error}" if oauth_error else ""
+        super().__init__(
+            f"the token endpoint refused the request (HTTP {status}{detail})",
+            metadata={
+                "http_status": str(status),
+                **({"oauth_error": oauth_error} if oauth_error else {}),
+            },
+        )
+        self.status = status
+        self.oauth_error = oauth_error
+
+
+class UpstreamUnavailable(BrokerError):
+    code = "UPSTREAM_UNAVAILABLE"
+
+
+class NotImplementedMode(BrokerError):
+    code = "MODE_NOT_IMPLEMENTED"
+
+
+class ConfigError(BrokerError):
+    code = "CONFIG_INVALID"
+
+
+class KeyringError(BrokerError):
+    code = "KEYRING_INVALID"
+
+
+class DecryptionError(BrokerError):
+    """Any record that fails to open. Deliberately says nothing about why."""
+
+    code = "DECRYPTION_FAILED"
+
+    def __init__(self) -> None:
+        super().__init__("a stored record could not be decrypted")
+
+
+class StoreError(BrokerError):
+    code = "STORE_UNAVAILABLE"

@@ -1,0 +1,121 @@
+"""CredentialBroker servicer: proto <-> domain, nothing else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.errors import BrokerError
+from broker.logs import fields, get_logger
+from broker.models import CredentialInfo
+from broker.rpc.status import internal_status, to_status
+from broker.service import BrokerService
+
+T = TypeVar("T")
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1_000_000_000))
+    return stamp
+
+
+def _info(info: CredentialInfo) -> pb.CredentialInfo:
+    return pb.CredentialInfo(
+        user_id=info.user_id,
+        upstream=info.upstream,
+        token_type=info.token_type,
+        scopes=list(info.scopes),
+        expires_at=_timestamp(info.expires_at),
+        obtained_via=info.obtained_via,
+        updated_at=_timestamp(info.updated_at),
+    )
+
+
+class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
+    """Maps each RPC to one service call; errors go through the status table."""
+
+    def __init__(self, service: BrokerService, logger: logging.Logger | None = None) -> None:
+        self._service = service
+        self._log = logger or get_logger()
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        try:
+            return await work()
+        except BrokerError as exc:
+            await context.abort_with_status(to_status(exc))
+        except Exception as exc:
+            # The message of a foreign exception may carry anything; log its type only.
+            self._log.error("unexpected error", extra=fields(method=method, error=type(exc).__name__))
+            await context.abort_with_status(internal_status())
+        raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
+
+    async def BuildAuthorizationURL(
+        self, request: pb.BuildAuthorizationURLRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BuildAuthorizationURLResponse:
+        result = await self._call(
+            context,
+            "BuildAuthorizationURL",
+            lambda: self._service.build_authorization_url(request.user_id, request.upstream),
+        )
+        return pb.BuildAuthorizationURLResponse(
+            authorization_url=result.authorization_url,
+            state=result.state,
+            expires_at=_timestamp(result.expires_at),
+        )
+
+    async def Complete(
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteResponse:
+        info = await self._call(
+            context,
+            "Complete",
+            lambda: self._service.complete(request.state, request.code, request.user_id),
+        )
+        return pb.CompleteResponse(credential=_info(info))
+
+    async def Deny(self, request: pb.DenyRequest, context: grpc.aio.ServicerContext) -> pb.DenyResponse:
+        await self._call(
+            context,
+            "Deny",
+            lambda: self._service.deny(request.state, request.error, request.error_description),
+        )
+        return pb.DenyResponse()
+
+    async def Refresh(
+        self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RefreshResponse:
+        info = await self._call(
+            context, "Refresh", lambda: self._service.refresh(request.user_id, request.upstream)
+        )
+        return pb.RefreshResponse(credential=_info(info))
+
+    async def Resolve(
+        self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResolveResponse:
+        result = await self._call(
+            context,
+            "Resolve",
+            lambda: self._service.resolve(
+                request.user_id, request.upstream, request.subject_token, request.min_valid_seconds
+            ),
+        )
+        return pb.ResolveResponse(
+            access_token=result.access_token,
+            token_type=result.token_type,
+            expires_at=_timestamp(result.expires_at),
+            scopes=list(result.scopes),
+            obtained_via=result.obtained_via,
+            header_name=result.header_name,
+            header_value=result.header_value,
+        )

@@ -1,0 +1,335 @@
+"""SQLite backend: one file, WAL mode, mode 0600, schema versioned by ``PRAGMA user_version``.
+
+Each thread gets its own connection (the event loop reads on its thread; writes run in worker
+threads). Writes use ``BEGIN IMMEDIATE`` so a compare-and-swap on a credential's generation is
+atomic across threads and across processes sharing the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from broker.errors import StoreError
+from broker.store.base import CredentialRow, PendingFlowRow
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 5000
+
+_CRED_COLUMNS = (
+    "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
+    "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
+)
+_FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
+
+
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    db["credentials"].create(
+        {
+            "user_id": str,
+            "upstream_key": str,
+            "token_type": str,
+            "scopes": str,
+            "expires_at": float,
+            "obtained_via": str,
+            "status": str,
+            "generation": int,
+            "kek_id": str,
+            "sealed": bytes,
+            "created_at": float,
+            "updated_at": float,
+            "last_refresh_at": float,
+            "last_error": str,
+            "failure_count": int,
+        },
+        pk=("user_id", "upstream_key"),
+        not_null={"user_id", "upstream_key", "status", "generation", "kek_id", "sealed"},
+    )
+    db["credentials"].create_index(["kek_id"])
+    db["pending_flows"].create(
+        {
+            "state_hash": str,
+            "user_id": str,
+            "upstream_key": str,
+            "created_at": float,
+            "expires_at": float,
+            "kek_id": str,
+            "sealed": bytes,
+        },
+        pk="state_hash",
+        not_null={"user_id", "upstream_key", "created_at", "expires_at", "kek_id", "sealed"},
+    )
+    db["pending_flows"].create_index(["user_id", "upstream_key", "created_at"])
+    db["pending_flows"].create_index(["expires_at"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
+
+
+def _cred(row: tuple[Any, ...]) -> CredentialRow:
+    (
+        user,
+        key,
+        token_type,
+        scopes,
+        expires,
+        via,
+        status,
+        gen,
+        kid,
+        sealed,
+        created,
+        updated,
+        last_refresh,
+        last_error,
+        failures,
+    ) = row
+    return CredentialRow(
+        user_id=str(user),
+        upstream_key=str(key),
+        token_type=str(token_type),
+        scopes=tuple(json.loads(str(scopes))),
+        expires_at=None if expires is None else float(expires),
+        obtained_via=str(via),
+        status=str(status),
+        generation=int(gen),
+        kek_id=str(kid),
+        sealed=bytes(sealed),
+        created_at=float(created),
+        updated_at=float(updated),
+        last_refresh_at=None if last_refresh is None else float(last_refresh),
+        last_error=None if last_error is None else str(last_error),
+        failure_count=int(failures or 0),
+    )
+
+
+def _flow(row: tuple[Any, ...]) -> PendingFlowRow:
+    state_hash, user, key, created, expires, kid, sealed = row
+    return PendingFlowRow(
+        str(state_hash),
+        str(user),
+        str(key),
+        float(created),
+        float(expires),
+        str(kid),
+        bytes(sealed),
+    )
+
+
+class SqliteStore:
+    """The default store: a local SQLite file."""
+
+    schema_version = SCHEMA_VERSION
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Create the file 0600 before SQLite opens it; the -wal and -shm files inherit it.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store at {path}: {_describe(exc)}") from exc
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreError("the store is closed")
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {_describe(exc)}") from exc
+
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store read failed: {_describe(exc)}") from exc
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        db = sqlite_utils.Database(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store at {self.path} has schema version {version}, newer than this "
+                    f"broker's {SCHEMA_VERSION}; upgrade the broker"
+                )
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[number - 1](db)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- credentials ---------------------------------------------------------------------
+
+    def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
+        rows = self._read(
+            f"SELECT {_CRED_COLUMNS} FROM credentials WHERE user_id = ? AND upstream_key = ?",
+            (user_id, upstream_key),
+        )
+        return _cred(rows[0]) if rows else None
+
+    def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
+        with self._write() as conn:
+            current = conn.execute(
+                "SELECT generation, created_at FROM credentials WHERE user_id = ? AND upstream_key = ?",
+                (row.user_id, row.upstream_key),
+            ).fetchone()
+            if expected_generation is not None and (current is None or current[0] != expected_generation):
+                return None
+            generation = (current[0] if current else 0) + 1
+            created = current[1] if current else row.created_at
+            conn.execute(
+                f"INSERT OR REPLACE INTO credentials ({_CRED_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.user_id,
+                    row.upstream_key,
+                    row.token_type,
+                    json.dumps(list(row.scopes)),
+                    row.expires_at,
+                    row.obtained_via,
+                    row.status,
+                    generation,
+                    row.kek_id,
+                    row.sealed,
+                    created,
+                    row.updated_at,
+                    row.last_refresh_at,
+                    row.last_error,
+                    row.failure_count,
+                ),
+            )
+            return int(generation)
+
+    def record_failure(
+        self, user_id: str, upstream_key: str, status: str, error_class: str, generation: int
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE credentials SET status = ?, last_error = ?, "
+                "failure_count = failure_count + 1 "
+                "WHERE user_id = ? AND upstream_key = ? AND generation = ?",
+                (status, error_class, user_id, upstream_key, generation),
+            )
+
+    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM credentials WHERE user_id = ? AND upstream_key = ?",
+                (user_id, upstream_key),
+            )
+            return cursor.rowcount > 0
+
+    # -- pending flows -------------------------------------------------------------------
+
+    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM pending_flows WHERE expires_at <= ?", (now,))
+            conn.execute(
+                f"INSERT INTO pending_flows ({_FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.state_hash,
+                    row.user_id,
+                    row.upstream_key,
+                    row.created_at,
+                    row.expires_at,
+                    row.kek_id,
+                    row.sealed,
+                ),
+            )
+            conn.execute(
+                "DELETE FROM pending_flows WHERE user_id = ? AND upstream_key = ? AND state_hash "
+                "NOT IN (SELECT state_hash FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
+                "ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
+            )
+
+    def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
+        with self._write() as conn:
+            found = conn.execute(
+                f"SELECT {_FLOW_COLUMNS} FROM pending_flows WHERE state_hash = ?", (state_hash,)
+            ).fetchone()
+            if found is None:
+                return None
+            conn.execute("DELETE FROM pending_flows WHERE state_hash = ?", (state_hash,))
+            return _flow(found)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
+        rows = self._read(
+            "SELECT kek_id, SUM(n) FROM (SELECT kek_id, COUNT(*) AS n FROM credentials GROUP BY kek_id "
+            "UNION ALL SELECT kek_id, COUNT(*) FROM pending_flows GROUP BY kek_id) "
+            "GROUP BY kek_id ORDER BY 2 DESC LIMIT ?",
+            (limit,),
+        )
+        return [(str(k), int(n)) for k, n in rows]
+
+    def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
+        creds: list[CredentialRow | PendingFlowRow] = [
+            _cred(r)
+            for r in self._read(
+                f"SELECT {_CRED_COLUMNS} FROM credentials WHERE kek_id = ? LIMIT ?", (kek_id, limit)
+            )
+        ]
+        flows = [
+            _flow(r)
+            for r in self._read(
+                f"SELECT {_FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?",
+                (kek_id, limit),
+            )
+        ]
+        return creds + flows
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+def _describe(exc: BaseException) -> str:
+    # sqlite3 messages carry SQL or file paths, never bound values (we always bind parameters).
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

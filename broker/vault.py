@@ -1,0 +1,169 @@
+"""Turns credentials and pending flows into sealed store rows and back.
+
+This is the only place that joins the store (ciphertext) with the cipher (keys): the store never
+sees plaintext, the cipher never sees SQL. Decrypted secrets of recently used credentials are kept
+in a bounded in-memory cache keyed by (user, upstream, generation), so a Resolve of a cached
+credential reads one row and decrypts nothing; any write bumps the generation and so misses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from broker.crypto.envelope import EnvelopeCipher, RecordContext
+from broker.errors import DecryptionError
+from broker.models import Credential, CredentialStatus, PendingFlow, Secrets
+from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow
+
+_CREDENTIALS = "credentials"
+_FLOWS = "pending_flows"
+
+
+class CredentialVault:
+    """Sealed persistence of credentials and pending flows."""
+
+    def __init__(self, store: CredentialStore, cipher: EnvelopeCipher, cache_size: int = 10_000):
+        self.store = store
+        self._cipher = cipher
+        self._cache: OrderedDict[tuple[str, str], tuple[int, str, Secrets]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _context(self, table: str, user_id: str, record_key: str) -> RecordContext:
+        return RecordContext(self.store.schema_version, table, user_id, record_key)
+
+    # -- credentials ---------------------------------------------------------------------
+
+    def get(self, user_id: str, upstream_key: str) -> tuple[Credential, CredentialRow] | None:
+        """The stored credential, decrypted. Raises DecryptionError for a record that won't open."""
+        row = self.store.get_credential(user_id, upstream_key)
+        if row is None:
+            return None
+        return self.open_row(row), row
+
+    def open_row(self, row: CredentialRow) -> Credential:
+        key = (row.user_id, row.upstream_key)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == row.generation and cached[1] == row.kek_id:
+            self._cache.move_to_end(key)
+            secrets = cached[2]
+        else:
+            plain = self._cipher.open(row.sealed, self._context(_CREDENTIALS, *key))
+            secrets = _secrets_from(plain)
+            self._cache[key] = (row.generation, row.kek_id, secrets)
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return Credential(
+            user_id=row.user_id,
+            upstream_key=row.upstream_key,
+            secrets=secrets,
+            token_type=row.token_type,
+            scopes=row.scopes,
+            expires_at=row.expires_at,
+            obtained_via=row.obtained_via,
+            updated_at=row.updated_at,
+            status=CredentialStatus(row.status),
+            generation=row.generation,
+        )
+
+    def save(self, credential: Credential, expected_generation: int | None, now: float) -> int | None:
+        """Seal and write; with ``expected_generation`` only if nobody wrote since (CAS)."""
+        context = self._context(_CREDENTIALS, credential.user_id, credential.upstream_key)
+        payload = {"access_token": credential.secrets.access_token}
+        if credential.secrets.refresh_token is not None:
+            payload["refresh_token"] = credential.secrets.refresh_token
+        sealed = self._cipher.seal(json.dumps(payload).encode(), context)
+        row = CredentialRow(
+            user_id=credential.user_id,
+            upstream_key=credential.upstream_key,
+            token_type=credential.token_type,
+            scopes=credential.scopes,
+            expires_at=credential.expires_at,
+            obtained_via=credential.obtained_via,
+            status=credential.status.value,
+            generation=0,
+            kek_id=self._cipher.primary_key_id,
+            sealed=sealed,
+            created_at=now,
+            updated_at=credential.updated_at,
+            last_refresh_at=now,
+        )
+        return self.store.save_credential(row, expected_generation)
+
+    def forget(self, user_id: str, upstream_key: str) -> None:
+        self._cache.pop((user_id, upstream_key), None)
+
+    # -- pending flows -------------------------------------------------------------------
+
+    def add_flow(self, flow: PendingFlow, max_per_user: int, now: float) -> None:
+        context = self._context(_FLOWS, flow.user_id, flow.state_hash)
+        sealed = self._cipher.seal(json.dumps({"verifier": flow.verifier}).encode(), context)
+        row = PendingFlowRow(
+            state_hash=flow.state_hash,
+            user_id=flow.user_id,
+            upstream_key=flow.upstream_key,
+            created_at=flow.created_at,
+            expires_at=flow.expires_at,
+            kek_id=self._cipher.primary_key_id,
+            sealed=sealed,
+        )
+        self.store.add_pending_flow(row, max_per_user, now)
+
+    def take_flow(self, state_hash: str) -> PendingFlow | None:
+        row = self.store.take_pending_flow(state_hash)
+        if row is None:
+            return None
+        plain = self._cipher.open(row.sealed, self._context(_FLOWS, row.user_id, row.state_hash))
+        try:
+            verifier = json.loads(plain)["verifier"]
+        except (ValueError, KeyError, TypeError):
+            raise DecryptionError() from None
+        return PendingFlow(
+            state_hash=row.state_hash,
+            user_id=row.user_id,
+            upstream_key=row.upstream_key,
+            verifier=str(verifier),
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+        )
+
+    # -- start-up check ------------------------------------------------------------------
+
+    def check_keyring_opens_store(self, known_key_ids: list[str]) -> str | None:
+        """None when the keyring opens the store's records; otherwise a message saying why not."""
+        used = self.store.sample_key_ids(100)
+        if not used:
+            return None
+        missing = [(kid, n) for kid, n in used if kid not in known_key_ids]
+        if missing:
+            listed = ", ".join(f"{kid} ({n} records)" for kid, n in missing)
+            return f"the store has records wrapped under key ids not in the keyring: {listed}"
+        for kid, _ in used:
+            for record in self.store.sample_records(kid, 3):
+                if isinstance(record, CredentialRow):
+                    context = self._context(_CREDENTIALS, record.user_id, record.upstream_key)
+                else:
+                    context = self._context(_FLOWS, record.user_id, record.state_hash)
+                try:
+                    self._cipher.open(record.sealed, context)
+                except DecryptionError:
+                    continue
+                break
+            else:
+                return (
+                    f"the keyring's key {kid} does not open the store's records wrapped under "
+                    "that id: this is not the keyring the store was written with"
+                )
+        return None
+
+
+def _secrets_from(plain: bytes) -> Secrets:
+    try:
+        data = json.loads(plain)
+        access = data["access_token"]
+        refresh = data.get("refresh_token")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DecryptionError() from None
+    if not isinstance(access, str) or not (refresh is None or isinstance(refresh, str)):
+        raise DecryptionError()
+    return Secrets(access, refresh)
