@@ -1,0 +1,143 @@
+"""Shared fixtures: a real loopback authorization server and a real broker on loopback gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.app import App, build_app
+from broker.clock import ManualClock
+from broker.config import load_config
+from broker.crypto import generate_keyring_file
+from tests.authserver import AuthServer, Client
+
+UPSTREAM = "gh"
+UPSTREAM_URL = "https://api.gh.test"
+REDIRECT_URI = "https://app.test/callback"
+
+
+@pytest.fixture
+def auth_server() -> Iterator[AuthServer]:
+    server = AuthServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert server.internal_errors == []
+
+
+def error_info(exc: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    assert status is not None, "no rich status on the error"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+@dataclass
+class Broker:
+    """A running broker, its stub, the authorization server behind it and the client it uses."""
+
+    app: App
+    stub: pb_grpc.CredentialBrokerStub
+    channel: grpc.aio.Channel
+    clock: ManualClock
+    auth: AuthServer
+    client: Client
+    tmp: Path
+    document: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.app.config.store.path
+
+    async def start_flow(self, user: str = "alice", upstream: str = UPSTREAM) -> pb.BuildAuthorizationURLResponse:
+        return await self.stub.BuildAuthorizationURL(pb.BuildAuthorizationURLRequest(user_id=user, upstream=upstream))
+
+    async def connect(self, user: str = "alice", upstream: str = UPSTREAM) -> pb.CompleteResponse:
+        """A full connect flow through the RPCs and the authorization server's real endpoint."""
+        started = await self.start_flow(user, upstream)
+        callback = await asyncio.to_thread(self.auth.authorize, started.authorization_url, user)
+        assert callback["state"] == started.state
+        return await self.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user))
+
+    async def resolve(self, user: str = "alice", upstream: str = UPSTREAM, **kw: Any) -> pb.ResolveResponse:
+        return await self.stub.Resolve(pb.ResolveRequest(user_id=user, upstream=upstream, **kw))
+
+    def db_bytes(self) -> bytes:
+        return b"".join(p.read_bytes() for p in self.db_path.parent.glob(self.db_path.name + "*"))
+
+
+def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str, Any]:
+    ab: dict[str, Any] = {
+        "mode": "oauth_connect",
+        "authorization_endpoint": auth.authorization_endpoint,
+        "token_endpoint": auth.token_endpoint,
+        "client_id": client.client_id,
+        "token_endpoint_auth_method": client.auth_method,
+        "redirect_uri": client.redirect_uris[0],
+        "scopes": ["repo", "read:user"],
+    }
+    if client.client_secret is not None:
+        ab["client_secret"] = client.client_secret
+    ab.update(overrides)
+    return {"name": UPSTREAM, "url": UPSTREAM_URL, "auth_broker": ab}
+
+
+BrokerFactory = Callable[..., Awaitable[Broker]]
+
+
+@pytest.fixture
+async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[BrokerFactory]:
+    """Build and start brokers; every one is stopped at the end of the test."""
+    started: list[Broker] = []
+    keyring = tmp_path / "keyring.json"
+    generate_keyring_file(keyring)
+
+    async def factory(
+        *,
+        auth_method: str = "client_secret_basic",
+        upstreams: list[dict[str, Any]] | None = None,
+        clock: ManualClock | None = None,
+        client: Client | None = None,
+        **settings: Any,
+    ) -> Broker:
+        client = client or auth_server.new_client(auth_method=auth_method, redirect_uri=REDIRECT_URI)
+        document: dict[str, Any] = {
+            "listen": ["127.0.0.1:0", f"unix://{tmp_path}/broker.sock"],
+            "store": {"path": str(tmp_path / "data" / "broker.db")},
+            "keyring": {"file": str(keyring)},
+            "upstreams": upstreams if upstreams is not None else [upstream_doc(auth_server, client)],
+            **settings,
+        }
+        config = load_config(document, environ={}, base_dir=tmp_path)
+        clock = clock or ManualClock(time.time())
+        app = build_app(config, clock=clock)
+        await app.start()
+        channel = grpc.aio.insecure_channel(app.server.addresses[0])
+        broker = Broker(app, pb_grpc.CredentialBrokerStub(channel), channel, clock, auth_server, client, tmp_path, document)
+        started.append(broker)
+        return broker
+
+    yield factory
+    for broker in reversed(started):
+        await broker.channel.close()
+        await broker.app.stop(grace=1)
+
+
+@pytest.fixture
+async def broker(make_broker: BrokerFactory) -> Broker:
+    return await make_broker()
