@@ -546,9 +546,7 @@ class AuthServer:
         (oauth_error), ``retry_after`` (adds a Retry-After header to "500"/"503").
         """
         if kind not in FAILURE_KINDS:
-            raise ValueError(
-                f"unknown failure kind {kind!r}; expected one of {sorted(FAILURE_KINDS)}"
-            )
+            raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAILURE_KINDS)}")
         if count < 1:
             raise ValueError("count must be at least 1")
         with self._lock:
@@ -621,9 +619,7 @@ class AuthServer:
 
     # ----------------------------------------------------------------- user agent
 
-    def authorize(
-        self, authorization_url: str, user: str = "alice", *, deny: bool = False
-    ) -> dict[str, str]:
+    def authorize(self, authorization_url: str, user: str = "alice", *, deny: bool = False) -> dict[str, str]:
         """Play the user agent: GET the authorization URL and return the redirect's query.
 
         The request is a real HTTP GET with redirects not followed. ``user`` is passed to the
@@ -808,9 +804,7 @@ class AuthServer:
             if early is not None:
                 return early
         with self._lock:
-            status, payload = self._token_request(
-                request, suppress_refresh=kind == "no_refresh_token"
-            )
+            status, payload = self._token_request(request, suppress_refresh=kind == "no_refresh_token")
         if status == 200 and kind == "negative_expiry":
             payload["expires_in"] = -5
         elif status == 200 and kind == "huge_expiry":
@@ -880,10 +874,7 @@ class AuthServer:
     def _echo_secrets(request: RecordedRequest) -> str:
         """Secret values of a request as free text, to prove callers never surface them."""
         pieces = [
-            f"{name}={value}"
-            for name in _SECRET_FIELDS
-            for value in request.form.get(name, [])
-            if value
+            f"{name}={value}" for name in _SECRET_FIELDS for value in request.form.get(name, []) if value
         ]
         try:
             credentials = _basic_credentials(request.headers)
@@ -955,12 +946,8 @@ class AuthServer:
                 raise _invalid_client()
         return client
 
-    def _new_grant(
-        self, user: str, client: Client, scope: str | None, resources: list[str]
-    ) -> _Grant:
-        grant = _Grant(
-            "grant_" + secrets.token_urlsafe(8), user, client.client_id, scope, resources
-        )
+    def _new_grant(self, user: str, client: Client, scope: str | None, resources: list[str]) -> _Grant:
+        grant = _Grant("grant_" + secrets.token_urlsafe(8), user, client.client_id, scope, resources)
         self._grants[grant.grant_id] = grant
         return grant
 
@@ -1114,9 +1101,7 @@ class AuthServer:
         subject_token = _param(form, "subject_token")
         subject_token_type = _param(form, "subject_token_type")
         if not subject_token or not subject_token_type:
-            raise _OAuthError(
-                400, "invalid_request", "subject_token and subject_token_type required"
-            )
+            raise _OAuthError(400, "invalid_request", "subject_token and subject_token_type required")
         if _param(form, "actor_token") and not _param(form, "actor_token_type"):
             # RFC 8693 §2.1: actor_token_type is REQUIRED when actor_token is present.
             raise _OAuthError(400, "invalid_request", "actor_token_type required")

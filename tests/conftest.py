@@ -64,15 +64,21 @@ class Broker:
     def db_path(self) -> Path:
         return self.app.config.store.path
 
-    async def start_flow(self, user: str = "alice", upstream: str = UPSTREAM) -> pb.BuildAuthorizationURLResponse:
-        return await self.stub.BuildAuthorizationURL(pb.BuildAuthorizationURLRequest(user_id=user, upstream=upstream))
+    async def start_flow(
+        self, user: str = "alice", upstream: str = UPSTREAM
+    ) -> pb.BuildAuthorizationURLResponse:
+        return await self.stub.BuildAuthorizationURL(
+            pb.BuildAuthorizationURLRequest(user_id=user, upstream=upstream)
+        )
 
     async def connect(self, user: str = "alice", upstream: str = UPSTREAM) -> pb.CompleteResponse:
         """A full connect flow through the RPCs and the authorization server's real endpoint."""
         started = await self.start_flow(user, upstream)
         callback = await asyncio.to_thread(self.auth.authorize, started.authorization_url, user)
         assert callback["state"] == started.state
-        return await self.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user))
+        return await self.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user)
+        )
 
     async def resolve(self, user: str = "alice", upstream: str = UPSTREAM, **kw: Any) -> pb.ResolveResponse:
         return await self.stub.Resolve(pb.ResolveRequest(user_id=user, upstream=upstream, **kw))
@@ -128,7 +134,16 @@ async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[
         app = build_app(config, clock=clock)
         await app.start()
         channel = grpc.aio.insecure_channel(app.server.addresses[0])
-        broker = Broker(app, pb_grpc.CredentialBrokerStub(channel), channel, clock, auth_server, client, tmp_path, document)
+        broker = Broker(
+            app,
+            pb_grpc.CredentialBrokerStub(channel),
+            channel,
+            clock,
+            auth_server,
+            client,
+            tmp_path,
+            document,
+        )
         started.append(broker)
         return broker
 

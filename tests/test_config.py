@@ -22,7 +22,10 @@ def _doc(**auth: Any) -> dict[str, Any]:
         "redirect_uri": "https://app.example/callback",
     }
     base.update(auth)
-    return {"keyring": {"file": "k.json"}, "upstreams": [{"name": "gh", "url": "https://api.gh", "auth_broker": base}]}
+    return {
+        "keyring": {"file": "k.json"},
+        "upstreams": [{"name": "gh", "url": "https://api.gh", "auth_broker": base}],
+    }
 
 
 def _load(doc: dict[str, Any], environ: dict[str, str] | None = None, base: Path = Path("/srv")) -> Any:
@@ -52,14 +55,29 @@ def test_upstream_key_matches_reference_scheme() -> None:
     ("change", "message"),
     [
         ({"token_endpoint": None}, "upstreams[0].auth_broker.token_endpoint: required"),
-        ({"authorization_endpoint": None}, "upstreams[0].auth_broker.authorization_endpoint: required for mode oauth_connect"),
+        (
+            {"authorization_endpoint": None},
+            "upstreams[0].auth_broker.authorization_endpoint: required for mode oauth_connect",
+        ),
         ({"redirect_uri": None}, "upstreams[0].auth_broker.redirect_uri: required for mode oauth_connect"),
         ({"client_id": None}, "upstreams[0].auth_broker.client_id: required for mode oauth_connect"),
         ({"mode": "magic"}, "upstreams[0].auth_broker.mode:"),
-        ({"token_endpoint": "http://as.example/token"}, "upstreams[0].auth_broker.token_endpoint: must use https"),
-        ({"token_endpoint": "ftp://x/y"}, "upstreams[0].auth_broker.token_endpoint: must be an absolute http(s) URL"),
-        ({"token_endpoint_auth_method": "private_key_jwt"}, "upstreams[0].auth_broker.token_endpoint_auth_method:"),
-        ({"client_secret": None}, "upstreams[0].auth_broker.client_secret: required with token_endpoint_auth_method"),
+        (
+            {"token_endpoint": "http://as.example/token"},
+            "upstreams[0].auth_broker.token_endpoint: must use https",
+        ),
+        (
+            {"token_endpoint": "ftp://x/y"},
+            "upstreams[0].auth_broker.token_endpoint: must be an absolute http(s) URL",
+        ),
+        (
+            {"token_endpoint_auth_method": "private_key_jwt"},
+            "upstreams[0].auth_broker.token_endpoint_auth_method:",
+        ),
+        (
+            {"client_secret": None},
+            "upstreams[0].auth_broker.client_secret: required with token_endpoint_auth_method",
+        ),
         ({"header_format": "Bearer"}, "upstreams[0].auth_broker.header_format: must contain {token}"),
         ({"color": "blue"}, "upstreams[0].auth_broker.color: unknown key"),
         ({"client_secret_env": "X"}, "set only one of"),
@@ -95,7 +113,10 @@ def test_secret_from_env_and_file(tmp_path: Path) -> None:
     auth = doc["upstreams"][0]["auth_broker"]
     auth.pop("client_secret")
     auth["client_secret_env"] = "GH_SECRET"
-    assert _load(doc, {"GH_SECRET": "from-env"}).upstreams[0].auth_broker.client_secret.get_secret_value() == "from-env"
+    assert (
+        _load(doc, {"GH_SECRET": "from-env"}).upstreams[0].auth_broker.client_secret.get_secret_value()
+        == "from-env"
+    )
     with pytest.raises(ConfigError, match=r"client_secret_env: environment variable GH_SECRET is not set"):
         _load(doc)
     auth.pop("client_secret_env")

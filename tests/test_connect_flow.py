@@ -22,11 +22,18 @@ def _rows(broker: Broker, table: str = "credentials") -> int:
         conn.close()
 
 
-async def test_authorization_url_carries_pkce_and_config(make_broker: BrokerFactory, auth_server: AuthServer) -> None:
+async def test_authorization_url_carries_pkce_and_config(
+    make_broker: BrokerFactory, auth_server: AuthServer
+) -> None:
     client = auth_server.new_client(redirect_uri=REDIRECT_URI)
     endpoint = auth_server.authorization_endpoint + "?tenant=acme"
     broker = await make_broker(
-        client=client, upstreams=[upstream_doc(auth_server, client, authorization_endpoint=endpoint, resource="https://api.gh.test/")]
+        client=client,
+        upstreams=[
+            upstream_doc(
+                auth_server, client, authorization_endpoint=endpoint, resource="https://api.gh.test/"
+            )
+        ],
     )
     started = await broker.start_flow()
     query = parse_qs(urlsplit(started.authorization_url).query)
@@ -45,11 +52,18 @@ async def test_full_flow_then_resolve(make_broker: BrokerFactory, method: str) -
     broker = await make_broker(auth_method=method)
     done = await broker.connect("alice")
     info = done.credential
-    assert (info.user_id, info.upstream, info.obtained_via, info.token_type) == ("alice", UPSTREAM, "connect_flow", "Bearer")
+    assert (info.user_id, info.upstream, info.obtained_via, info.token_type) == (
+        "alice",
+        UPSTREAM,
+        "connect_flow",
+        "Bearer",
+    )
     assert list(info.scopes) == ["repo", "read:user"] and info.HasField("expires_at")
     resolved = await broker.resolve("alice")
     assert broker.auth.access_token_info(resolved.access_token)["user"] == "alice"
-    assert resolved.header_name == "Authorization" and resolved.header_value == f"Bearer {resolved.access_token}"
+    assert (
+        resolved.header_name == "Authorization" and resolved.header_value == f"Bearer {resolved.access_token}"
+    )
     assert resolved.obtained_via == "connect_flow"
     (exchange,) = broker.auth.token_requests("authorization_code")
     assert exchange.form["redirect_uri"] == [REDIRECT_URI] and "code_verifier" in exchange.form
@@ -60,11 +74,15 @@ async def test_complete_by_another_user_is_refused_and_consumes_the_flow(broker:
     started = await broker.start_flow("alice")
     callback = await asyncio.to_thread(broker.auth.authorize, started.authorization_url, "alice")
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await broker.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id="mallory"))
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id="mallory")
+        )
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert callback["code"] not in info.value.details() and started.state not in info.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as again:
-        await broker.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"))
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+        )
     assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(again.value).reason == "FLOW_NOT_FOUND"
     assert _rows(broker) == 0 and broker.auth.token_requests() == []
@@ -79,13 +97,17 @@ async def test_unknown_reused_and_expired_states(broker: Broker) -> None:
     callback = await asyncio.to_thread(broker.auth.authorize, started.authorization_url, "alice")
     broker.clock.advance(601)
     with pytest.raises(grpc.aio.AioRpcError) as expired:
-        await broker.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"))
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+        )
     assert error_info(expired.value).reason == "FLOW_NOT_FOUND"
 
 
 async def test_deny_clears_the_flow_and_stores_nothing(broker: Broker) -> None:
     started = await broker.start_flow("alice")
-    await broker.stub.Deny(pb.DenyRequest(state=started.state, error="access_denied", error_description="user said no"))
+    await broker.stub.Deny(
+        pb.DenyRequest(state=started.state, error="access_denied", error_description="user said no")
+    )
     assert _rows(broker, "pending_flows") == 0 and _rows(broker) == 0
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await broker.stub.Complete(pb.CompleteRequest(state=started.state, code="x", user_id="alice"))
@@ -118,7 +140,9 @@ async def test_token_endpoint_failures_store_nothing_and_leak_nothing(
     callback = await asyncio.to_thread(broker.auth.authorize, started.authorization_url, "alice")
     broker.auth.fail_next(kind, **options)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await broker.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"))
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+        )
     assert info.value.code() == code
     text = info.value.details() + repr(error_info(info.value))
     for secret in broker.auth.issued | {started.state, callback["code"]}:
@@ -138,7 +162,9 @@ async def test_pending_flow_survives_a_restart(make_broker: BrokerFactory) -> No
     await first.channel.close()
     await first.app.stop(grace=0)
     second = await make_broker(client=first.client, clock=first.clock)
-    done = await second.stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"))
+    done = await second.stub.Complete(
+        pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+    )
     assert done.credential.user_id == "alice"
 
 

@@ -27,7 +27,9 @@ def test_verifier_and_state_shape() -> None:
 
 
 def test_authorization_url_keeps_existing_query() -> None:
-    url = rfc6749.authorization_url("https://as.example/authorize?tenant=a%20b", [("state", "s/1"), ("scope", "a b")])
+    url = rfc6749.authorization_url(
+        "https://as.example/authorize?tenant=a%20b", [("state", "s/1"), ("scope", "a b")]
+    )
     parts = urlsplit(url)
     assert parse_qsl(parts.query) == [("tenant", "a b"), ("state", "s/1"), ("scope", "a b")]
     assert parts.path == "/authorize" and "%20" in parts.query

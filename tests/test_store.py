@@ -31,7 +31,9 @@ def vault(store: SqliteStore) -> CredentialVault:
 
 
 def _cred(user: str = "alice", access: str = "at-1", refresh: str | None = "rt-1") -> Credential:
-    return Credential(user, "gh_0011223344556677", Secrets(access, refresh), "Bearer", ("repo",), 2e9, "connect_flow", 1e9)
+    return Credential(
+        user, "gh_0011223344556677", Secrets(access, refresh), "Bearer", ("repo",), 2e9, "connect_flow", 1e9
+    )
 
 
 def test_schema_version_wal_and_mode(store: SqliteStore) -> None:
@@ -42,7 +44,9 @@ def test_schema_version_wal_and_mode(store: SqliteStore) -> None:
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
 
 
-def test_reopen_keeps_data_and_refuses_newer_schema(tmp_path: Path, vault: CredentialVault, store: SqliteStore) -> None:
+def test_reopen_keeps_data_and_refuses_newer_schema(
+    tmp_path: Path, vault: CredentialVault, store: SqliteStore
+) -> None:
     vault.save(_cred(), None, 1e9)
     again = SqliteStore(store.path)
     assert again.get_credential("alice", "gh_0011223344556677") is not None

@@ -12,11 +12,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
-from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.rpc.servicer import CredentialBrokerServicer
+from broker.rpc.servicer import CredentialBrokerServicer, lenient_deserializer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def _handlers(servicer: CredentialBrokerServicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers, built from its descriptor with a lenient deserializer."""
+    service = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=lenient_deserializer(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class BrokerServer:
@@ -38,7 +51,7 @@ class BrokerServer:
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.aio.server(options=options)
-        pb_grpc.add_CredentialBrokerServicer_to_server(servicer, self._server)
+        self._server.add_generic_rpc_handlers((_handlers(servicer),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

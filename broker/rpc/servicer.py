@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidArgument
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
 from broker.rpc.status import internal_status, to_status
@@ -40,6 +41,24 @@ def _info(info: CredentialInfo) -> pb.CredentialInfo:
     )
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the servicer can answer
+    INVALID_ARGUMENT instead of gRPC's generic UNKNOWN."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def lenient_deserializer(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return MalformedRequest(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
 class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     """Maps each RPC to one service call; errors go through the status table."""
 
@@ -48,9 +67,15 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self._log = logger or get_logger()
 
     async def _call(
-        self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]
+        self,
+        context: grpc.aio.ServicerContext,
+        request: object,
+        method: str,
+        work: Callable[[], Awaitable[T]],
     ) -> T:
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgument(f"request: not a valid {request.type_name} message")
             return await work()
         except BrokerError as exc:
             await context.abort_with_status(to_status(exc))
@@ -65,6 +90,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> pb.BuildAuthorizationURLResponse:
         result = await self._call(
             context,
+            request,
             "BuildAuthorizationURL",
             lambda: self._service.build_authorization_url(request.user_id, request.upstream),
         )
@@ -79,6 +105,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> pb.CompleteResponse:
         info = await self._call(
             context,
+            request,
             "Complete",
             lambda: self._service.complete(request.state, request.code, request.user_id),
         )
@@ -87,6 +114,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     async def Deny(self, request: pb.DenyRequest, context: grpc.aio.ServicerContext) -> pb.DenyResponse:
         await self._call(
             context,
+            request,
             "Deny",
             lambda: self._service.deny(request.state, request.error, request.error_description),
         )
@@ -96,7 +124,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext
     ) -> pb.RefreshResponse:
         info = await self._call(
-            context, "Refresh", lambda: self._service.refresh(request.user_id, request.upstream)
+            context, request, "Refresh", lambda: self._service.refresh(request.user_id, request.upstream)
         )
         return pb.RefreshResponse(credential=_info(info))
 
@@ -105,6 +133,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> pb.ResolveResponse:
         result = await self._call(
             context,
+            request,
             "Resolve",
             lambda: self._service.resolve(
                 request.user_id, request.upstream, request.subject_token, request.min_valid_seconds
