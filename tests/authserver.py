@@ -320,6 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
     server: _HTTPServer
     timeout = 30  # idle keep-alive connections are dropped after this many seconds
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
 
     def setup(self) -> None:
         """Track the connection for stop()."""
@@ -438,7 +439,7 @@ class AuthServer:
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
             name=f"authserver-{port}",
             daemon=True,
         )
