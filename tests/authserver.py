@@ -28,6 +28,7 @@ import json
 import re
 import secrets
 import socket
+import socketserver
 import threading
 import time
 import zlib
@@ -291,6 +292,13 @@ class _HTTPServer(ThreadingHTTPServer):
         self.auth = auth
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's socket.getfqdn() lookup, which can stall on bad DNS."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
 
     def track(self, connection: socket.socket) -> None:
         """Remember an accepted connection so that stop() can shut it down."""
