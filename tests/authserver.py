@@ -28,6 +28,7 @@ import json
 import re
 import secrets
 import socket
+import socketserver
 import threading
 import time
 import zlib
@@ -292,6 +293,13 @@ class _HTTPServer(ThreadingHTTPServer):
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
 
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's socket.getfqdn() lookup, which can stall on bad DNS."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
     def track(self, connection: socket.socket) -> None:
         """Remember an accepted connection so that stop() can shut it down."""
         with self._connections_lock:
@@ -320,6 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
     server: _HTTPServer
     timeout = 30  # idle keep-alive connections are dropped after this many seconds
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
 
     def setup(self) -> None:
         """Track the connection for stop()."""
@@ -438,7 +447,7 @@ class AuthServer:
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
             name=f"authserver-{port}",
             daemon=True,
         )
