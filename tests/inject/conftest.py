@@ -41,11 +41,10 @@ def k8s_validate() -> Callable[[dict[str, Any]], None]:
     return validate_k8s
 
 
-@pytest.fixture(scope="session")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate for 127.0.0.1/localhost, generated at test time."""
+def write_self_signed_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """Write a throwaway self-signed cert for 127.0.0.1/localhost to tls.crt/tls.key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "credential-broker-webhook-test")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -64,7 +63,6 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    directory = tmp_path_factory.mktemp("tls")
     cert_path = directory / "tls.crt"
     key_path = directory / "tls.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -77,3 +75,9 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key, generated at test time (never committed)."""
+    return write_self_signed_cert(tmp_path_factory.mktemp("tls"), "credential-broker-test")

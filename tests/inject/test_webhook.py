@@ -6,8 +6,11 @@ import base64
 import copy
 import http.client
 import json
+import os
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ import pytest
 
 from broker.inject import webhook
 from broker.inject.webhook import InjectSettings, mutate
+
+from .conftest import write_self_signed_cert
 
 IMAGE = "registry.example.com/credential-broker:0.1.0"
 SETTINGS = InjectSettings(image=IMAGE)
@@ -601,6 +606,37 @@ def test_https_rejects_plain_http_and_keeps_serving(
     finally:
         conn.close()
     assert _request(server, tls_files[0], "GET", "/healthz")[0] == 200
+
+
+def _peer_cert(address: tuple[str, int]) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(address, timeout=5) as raw, context.wrap_socket(raw) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der
+    return der
+
+
+def test_https_reloads_rotated_certificate(tmp_path: Path) -> None:
+    cert, key = write_self_signed_cert(tmp_path, "first")
+    httpd = webhook.make_server(SETTINGS, "127.0.0.1", 0, str(cert), str(key))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = (str(httpd.server_address[0]), int(httpd.server_address[1]))
+        first = _peer_cert(address)
+        write_self_signed_cert(tmp_path, "second")
+        later = time.time() + 10  # make sure the mtimes differ on coarse clocks
+        os.utime(cert, (later, later))
+        os.utime(key, (later, later))
+        second = _peer_cert(address)
+        assert second != first
+        assert second == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- main()
