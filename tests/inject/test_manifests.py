@@ -108,8 +108,8 @@ def parse_dockerfile(path: Path) -> list[Stage]:
             base = re.sub(
                 r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), parts[0]
             )
-            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
-            stages.append(Stage(base=base, name=name))
+            stage_name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
+            stages.append(Stage(base=base, name=stage_name))
         else:
             assert stages, f"instruction before FROM: {line}"
             stages[-1].instructions.append(Instruction(keyword, args))

@@ -204,7 +204,7 @@ def assert_well_formed(answer: dict[str, Any], uid: str = UID) -> dict[str, Any]
     """Check the AdmissionReview response envelope and return ``response``."""
     assert answer["apiVersion"] == "admission.k8s.io/v1"
     assert answer["kind"] == "AdmissionReview"
-    response = answer["response"]
+    response: dict[str, Any] = answer["response"]
     assert response["uid"] == uid
     assert response["allowed"] is True
     assert set(response) <= {"uid", "allowed", "patchType", "patch", "warnings"}
