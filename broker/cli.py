@@ -86,10 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = config.add_parser("check", help="validate a config file and exit")
     check.add_argument("--config", required=True)
+
+    # Its arguments are parsed by broker.inject.webhook.main; listed here for --help.
+    commands.add_parser("inject-webhook", help="run the Kubernetes sidecar-injection admission webhook")
     return parser
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inject-webhook"]:
+        from broker.inject.webhook import main as webhook_main
+
+        return webhook_main(argv[1:])
     args = _parser().parse_args(argv)
     env = os.environ if environ is None else environ
     try:
