@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from broker.config import BrokerConfig, load_config, load_config_file
+from broker.config import BrokerConfig, check_listen_address, load_config, load_config_file
 from broker.crypto import generate_keyring_file
 from broker.errors import BrokerError
 from broker.logs import configure, fields
@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC sidecar")
     serve.add_argument("--config", help="YAML config file (default: the embedded development config)")
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDRESS",
+        help="listen here instead (host:port or unix:///path; repeatable)",
+    )
 
     keys = commands.add_parser("keys", help="manage the keyring").add_subparsers(
         dest="keys_command", required=True
@@ -103,6 +109,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "serve":
             config, embedded = _load(args, env)
+            if args.listen:
+                for address in args.listen:
+                    check_listen_address(address)
+                config = config.model_copy(update={"listen": tuple(args.listen)})
             return asyncio.run(_serve(config, embedded))
         if args.command == "keys" and args.keys_command == "generate":
             keyring = generate_keyring_file(Path(args.output))
@@ -114,6 +124,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return 0
     except BrokerError as exc:
         print(f"credential-broker: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"credential-broker: --listen {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"credential-broker: {exc.strerror or exc}", file=sys.stderr)

@@ -156,3 +156,15 @@ async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[
 @pytest.fixture
 async def broker(make_broker: BrokerFactory) -> Broker:
     return await make_broker()
+
+
+@pytest.fixture
+def live_broker(tmp_path: Path, auth_server: AuthServer) -> Iterator[Any]:
+    """A broker subprocess started through the CLI (see tests/live.py)."""
+    from tests.live import start_live_broker
+
+    live = start_live_broker(tmp_path, auth_server)
+    try:
+        yield live
+    finally:
+        live.stop()

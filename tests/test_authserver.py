@@ -88,9 +88,7 @@ def post_token(
     return http.post(endpoint or server.token_endpoint, data=form, headers=headers)
 
 
-def get_code(
-    server: AuthServer, client: Client, user: str = "alice", **extra: str
-) -> tuple[str, str]:
+def get_code(server: AuthServer, client: Client, user: str = "alice", **extra: str) -> tuple[str, str]:
     """Run the authorization step; return (code, code_verifier)."""
     verifier, challenge = pkce_pair()
     result = server.authorize(auth_url(server, client, challenge, **extra), user=user)
@@ -119,9 +117,7 @@ def refresh(
     http: httpx.Client, server: AuthServer, client: Client, token: str, **extra: str
 ) -> httpx.Response:
     """A refresh_token grant request."""
-    return post_token(
-        http, server, client, {"grant_type": "refresh_token", "refresh_token": token, **extra}
-    )
+    return post_token(http, server, client, {"grant_type": "refresh_token", "refresh_token": token, **extra})
 
 
 def assert_oauth_error(response: httpx.Response, status: int, error: str) -> None:
@@ -307,9 +303,7 @@ def test_code_flow_without_ttl_or_refresh(http: httpx.Client) -> None:
         assert info is not None and info["expires_at"] is None
 
 
-def test_code_flow_without_scope_omits_scope(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_code_flow_without_scope_omits_scope(server: AuthServer, http: httpx.Client, client: Client) -> None:
     verifier, challenge = pkce_pair()
     url = auth_url(server, client, challenge)
     url = url.replace("&scope=read+write", "")
@@ -373,9 +367,7 @@ def test_code_is_bound_to_client(server: AuthServer, http: httpx.Client, client:
     assert_oauth_error(response, 400, "invalid_grant")
 
 
-def test_code_is_bound_to_redirect_uri(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_code_is_bound_to_redirect_uri(server: AuthServer, http: httpx.Client, client: Client) -> None:
     code, verifier = get_code(server, client)
     data = _code_request(client, code, verifier)
     data["redirect_uri"] = "http://127.0.0.1/other"
@@ -478,9 +470,7 @@ def test_basic_credentials_are_form_urlencoded(server: AuthServer, http: httpx.C
     assert_oauth_error(naive, 401, "invalid_client")
 
 
-def test_two_auth_methods_at_once_rejected(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_two_auth_methods_at_once_rejected(server: AuthServer, http: httpx.Client, client: Client) -> None:
     assert client.client_secret is not None
     response = http.post(
         server.token_endpoint,
@@ -490,9 +480,7 @@ def test_two_auth_methods_at_once_rejected(
     assert_oauth_error(response, 400, "invalid_request")
 
 
-def test_token_request_must_be_form_encoded(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_token_request_must_be_form_encoded(server: AuthServer, http: httpx.Client, client: Client) -> None:
     assert client.client_secret is not None
     response = http.post(
         server.token_endpoint,
@@ -540,9 +528,7 @@ def test_refresh_rotation(server: AuthServer, http: httpx.Client, client: Client
     assert third.status_code == 200
 
 
-def test_refresh_reuse_revokes_grant(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_refresh_reuse_revokes_grant(server: AuthServer, http: httpx.Client, client: Client) -> None:
     first = code_grant(http, server, client)
     second = refresh(http, server, client, first["refresh_token"]).json()
     reuse = refresh(http, server, client, first["refresh_token"])
@@ -592,9 +578,7 @@ def test_refresh_scope_and_resource(server: AuthServer, http: httpx.Client, clie
     assert server.token_requests("refresh_token")[-1].form["resource"] == ["https://r.test/"]
 
 
-def test_refresh_token_bound_to_client(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_refresh_token_bound_to_client(server: AuthServer, http: httpx.Client, client: Client) -> None:
     first = code_grant(http, server, client)
     other = server.new_client()
     assert_oauth_error(refresh(http, server, other, first["refresh_token"]), 400, "invalid_grant")
@@ -795,9 +779,7 @@ def test_fail_server_errors(
     assert [r.failure for r in server.token_requests()] == [kind, kind, None]
 
 
-def test_failure_does_not_consume_code(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_failure_does_not_consume_code(server: AuthServer, http: httpx.Client, client: Client) -> None:
     code, verifier = get_code(server, client)
     server.fail_next("503")
     data = _code_request(client, code, verifier)
@@ -805,9 +787,7 @@ def test_failure_does_not_consume_code(
     assert post_token(http, server, client, data).status_code == 200
 
 
-def test_failures_only_hit_token_endpoint(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_failures_only_hit_token_endpoint(server: AuthServer, http: httpx.Client, client: Client) -> None:
     server.fail_next("500")
     assert http.get(server.base_url + "/.well-known/oauth-authorization-server").status_code == 200
     _, challenge = pkce_pair()
@@ -817,9 +797,7 @@ def test_failures_only_hit_token_endpoint(
     assert post_token(http, server, client, _exchange_form(server)).status_code == 500
 
 
-def test_fail_timeout_delays_then_answers(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_fail_timeout_delays_then_answers(server: AuthServer, http: httpx.Client, client: Client) -> None:
     server.fail_next("timeout", seconds=0.5)
     start = time.monotonic()
     response = post_token(http, server, client, _exchange_form(server))
@@ -910,9 +888,7 @@ def test_fail_no_refresh_token(server: AuthServer, http: httpx.Client, client: C
     assert refresh(http, server, client, first["refresh_token"]).status_code == 200
 
 
-def test_fail_oauth_error_echoes_secrets(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_fail_oauth_error_echoes_secrets(server: AuthServer, http: httpx.Client, client: Client) -> None:
     first = code_grant(http, server, client)
     server.fail_next("oauth_error")
     response = refresh(http, server, client, first["refresh_token"])
@@ -930,9 +906,7 @@ def test_fail_oauth_error_options(server: AuthServer, http: httpx.Client, client
     assert response.json() == {"error": "invalid_client", "error_description": "nope"}
 
 
-def test_fail_oauth_error_echoes_code(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_fail_oauth_error_echoes_code(server: AuthServer, http: httpx.Client, client: Client) -> None:
     code, verifier = get_code(server, client)
     server.fail_next("oauth_error")
     response = post_token(http, server, client, _code_request(client, code, verifier))
@@ -994,9 +968,7 @@ def _revoke(
     return post_token(http, server, client, data, endpoint=server.revocation_endpoint)
 
 
-def test_revoke_refresh_token_kills_grant(
-    server: AuthServer, http: httpx.Client, client: Client
-) -> None:
+def test_revoke_refresh_token_kills_grant(server: AuthServer, http: httpx.Client, client: Client) -> None:
     body = code_grant(http, server, client)
     response = _revoke(http, server, client, body["refresh_token"], "refresh_token")
     assert response.status_code == 200
@@ -1037,9 +1009,7 @@ def test_revoke_other_clients_token_is_ignored(
 
 
 @pytest.mark.parametrize("status", ["500", "503"])
-def test_fail_revocation(
-    server: AuthServer, http: httpx.Client, client: Client, status: str
-) -> None:
+def test_fail_revocation(server: AuthServer, http: httpx.Client, client: Client, status: str) -> None:
     body = code_grant(http, server, client)
     server.fail_revocation = status
     assert _revoke(http, server, client, body["refresh_token"]).status_code == int(status)
@@ -1092,9 +1062,7 @@ def test_stop_is_prompt_during_timeout_failure() -> None:
         def slow_request() -> None:
             try:
                 with httpx.Client(timeout=20) as h:
-                    outcome.append(
-                        post_token(h, server, client, _exchange_form(server)).status_code
-                    )
+                    outcome.append(post_token(h, server, client, _exchange_form(server)).status_code)
             except BaseException as exc:
                 outcome.append(exc)
 

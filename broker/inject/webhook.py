@@ -264,9 +264,7 @@ def _pod_patch(
         raise _Reject(f"pod already has volume {clash[0]}")
 
     config_map = _resource_name(annotations, ANNOTATION_CONFIG_MAP, settings.default_config_map)
-    keyring_secret = _resource_name(
-        annotations, ANNOTATION_KEYRING_SECRET, settings.default_keyring_secret
-    )
+    keyring_secret = _resource_name(annotations, ANNOTATION_KEYRING_SECRET, settings.default_keyring_secret)
 
     container_ops: list[dict[str, Any]] = []
     for index, container in enumerate(containers):
@@ -438,9 +436,7 @@ class _WebhookServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
-        wrapped = self.tls.context().wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False
-        )
+        wrapped = self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return wrapped, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -632,9 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
     except SystemExit as exc:  # argparse exits on --help and on errors
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 1 <= args.health_port <= 65535:
         parser.print_usage(sys.stderr)
         print("error: --health-port must be between 1 and 65535", file=sys.stderr)

@@ -105,9 +105,7 @@ def parse_dockerfile(path: Path) -> list[Stage]:
             global_args[name.strip()] = default.strip()
         elif keyword == "FROM":
             parts = [p for p in args.split() if not p.startswith("--")]
-            base = re.sub(
-                r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), parts[0]
-            )
+            base = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), parts[0])
             stage_name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else None
             stages.append(Stage(base=base, name=stage_name))
         else:
@@ -248,9 +246,7 @@ def is_under(path: str, directory: PurePosixPath) -> bool:
 
 
 @pytest.mark.parametrize("path", raw_resource_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
-def test_raw_resources_validate_against_kubernetes_schema(
-    path: Path, k8s_validate: Validator
-) -> None:
+def test_raw_resources_validate_against_kubernetes_schema(path: Path, k8s_validate: Validator) -> None:
     for doc in load_yaml_docs(path):
         k8s_validate(doc)
 
@@ -304,13 +300,9 @@ def test_base_runs_broker_as_native_sidecar() -> None:
 
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "emptyDir" in volumes["credential-broker-socket"]
-    assert mount_path(app, "credential-broker-socket") == mount_path(
-        sidecar, "credential-broker-socket"
-    )
+    assert mount_path(app, "credential-broker-socket") == mount_path(sidecar, "credential-broker-socket")
     assert volumes["credential-broker-config"]["configMap"]["name"] == "credential-broker-config"
-    assert volumes["credential-broker-keyring"]["secret"]["secretName"] == (
-        "credential-broker-keyring"
-    )
+    assert volumes["credential-broker-keyring"]["secret"]["secretName"] == ("credential-broker-keyring")
     assert "emptyDir" in volumes["credential-broker-data"]
 
 
@@ -328,9 +320,7 @@ def _broker_config(directory: Path) -> dict[str, Any]:
 def test_broker_config_matches_the_pod(variant: str) -> None:
     directory = DEPLOY / "base" if variant == "base" else KUSTOMIZATIONS["postgres"]
     config = _broker_config(directory)
-    sidecar = container(
-        _pod_spec(raw("Deployment", "example-app"))["initContainers"], "credential-broker"
-    )
+    sidecar = container(_pod_spec(raw("Deployment", "example-app"))["initContainers"], "credential-broker")
 
     assert config["listen"] == [SOCKET_URL]
     socket_path = SOCKET_URL.removeprefix("unix://")
@@ -348,13 +338,9 @@ def test_broker_config_matches_the_pod(variant: str) -> None:
         assert set(config["store"]) == {"backend", "dsn_file"}, "the DSN must come from a file"
         (patch,) = load_yaml_docs(KUSTOMIZATIONS["postgres"] / "postgres-dsn.yaml")
         pg_sidecar = container(_pod_spec(patch)["initContainers"], "credential-broker")
-        assert is_under(
-            config["store"]["dsn_file"], mount_path(pg_sidecar, "credential-broker-postgres")
-        )
+        assert is_under(config["store"]["dsn_file"], mount_path(pg_sidecar, "credential-broker-postgres"))
         volumes = {v["name"]: v for v in _pod_spec(patch)["volumes"]}
-        assert volumes["credential-broker-postgres"]["secret"]["secretName"] == (
-            "credential-broker-postgres"
-        )
+        assert volumes["credential-broker-postgres"]["secret"]["secretName"] == ("credential-broker-postgres")
 
 
 def test_webhook_injects_the_same_sidecar_as_the_base() -> None:
@@ -438,9 +424,7 @@ def test_mutating_webhook_configuration() -> None:
     (port,) = service["spec"]["ports"]
     assert client["port"] == port["port"]
 
-    injector = container(
-        _pod_spec(raw("Deployment", "credential-broker-injector"))["containers"], "injector"
-    )
+    injector = container(_pod_spec(raw("Deployment", "credential-broker-injector"))["containers"], "injector")
     assert port["targetPort"] in {p["name"] for p in injector["ports"]}
 
 
@@ -457,9 +441,7 @@ def test_webhook_deployment_arguments_parse() -> None:
     tls_dir = mount_path(injector, "tls")
     assert PurePosixPath(parsed.tls_cert).parent == tls_dir
     assert PurePosixPath(parsed.tls_key).parent == tls_dir
-    assert (
-        parsed.listen[1] == container(spec["containers"], "injector")["ports"][0]["containerPort"]
-    )
+    assert parsed.listen[1] == container(spec["containers"], "injector")["ports"][0]["containerPort"]
     assert parsed.default_config_map == "credential-broker-config"
     assert parsed.default_keyring_secret == "credential-broker-keyring"
     probe = injector["readinessProbe"]["httpGet"]
@@ -516,9 +498,7 @@ def test_rendered_deployment_references_generated_config_map(
     spec = _pod_spec(find(docs, "Deployment", "example-app"))
     _assert_restricted(spec)
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert (
-        volumes["credential-broker-config"]["configMap"]["name"] == config_map["metadata"]["name"]
-    )
+    assert volumes["credential-broker-config"]["configMap"]["name"] == config_map["metadata"]["name"]
     sidecar = container(spec["initContainers"], "credential-broker")
     assert sidecar["image"] == "registry.example.com/credential-broker:0.1.0"
     config = yaml.safe_load(config_map["data"]["config.yaml"])
@@ -526,12 +506,8 @@ def test_rendered_deployment_references_generated_config_map(
     assert config["store"]["backend"] == expected_backend
     if name == "postgres":
         assert "credential-broker-data" not in volumes
-        assert volumes["credential-broker-postgres"]["secret"]["secretName"] == (
-            "credential-broker-postgres"
-        )
-        assert is_under(
-            config["store"]["dsn_file"], mount_path(sidecar, "credential-broker-postgres")
-        )
+        assert volumes["credential-broker-postgres"]["secret"]["secretName"] == ("credential-broker-postgres")
+        assert is_under(config["store"]["dsn_file"], mount_path(sidecar, "credential-broker-postgres"))
 
 
 @needs_kubectl
@@ -539,9 +515,7 @@ def test_rendered_webhook_injects_its_own_image(rendered: dict[str, list[dict[st
     docs = rendered["webhook"]
     injector = container(_pod_spec(find(docs, "Deployment"))["containers"], "injector")
     env = {e["name"]: e["value"] for e in injector["env"]}
-    assert (
-        env["SIDECAR_IMAGE"] == injector["image"] == "registry.example.com/credential-broker:0.1.0"
-    )
+    assert env["SIDECAR_IMAGE"] == injector["image"] == "registry.example.com/credential-broker:0.1.0"
     assert "--image=$(SIDECAR_IMAGE)" in injector["args"]
     namespaced = [d for d in docs if d["kind"] not in ("Namespace", "MutatingWebhookConfiguration")]
     assert {d["metadata"]["namespace"] for d in namespaced} == {"credential-broker-system"}

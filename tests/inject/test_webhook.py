@@ -252,9 +252,7 @@ def test_injects_native_sidecar_into_annotated_pod(k8s_validate: Validator) -> N
     expected = copy.deepcopy(original)
     expected["metadata"]["annotations"]["credential-broker.io/status"] = "injected"
     expected["spec"]["initContainers"] = [EXPECTED_SIDECAR]
-    expected["spec"]["volumes"] += expected_volumes(
-        "credential-broker-config", "credential-broker-keyring"
-    )
+    expected["spec"]["volumes"] += expected_volumes("credential-broker-config", "credential-broker-keyring")
     app = expected["spec"]["containers"][0]
     app["env"].append(SOCKET_ENV)
     app["volumeMounts"].append(SOCKET_MOUNT)
@@ -334,9 +332,7 @@ def test_annotations_choose_config_map_and_keyring_secret() -> None:
     pod["metadata"]["annotations"]["credential-broker.io/config-map"] = "orders-broker-config"
     pod["metadata"]["annotations"]["credential-broker.io/keyring-secret"] = "orders-keyring"
     patched = apply(pod, mutate(make_review(pod), SETTINGS))
-    assert patched["spec"]["volumes"][1:] == expected_volumes(
-        "orders-broker-config", "orders-keyring"
-    )
+    assert patched["spec"]["volumes"][1:] == expected_volumes("orders-broker-config", "orders-keyring")
 
 
 def test_settings_defaults_are_used() -> None:
@@ -449,23 +445,17 @@ def _malformed_reviews() -> Iterator[Any]:
     yield broken(lambda p: p["spec"]["containers"][0].__delitem__("name"), "container-no-name")
     yield broken(lambda p: p["spec"]["containers"][0].__setitem__("env", "x"), "env-string")
     yield broken(lambda p: p["spec"]["containers"][0].__setitem__("env", [None]), "env-item-null")
-    yield broken(
-        lambda p: p["spec"]["containers"][0].__setitem__("volumeMounts", 3), "mounts-number"
-    )
+    yield broken(lambda p: p["spec"]["containers"][0].__setitem__("volumeMounts", 3), "mounts-number")
     yield broken(lambda p: p["spec"].__setitem__("volumes", "x"), "volumes-string")
     yield broken(lambda p: p["spec"].__setitem__("volumes", ["x"]), "volume-not-object")
     yield broken(lambda p: p["spec"].__setitem__("initContainers", {}), "init-object")
     yield broken(lambda p: p["spec"].__setitem__("initContainers", [7]), "init-item-number")
     yield broken(
-        lambda p: p["metadata"]["annotations"].__setitem__(
-            "credential-broker.io/config-map", "Not_A_Name"
-        ),
+        lambda p: p["metadata"]["annotations"].__setitem__("credential-broker.io/config-map", "Not_A_Name"),
         "bad-config-map-name",
     )
     yield broken(
-        lambda p: p["metadata"]["annotations"].__setitem__(
-            "credential-broker.io/keyring-secret", "x" * 254
-        ),
+        lambda p: p["metadata"]["annotations"].__setitem__("credential-broker.io/keyring-secret", "x" * 254),
         "keyring-name-too-long",
     )
     yield broken(
@@ -570,9 +560,7 @@ def test_https_post_mutate(server: tuple[str, int], tls_files: tuple[Path, Path]
     assert answer == mutate(make_review(pod), SETTINGS)
 
 
-def test_https_malformed_body_is_allowed(
-    server: tuple[str, int], tls_files: tuple[Path, Path]
-) -> None:
+def test_https_malformed_body_is_allowed(server: tuple[str, int], tls_files: tuple[Path, Path]) -> None:
     status, data, _ = _request(server, tls_files[0], "POST", "/mutate", b"{not json")
     assert status == 200
     assert_unchanged(json.loads(data), uid="", warned=True)
@@ -587,9 +575,7 @@ def test_https_body_cap(server: tuple[str, int], tls_files: tuple[Path, Path]) -
     assert status == 411
 
 
-def test_https_healthz_and_unknown_paths(
-    server: tuple[str, int], tls_files: tuple[Path, Path]
-) -> None:
+def test_https_healthz_and_unknown_paths(server: tuple[str, int], tls_files: tuple[Path, Path]) -> None:
     assert _request(server, tls_files[0], "GET", "/healthz")[0] == 200
     assert _request(server, tls_files[0], "GET", "/mutate")[0] == 404
     assert _request(server, tls_files[0], "POST", "/other", b"{}")[0] == 404
