@@ -179,8 +179,11 @@ def build_client(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Bu
 
 
 @pytest.fixture
-def broker(request: pytest.FixtureRequest) -> Any:
-    """The live broker from tests/conftest.py's ``live_broker`` fixture."""
+def eco_broker(request: pytest.FixtureRequest) -> Any:
+    """The live broker from tests/conftest.py's ``live_broker`` fixture, or a clear skip.
+
+    Named so as not to shadow tests/conftest.py's own ``broker`` fixture.
+    """
     try:
         return request.getfixturevalue("live_broker")
     except pytest.FixtureLookupError:

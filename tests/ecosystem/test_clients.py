@@ -73,47 +73,49 @@ def test_unreachable_broker_is_reported_by_code_name(build_client: Build, langua
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_connected_user_gets_header(build_client: Build, broker: Any, language: str) -> None:
+def test_connected_user_gets_header(build_client: Build, eco_broker: Any, language: str) -> None:
     client = build_client(language)
     user = unique_user(f"eco-{language}")
-    broker.connect(user)
-    proc = client.resolve(user, broker.upstream, target=broker.target)
+    eco_broker.connect(user)
+    proc = client.resolve(user, eco_broker.upstream, target=eco_broker.target)
     assert proc.returncode == 0, proc
     assert OK_LINE.match(_stdout_line(proc)), proc.stdout
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_unconnected_user_gets_authorization_url(
-    build_client: Build, broker: Any, language: str
+    build_client: Build, eco_broker: Any, language: str
 ) -> None:
     client = build_client(language)
-    proc = client.resolve(unique_user(f"eco-{language}-new"), broker.upstream, target=broker.target)
+    proc = client.resolve(
+        unique_user(f"eco-{language}-new"), eco_broker.upstream, target=eco_broker.target
+    )
     assert proc.returncode == 3, proc
     assert NOT_CONNECTED_LINE.match(_stdout_line(proc)), proc.stdout
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_target_from_socket_env(build_client: Build, broker: Any, language: str) -> None:
+def test_target_from_socket_env(build_client: Build, eco_broker: Any, language: str) -> None:
     """With no --target the client dials $CREDENTIAL_BROKER_SOCKET (here the unix socket)."""
     client = build_client(language)
     user = unique_user(f"eco-{language}-uds")
-    broker.connect(user)
-    env = client_env(CREDENTIAL_BROKER_SOCKET=broker.socket_target)
-    proc = client.resolve(user, broker.upstream, env=env)
+    eco_broker.connect(user)
+    env = client_env(CREDENTIAL_BROKER_SOCKET=eco_broker.socket_target)
+    proc = client.resolve(user, eco_broker.upstream, env=env)
     assert proc.returncode == 0, proc
     assert OK_LINE.match(_stdout_line(proc)), proc.stdout
 
 
-def test_clients_print_identical_lines(build_client: Build, broker: Any) -> None:
+def test_clients_print_identical_lines(build_client: Build, eco_broker: Any) -> None:
     """Same credential, same line, whatever the language (the token never appears)."""
     available = [lang for lang in LANGUAGES if _toolchain_present(lang)]
     if len(available) < 2:
         pytest.skip("fewer than two client toolchains installed")
     user = unique_user("eco-same")
-    broker.connect(user)
+    eco_broker.connect(user)
     lines = {}
     for language in available:
-        proc = build_client(language).resolve(user, broker.upstream, target=broker.target)
+        proc = build_client(language).resolve(user, eco_broker.upstream, target=eco_broker.target)
         assert proc.returncode == 0, proc
         lines[language] = _stdout_line(proc)
     assert len(set(lines.values())) == 1, lines

@@ -80,15 +80,13 @@ def test_readme_has_the_required_examples() -> None:
         assert PLACEHOLDER in command, f"example without the {PLACEHOLDER} placeholder: {command}"
 
 
-def _substitute(argv: list[str], kind: str, broker: Any) -> list[str]:
-    out = [
-        broker.target if a == PLACEHOLDER else a.replace(PLACEHOLDER, broker.target) for a in argv
-    ]
+def _substitute(argv: list[str], kind: str, live: Any) -> list[str]:
+    out = [live.target if a == PLACEHOLDER else a.replace(PLACEHOLDER, live.target) for a in argv]
     for i, arg in enumerate(out[:-1]):
         if arg in ("-d", "--d", "-data", "--data"):
             body = json.loads(out[i + 1])
             if "upstream" in body:
-                body["upstream"] = broker.upstream
+                body["upstream"] = live.upstream
             if kind == "resolve" and ("user_id" in body or "userId" in body):
                 body.pop("userId", None)
                 body["user_id"] = unique_user("eco-grpcurl-new")
@@ -97,11 +95,11 @@ def _substitute(argv: list[str], kind: str, broker: Any) -> list[str]:
 
 
 @pytest.mark.parametrize("command", _params())
-def test_readme_grpcurl_example(command: str, broker: Any) -> None:
+def test_readme_grpcurl_example(command: str, eco_broker: Any) -> None:
     grpcurl = require_tool("grpcurl")
     argv = shlex.split(command)
     kind = kind_of(argv)
-    argv = [grpcurl, *_substitute(argv[1:], kind, broker)]
+    argv = [grpcurl, *_substitute(argv[1:], kind, eco_broker)]
     proc = run(argv)
     out, err = proc.stdout, proc.stderr
     context = f"$ {shlex.join(argv)}\nexit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
