@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Install the Go-built tools the ecosystem checks need, at pinned versions:
+#   grpcurl, buf, protoc-gen-go, protoc-gen-go-grpc
+# Everything is built from source with `go install` through the Go module proxy
+# (no release-binary downloads). Idempotent: a tool already in GOBIN at the
+# pinned version is skipped. Prints what it did and how long each step took.
+#
+# Usage: scripts/ci/install-tools.sh            # install / verify all tools
+#        GOBIN=/some/dir scripts/ci/install-tools.sh
+# Afterwards put "$(go env GOPATH)/bin" (or $GOBIN) on PATH.
+set -euo pipefail
+
+GRPCURL_VERSION="${GRPCURL_VERSION:-v1.9.4}"
+BUF_VERSION="${BUF_VERSION:-v1.75.0}"
+PROTOC_GEN_GO_VERSION="${PROTOC_GEN_GO_VERSION:-v1.36.12}"
+PROTOC_GEN_GO_GRPC_VERSION="${PROTOC_GEN_GO_GRPC_VERSION:-v1.6.2}"
+
+if ! command -v go >/dev/null 2>&1; then
+  echo "install-tools: go is not on PATH; install Go >= 1.26.7 (buf v1.75.0 needs it) first" >&2
+  exit 1
+fi
+
+# Never silently fetch a different Go toolchain; fail loudly instead.
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+GOBIN_DIR="$(go env GOBIN)"
+if [ -z "$GOBIN_DIR" ]; then
+  GOBIN_DIR="$(go env GOPATH)/bin"
+fi
+export GOBIN="$GOBIN_DIR"
+mkdir -p "$GOBIN"
+
+# installed_version BIN -> the main module version recorded in the binary, or "".
+installed_version() {
+  local bin="$GOBIN/$1"
+  [ -x "$bin" ] || return 0
+  go version -m "$bin" 2>/dev/null | awk '$1 == "mod" { print $3; exit }'
+}
+
+install_one() {
+  local name="$1" pkg="$2" version="$3"
+  local have
+  have="$(installed_version "$name")"
+  if [ "$have" = "$version" ]; then
+    echo "install-tools: $name $version already in $GOBIN, skipped"
+    return 0
+  fi
+  if [ -n "$have" ]; then
+    echo "install-tools: $name $have in $GOBIN, replacing with $version"
+  fi
+  local start end
+  start="$(date +%s)"
+  go install "$pkg@$version"
+  end="$(date +%s)"
+  echo "install-tools: installed $name $version into $GOBIN in $((end - start))s"
+}
+
+install_one protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go "$PROTOC_GEN_GO_VERSION"
+install_one protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc "$PROTOC_GEN_GO_GRPC_VERSION"
+install_one grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION"
+install_one buf github.com/bufbuild/buf/cmd/buf "$BUF_VERSION"
+
+case ":$PATH:" in
+  *":$GOBIN:"*) ;;
+  *) echo "install-tools: note: $GOBIN is not on PATH; add it: export PATH=\"$GOBIN:\$PATH\"" ;;
+esac
+echo "install-tools: done"
