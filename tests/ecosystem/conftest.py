@@ -37,9 +37,7 @@ RUN_TIMEOUT = 60
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also registered in pyproject.toml; repeated here so the directory works on its own.
-    config.addinivalue_line(
-        "markers", "ecosystem: drives external toolchains (go, node, mvn, grpcurl, buf)"
-    )
+    config.addinivalue_line("markers", "ecosystem: drives external toolchains (go, node, mvn, grpcurl, buf)")
 
 
 def find_tool(name: str) -> str | None:

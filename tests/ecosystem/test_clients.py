@@ -31,9 +31,7 @@ from .conftest import (
 
 pytestmark = [pytest.mark.ecosystem, pytest.mark.timeout(BUILD_TIMEOUT)]
 
-OK_LINE = re.compile(
-    r"^OK Authorization Bearer (none|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) token_len=([1-9]\d*)$"
-)
+OK_LINE = re.compile(r"^OK Authorization Bearer (none|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) token_len=([1-9]\d*)$")
 NOT_CONNECTED_LINE = re.compile(r"^NOT_CONNECTED (https?://\S+)$")
 
 Build = Callable[[str], BuiltClient]
@@ -83,13 +81,9 @@ def test_connected_user_gets_header(build_client: Build, eco_broker: Any, langua
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_unconnected_user_gets_authorization_url(
-    build_client: Build, eco_broker: Any, language: str
-) -> None:
+def test_unconnected_user_gets_authorization_url(build_client: Build, eco_broker: Any, language: str) -> None:
     client = build_client(language)
-    proc = client.resolve(
-        unique_user(f"eco-{language}-new"), eco_broker.upstream, target=eco_broker.target
-    )
+    proc = client.resolve(unique_user(f"eco-{language}-new"), eco_broker.upstream, target=eco_broker.target)
     assert proc.returncode == 3, proc
     assert NOT_CONNECTED_LINE.match(_stdout_line(proc)), proc.stdout
 

@@ -64,8 +64,7 @@ def _params() -> list[Any]:
         )
         return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="no-readme-examples")]
     return [
-        pytest.param(command, id=f"{i}-{kind_of(shlex.split(command))}")
-        for i, command in enumerate(commands)
+        pytest.param(command, id=f"{i}-{kind_of(shlex.split(command))}") for i, command in enumerate(commands)
     ]
 
 
