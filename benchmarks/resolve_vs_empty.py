@@ -1,0 +1,127 @@
+"""Resolve on a cached credential vs an empty RPC, on the same server and transport.
+
+Starts benchmarks/server.py in a subprocess (so client and server do not share a GIL), then, for
+TCP loopback and the unix socket, at 1 and 32 concurrent callers, alternates rounds of the two
+calls and prints p50, p99 and calls/s for each and the ratios Resolve/Empty.
+
+Targets (issue: core sidecar): Resolve p50 <= 1.25x the empty RPC's, throughput >= 0.8x.
+
+    .venv/bin/python benchmarks/resolve_vs_empty.py [--seconds 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb  # noqa: E402
+from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc  # noqa: E402
+
+HEADER = (("x-credential-broker-request", "true"),)
+
+
+async def measure(
+    call: Callable[[], Awaitable[object]], concurrency: int, seconds: float
+) -> tuple[list[float], float]:
+    """Latencies (s) of every call and calls/s, with ``concurrency`` callers for ``seconds``."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, len(latencies) / (time.perf_counter() - started)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench_target(target: str, seconds: float, rounds: int) -> list[dict[str, object]]:
+    rows = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CredentialBrokerStub(channel)
+        empty = channel.unary_unary("/bench.Bench/Empty", request_serializer=None, response_deserializer=None)
+        request = pb.ResolveRequest(user_id="user-0", upstream="bench")
+
+        async def resolve() -> object:
+            return await stub.Resolve(request, metadata=HEADER)
+
+        async def nothing() -> object:
+            return await empty(b"", metadata=HEADER)
+
+        answer = await stub.Resolve(request, metadata=HEADER)
+        assert answer.access_token == "access-0", "the benchmark credential did not resolve"
+        await measure(nothing, 4, 0.5)  # warm up both paths
+        await measure(resolve, 4, 0.5)
+        for concurrency in (1, 32):
+            samples: dict[str, list[float]] = {"resolve": [], "empty": []}
+            rates: dict[str, list[float]] = {"resolve": [], "empty": []}
+            for _ in range(rounds):  # alternate so drift hits both alike
+                for name, fn in (("empty", nothing), ("resolve", resolve)):
+                    lat, rate = await measure(fn, concurrency, seconds)
+                    samples[name] += lat
+                    rates[name].append(rate)
+            row: dict[str, object] = {"concurrency": concurrency}
+            for name in ("empty", "resolve"):
+                row[f"{name}_p50_us"] = pct(samples[name], 0.5) * 1e6
+                row[f"{name}_p99_us"] = pct(samples[name], 0.99) * 1e6
+                row[f"{name}_rps"] = statistics.median(rates[name])
+            row["p50_ratio"] = row["resolve_p50_us"] / row["empty_p50_us"]  # type: ignore[operator]
+            row["rps_ratio"] = row["resolve_rps"] / row["empty_rps"]  # type: ignore[operator]
+            rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell")
+    args = parser.parse_args()
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("server.py"))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        addresses = json.loads(server.stdout.readline())
+        print(
+            f"{'transport':9} {'callers':>7} {'empty p50':>10} {'resolve p50':>12} {'p50 x':>6} "
+            f"{'empty p99':>10} {'resolve p99':>12} {'empty/s':>8} {'resolve/s':>10} {'rate x':>7}"
+        )
+        ok = True
+        for transport in ("tcp", "unix"):
+            for row in asyncio.run(bench_target(addresses[transport], args.seconds, args.rounds)):
+                print(
+                    f"{transport:9} {row['concurrency']:>7} {row['empty_p50_us']:>8.0f}us {row['resolve_p50_us']:>10.0f}us "
+                    f"{row['p50_ratio']:>6.2f} {row['empty_p99_us']:>8.0f}us {row['resolve_p99_us']:>10.0f}us "
+                    f"{row['empty_rps']:>8.0f} {row['resolve_rps']:>10.0f} {row['rps_ratio']:>7.2f}"
+                )
+                ok &= row["p50_ratio"] <= 1.25 and row["rps_ratio"] >= 0.8  # type: ignore[operator]
+        print("targets (p50 <= 1.25x, rate >= 0.8x):", "met" if ok else "NOT met")
+        return 0
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
