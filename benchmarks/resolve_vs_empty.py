@@ -25,8 +25,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker._proto.credentialbroker.v1 import broker_pb2 as pb  # noqa: E402
-from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc  # noqa: E402
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 
 HEADER = (("x-credential-broker-request", "true"),)
 
