@@ -90,23 +90,11 @@ class EnvelopeCipher:
         return self._keyring.primary_id
 
     def seal(self, plaintext: bytes, context: RecordContext) -> bytes:
-        kid = self._keyring.primary_id
         dek = AESGCM.generate_key(bit_length=256)
         ctx = context.encode()
-        wrap_nonce = os.urandom(NONCE_LEN)
-        wrapped = wrap_nonce + self._keks[kid].encrypt(wrap_nonce, dek, _WRAP_LABEL + _lp(kid) + ctx)
         nonce = os.urandom(NONCE_LEN)
         body = AESGCM(dek).encrypt(nonce, plaintext, _PAYLOAD_LABEL + ctx)
-        kid_raw = kid.encode()
-        return (
-            MAGIC
-            + bytes((FORMAT_VERSION, len(kid_raw)))
-            + kid_raw
-            + bytes((len(wrapped),))
-            + wrapped
-            + nonce
-            + body
-        )
+        return self._header(dek, ctx) + nonce + body
 
     def open(self, record: bytes, context: RecordContext) -> bytes:
         parsed = _parse(record)
@@ -121,19 +109,15 @@ class EnvelopeCipher:
         """Re-wrap the record's DEK under the primary key; the payload bytes are unchanged."""
         parsed = _parse(record)
         ctx = context.encode()
-        dek = self._unwrap(parsed, ctx)
+        return self._header(self._unwrap(parsed, ctx), ctx) + record[parsed.payload_offset :]
+
+    def _header(self, dek: bytes, ctx: bytes) -> bytes:
+        """Magic, version, primary key id and the DEK wrapped under it."""
         kid = self._keyring.primary_id
         wrap_nonce = os.urandom(NONCE_LEN)
         wrapped = wrap_nonce + self._keks[kid].encrypt(wrap_nonce, dek, _WRAP_LABEL + _lp(kid) + ctx)
         kid_raw = kid.encode()
-        return (
-            MAGIC
-            + bytes((FORMAT_VERSION, len(kid_raw)))
-            + kid_raw
-            + bytes((len(wrapped),))
-            + wrapped
-            + record[parsed.payload_offset :]
-        )
+        return MAGIC + bytes((FORMAT_VERSION, len(kid_raw))) + kid_raw + bytes((len(wrapped),)) + wrapped
 
     def _unwrap(self, parsed: _Parsed, ctx: bytes) -> bytes:
         kek = self._keks.get(parsed.kid)
