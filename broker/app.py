@@ -13,8 +13,11 @@ from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import KeyringError
+from broker.exchange import TokenExchanger
+from broker.identity import IdentityVerifier, UserAuthenticator
 from broker.logs import get_logger
 from broker.oauth.client import TokenEndpointClient
+from broker.policy import PolicyEnforcer, build_policy
 from broker.rpc.server import BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
 from broker.service import BrokerService
@@ -32,6 +35,8 @@ class App:
     tokens: TokenEndpointClient
     service: BrokerService
     server: BrokerServer
+    exchanger: TokenExchanger | None = None
+    identity: IdentityVerifier | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -39,6 +44,8 @@ class App:
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
         await self.tokens.aclose()
+        if self.identity is not None:
+            await self.identity.aclose()
         self.store.close()
 
 
@@ -66,9 +73,21 @@ def build_app(
             max_bytes=config.http.max_response_bytes,
             transport=transport,
         )
-        service = BrokerService(config, vault, tokens, clock or SystemClock(), logger)
+        clock = clock or SystemClock()
+        exchanger = TokenExchanger(vault, tokens, clock, logger)
+        policy = PolicyEnforcer(build_policy(config.policy), logger)
+        service = BrokerService(config, vault, tokens, clock, logger, exchanger, policy)
+        identity = None
+        if config.identity is not None:
+            identity = IdentityVerifier(
+                config.identity,
+                clock,
+                timeout=config.http.timeout_seconds,
+                transport=transport,
+                logger=logger,
+            )
         server = BrokerServer(
-            CredentialBrokerServicer(service, logger),
+            CredentialBrokerServicer(service, logger, UserAuthenticator(identity)),
             config.listen,
             health_listen=config.health_listen,
             extra_handlers=extra_handlers,
@@ -76,4 +95,4 @@ def build_app(
     except BaseException:
         store.close()
         raise
-    return App(config, store, vault, tokens, service, server)
+    return App(config, store, vault, tokens, service, server, exchanger, identity)

@@ -121,6 +121,72 @@ class HttpConfig(_Strict):
     max_response_bytes: int = Field(default=1 << 20, ge=1024, le=16 << 20)
 
 
+# Asymmetric JWS algorithms only (RFC 7518 section 3, RFC 8037): "none" and the HMAC family
+# are refused, so a public key can never be used as an HMAC secret (algorithm confusion).
+JWS_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+class IdentityConfig(_Strict):
+    """How user tokens are verified: when set, every RPC that acts for a user needs one."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    user_claim: str = "sub"
+    leeway_seconds: int = Field(default=60, ge=0, le=600)
+    jwks_min_refetch_seconds: int = Field(default=60, ge=1, le=86400)
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_url(value)
+        return value
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(value):
+            raise ValueError("needs at least one non-empty audience")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one algorithm")
+        for alg in value:
+            if alg not in JWS_ALGORITHMS:
+                raise ValueError(f"{alg!r} is not allowed; choose from {', '.join(JWS_ALGORITHMS)}")
+        return value
+
+    @field_validator("user_claim")
+    @classmethod
+    def _claim(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must name a claim")
+        return value
+
+
+class PolicyRuleConfig(_Strict):
+    """One rule: who (user ids and/or claims of the verified token) may resolve which upstreams."""
+
+    effect: Literal["allow", "deny"] = "allow"
+    upstreams: tuple[str, ...] = ("*",)
+    users: tuple[str, ...] = ("*",)
+    claims: dict[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    reason: str | None = Field(default=None, max_length=256)
+
+
+class PolicyConfig(_Strict):
+    """The Resolve policy: allow-all (no key), a rule list, or an entry-point plug-in."""
+
+    rules: tuple[PolicyRuleConfig, ...] = ()
+    default: Literal["allow", "deny"] = "deny"
+    entry_point: str | None = None
+
+
 class BrokerConfig(_Strict):
     """The whole configuration document."""
 
@@ -134,6 +200,8 @@ class BrokerConfig(_Strict):
     max_pending_flows: int = Field(default=5, ge=1, le=100)
     refresh_window_seconds: int = Field(default=60, ge=0, le=3600)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    identity: IdentityConfig | None = None
+    policy: PolicyConfig | None = None
 
     @field_validator("listen")
     @classmethod
@@ -246,6 +314,10 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
                 raise ConfigError(f"{where}.{key}: required for mode oauth_connect")
     if auth.client_id is None and auth.mode is not Mode.OAUTH_CONNECT and needs_secret:
         raise ConfigError(f"{where}.client_id: required with {auth.token_endpoint_auth_method.value}")
+    if auth.mode is Mode.ENTRA_OBO and not auth.scopes:
+        raise ConfigError(
+            f"{where}.scopes: required for mode entra_obo (e.g. https://graph.microsoft.com/.default)"
+        )
     if needs_secret and auth.client_secret is None:
         raise ConfigError(
             f"{where}.client_secret: required with token_endpoint_auth_method "

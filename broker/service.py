@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from broker import validation
 from broker.clock import Clock
@@ -24,6 +25,7 @@ from broker.errors import (
     UnknownUpstream,
     UpstreamUnavailable,
 )
+from broker.exchange import TokenExchanger
 from broker.logs import fields, get_logger
 from broker.models import (
     AuthorizationRequest,
@@ -38,6 +40,7 @@ from broker.models import (
 from broker.oauth import rfc6749, rfc7636
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
+from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
 from broker.singleflight import SingleFlight
 from broker.vault import CredentialVault
 
@@ -52,6 +55,8 @@ class BrokerService:
         tokens: TokenEndpointClient,
         clock: Clock,
         logger: logging.Logger | None = None,
+        exchanger: TokenExchanger | None = None,
+        policy: PolicyEnforcer | None = None,
     ) -> None:
         self._config = config
         self._vault = vault
@@ -61,6 +66,8 @@ class BrokerService:
         self._by_name = {u.name: u for u in config.upstreams}
         self._by_key = {u.key: u for u in config.upstreams}
         self._flights: SingleFlight[Credential] = SingleFlight()
+        self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
+        self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
 
     @property
     def flights(self) -> SingleFlight[Credential]:
@@ -189,19 +196,24 @@ class BrokerService:
         return self._info(credential, upstream)
 
     async def resolve(
-        self, user_id: str, upstream_name: str, subject_token: str, min_valid_seconds: int
+        self,
+        user_id: str,
+        upstream_name: str,
+        subject_token: str,
+        min_valid_seconds: int,
+        claims: Mapping[str, Any] | None = None,
     ) -> ResolvedCredential:
-        """A valid access token for (user, upstream), refreshed first when it is about to expire."""
+        """A valid access token for (user, upstream), refreshed (or exchanged) first when it is
+        about to expire, once the policy allowed it. ``claims``: the verified user token's."""
         user = validation.user_id(user_id)
         upstream = self._upstream(upstream_name)
         validation.subject_token(subject_token)
         floor = validation.min_valid_seconds(min_valid_seconds)
         window = max(self._config.refresh_window_seconds, floor)
+        await self._policy.check(PolicyRequest(user, upstream.name, upstream.auth_broker.mode.value, claims))
         if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
-            raise NotImplementedMode(
-                f"upstream {upstream.name!r} uses mode {upstream.auth_broker.mode.value}, "
-                "which this version does not implement yet"
-            )
+            exchanged = await self._exchanger.resolve(user, upstream, subject_token, floor, window)
+            return self._resolved(exchanged, upstream)
         credential = self._load(user, upstream)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream)

@@ -21,6 +21,7 @@ from broker.clock import ManualClock
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
 from tests.authserver import AuthServer, Client
+from tests.idp import IdentityProvider
 
 UPSTREAM = "gh"
 UPSTREAM_URL = "https://api.gh.test"
@@ -168,3 +169,15 @@ def live_broker(tmp_path: Path, auth_server: AuthServer) -> Iterator[Any]:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    """A loopback OpenID Connect provider with one RSA ("rsa-1") and one EC ("ec-1") key."""
+    provider = IdentityProvider().start()
+    provider.add_key("rsa", "rsa-1")
+    provider.add_key("ec", "ec-1")
+    try:
+        yield provider
+    finally:
+        provider.stop()

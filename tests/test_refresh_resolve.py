@@ -160,7 +160,7 @@ async def test_unknown_upstream_missing_user_and_unimplemented_mode(
         await broker.resolve("")
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as later:
-        await broker.resolve("alice", upstream="exchange", subject_token="t")
+        await broker.stub.Refresh(pb.RefreshRequest(user_id="alice", upstream="exchange"))
     assert later.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "token_exchange" in later.value.details()
 

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.errors import BrokerError, InvalidArgument
+from broker.identity import UserAuthenticator, VerifiedUser
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
 from broker.rpc.status import internal_status, to_status
@@ -62,9 +63,25 @@ def lenient_deserializer(message_type: Any) -> Callable[[bytes], Any]:
 class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     """Maps each RPC to one service call; errors go through the status table."""
 
-    def __init__(self, service: BrokerService, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        service: BrokerService,
+        logger: logging.Logger | None = None,
+        authenticator: UserAuthenticator | None = None,
+    ) -> None:
         self._service = service
         self._log = logger or get_logger()
+        self._users = authenticator or UserAuthenticator()
+
+    async def _user(
+        self, context: grpc.aio.ServicerContext, user_id: str, subject_token: str = ""
+    ) -> VerifiedUser:
+        """The identity hook: with an ``identity:`` config, the user's token must name user_id."""
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                authorization = value
+        return await self._users.authenticate(user_id, subject_token, authorization)
 
     async def _call(
         self,
@@ -85,6 +102,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             await context.abort_with_status(internal_status())
         raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
 
+    @staticmethod
+    async def _after(first: Awaitable[VerifiedUser], then: Callable[[VerifiedUser], Awaitable[T]]) -> T:
+        return await then(await first)
+
     async def BuildAuthorizationURL(
         self, request: pb.BuildAuthorizationURLRequest, context: grpc.aio.ServicerContext
     ) -> pb.BuildAuthorizationURLResponse:
@@ -92,7 +113,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context,
             request,
             "BuildAuthorizationURL",
-            lambda: self._service.build_authorization_url(request.user_id, request.upstream),
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._service.build_authorization_url(request.user_id, request.upstream),
+            ),
         )
         return pb.BuildAuthorizationURLResponse(
             authorization_url=result.authorization_url,
@@ -107,7 +131,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context,
             request,
             "Complete",
-            lambda: self._service.complete(request.state, request.code, request.user_id),
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._service.complete(request.state, request.code, request.user_id),
+            ),
         )
         return pb.CompleteResponse(credential=_info(info))
 
@@ -124,7 +151,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext
     ) -> pb.RefreshResponse:
         info = await self._call(
-            context, request, "Refresh", lambda: self._service.refresh(request.user_id, request.upstream)
+            context,
+            request,
+            "Refresh",
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._service.refresh(request.user_id, request.upstream),
+            ),
         )
         return pb.RefreshResponse(credential=_info(info))
 
@@ -135,8 +168,11 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context,
             request,
             "Resolve",
-            lambda: self._service.resolve(
-                request.user_id, request.upstream, request.subject_token, request.min_valid_seconds
+            lambda: self._after(
+                self._user(context, request.user_id, request.subject_token),
+                lambda user: self._service.resolve(
+                    request.user_id, request.upstream, user.token, request.min_valid_seconds, user.claims
+                ),
             ),
         )
         return pb.ResolveResponse(

@@ -14,12 +14,17 @@ DOMAIN = "credentialbroker"
 # Checked in order: subclasses before their bases.
 STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.SubjectTokenRequired, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.UserTokenInvalid, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.UserMismatch, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.UnknownUpstream, grpc.StatusCode.NOT_FOUND),
     (errors.FlowNotFound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ConnectRequired, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.TokenRequestRejected, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.IdentityProviderUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreError, grpc.StatusCode.UNAVAILABLE),
     (errors.NotImplementedMode, grpc.StatusCode.UNIMPLEMENTED),
