@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return 0
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
-            print(f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(config.listen)}")
+            print(
+                f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(entry.address for entry in config.listeners())}"
+            )
             return 0
     except BrokerError as exc:
         print(f"credential-broker: {exc.message}", file=sys.stderr)
