@@ -293,9 +293,13 @@ def _loc(parts: Sequence[int | str]) -> str:
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
+        if e["type"] == "string_type" and isinstance(e["input"], dict):
+            continue  # the str branch of a "string or mapping" union: the mapping branch explains
         # Literal/enum unions put the member name in loc; keep the field path only.
         loc = [
-            p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple[", "str")))
+            p
+            for p in e["loc"]
+            if not (isinstance(p, str) and p.startswith(("function-", "tuple[", "str", "ListenerConfig")))
         ]
         text = "required" if e["type"] == "missing" else str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
