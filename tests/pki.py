@@ -63,7 +63,13 @@ class TestCA:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(
-        self, common_name: str, *, dns: list[str] = (), uris: list[str] = (), ips: list[str] = (), server: bool
+        self,
+        common_name: str,
+        *,
+        dns: list[str] = (),
+        uris: list[str] = (),
+        ips: list[str] = (),
+        server: bool,
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)

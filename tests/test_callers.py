@@ -69,9 +69,7 @@ async def test_unix_socket_needs_no_header_by_default_but_always_means_always(
     channel, stub = _raw_stub(unix)
     async with channel:
         assert (await stub.ListConnections(LIST)).connections
-    strict = await make_broker(
-        require_request_header="always", listen=[f"unix://{broker.tmp}/strict.sock"]
-    )
+    strict = await make_broker(require_request_header="always", listen=[f"unix://{broker.tmp}/strict.sock"])
     channel, stub = _raw_stub(strict.app.server.addresses[0])
     async with channel:
         await _fails(stub.ListConnections(LIST), grpc.StatusCode.UNAUTHENTICATED, "MISSING_REQUEST_HEADER")
@@ -102,7 +100,9 @@ async def test_caller_tokens_and_rules(make_broker: BrokerFactory, auth_server: 
     client = auth_server.new_client(redirect_uri="https://app.test/callback")
     other = upstream_doc(auth_server, client) | {"name": "other", "url": "https://other.test"}
     broker = await make_broker(
-        client=client, upstreams=[upstream_doc(auth_server, client), other], callers=_callers(auth_server, tokens)
+        client=client,
+        upstreams=[upstream_doc(auth_server, client), other],
+        callers=_callers(auth_server, tokens),
     )
     stub = broker.stub
 
@@ -136,7 +136,9 @@ async def test_caller_tokens_and_rules(make_broker: BrokerFactory, auth_server: 
         "CALLER_NOT_PERMITTED",
     )
     await _fails(
-        stub.Resolve(pb.ResolveRequest(user_id="alice", upstream=UPSTREAM), metadata=bearer(tokens["reporter"])),
+        stub.Resolve(
+            pb.ResolveRequest(user_id="alice", upstream=UPSTREAM), metadata=bearer(tokens["reporter"])
+        ),
         grpc.StatusCode.PERMISSION_DENIED,
         "CALLER_NOT_PERMITTED",
     )
@@ -171,13 +173,17 @@ async def test_mutual_tls_identifies_callers_by_certificate(
     broker = await make_broker(
         listen=["127.0.0.1:0"],
         tls=tls,
-        callers=[{"name": "web", "cert_identities": [allowed, "reporter.internal"], "methods": ["ListConnections"]}],
+        callers=[
+            {"name": "web", "cert_identities": [allowed, "reporter.internal"], "methods": ["ListConnections"]}
+        ],
     )
     address = broker.app.server.addresses[0]
 
     def channel_for(issued: Any) -> grpc.aio.Channel:
         creds = grpc.ssl_channel_credentials(ca.pem, issued.key_pem, issued.cert_pem)
-        return grpc.aio.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+        return grpc.aio.secure_channel(
+            address, creds, options=[("grpc.ssl_target_name_override", "localhost")]
+        )
 
     good = ca.issue("web", uris=[allowed], server=False)
     async with channel_for(good) as channel:
@@ -190,7 +196,9 @@ async def test_mutual_tls_identifies_callers_by_certificate(
         )
     by_dns = ca.issue("reporter", dns=["reporter.internal"], server=False)
     async with channel_for(by_dns) as channel:
-        assert (await pb_grpc.CredentialBrokerStub(channel).ListConnections(LIST, metadata=[HEADER])).connections
+        assert (
+            await pb_grpc.CredentialBrokerStub(channel).ListConnections(LIST, metadata=[HEADER])
+        ).connections
     outsider = ca.issue("other", uris=["spiffe://example.org/ns/apps/sa/other"], server=False)
     async with channel_for(outsider) as channel:
         await _fails(
@@ -213,7 +221,9 @@ async def test_mutual_tls_identifies_callers_by_certificate(
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_tls_without_client_ca_serves_any_tls_client(make_broker: BrokerFactory, tmp_path: Path) -> None:
+async def test_tls_without_client_ca_serves_any_tls_client(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
     ca, tls = _tls_setup(tmp_path)
     del tls["client_ca_file"]
     broker = await make_broker(listen=["0.0.0.0:0"], tls=tls)
@@ -322,7 +332,9 @@ async def test_caller_config_errors(tmp_path: Path, auth_server: AuthServer) -> 
 
     generate_keyring_file(tmp_path / "keyring.json")
     config = load_config(
-        _document(tmp_path, auth_server, callers=[{"name": "a", "token_sha256": "0" * 64, "methods": ["Nope"]}]),
+        _document(
+            tmp_path, auth_server, callers=[{"name": "a", "token_sha256": "0" * 64, "methods": ["Nope"]}]
+        ),
         environ={},
         base_dir=tmp_path,
     )
