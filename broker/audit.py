@@ -26,6 +26,8 @@ from typing import IO, Protocol
 from broker.callers import current_call
 from broker.config import AuditConfig
 
+MAX_FIELD = 256
+
 ACTIONS = frozenset(
     {
         "connect",
@@ -96,8 +98,8 @@ class Auditor:
         event = AuditEvent(
             action=action,
             outcome=outcome,
-            user=user,
-            upstream=upstream,
+            user=_clean(user),
+            upstream=_clean(upstream),
             method=method or (call.method if call else ""),
             caller=caller or (call.caller if call else ""),
             reason=reason,
@@ -159,6 +161,12 @@ def sink_from_config(config: AuditConfig) -> AuditSink | None:
         assert config.path is not None  # by config
         return RotatingFileSink(config.path, config.max_bytes, config.backup_count)
     return JsonLinesSink()
+
+
+def _clean(value: str) -> str:
+    """Request fields reach the trail unvalidated on failures: keep them short and printable."""
+    value = value[:MAX_FIELD]
+    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")[:MAX_FIELD]
 
 
 def _iso(seconds: float) -> str:

@@ -58,6 +58,8 @@ async def _serve(config: BrokerConfig, embedded: bool) -> int:
         "serving",
         extra=fields(addresses=",".join(app.server.addresses), upstreams=len(config.upstreams)),
     )
+    if app.metrics_address is not None:
+        log.info("serving metrics", extra=fields(address=f"http://{app.metrics_address}/metrics"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

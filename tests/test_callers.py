@@ -340,3 +340,19 @@ async def test_caller_config_errors(tmp_path: Path, auth_server: AuthServer) -> 
     )
     with pytest.raises(ConfigError, match=r"callers\[0\].methods: 'Nope' is not an RPC"):
         build_app(config)
+
+
+async def test_reflection_needs_the_header_over_tcp(broker: Broker) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    channel, _ = _raw_stub(broker.app.server.addresses[0])
+    async with channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.ServerReflectionInfo(iter([request])):
+                pass
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answers = [a async for a in stub.ServerReflectionInfo(iter([request]), metadata=[HEADER])]
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "credentialbroker.v1.CredentialBroker" in names

@@ -77,10 +77,12 @@ class MetadataCache:
         ) as http:
             for url in metadata_urls(issuer):
                 try:
-                    resp = http.get(url, headers={"Accept": "application/json"})
-                    body = resp.content[: MAX_METADATA_BYTES + 1]
-                    if len(body) > MAX_METADATA_BYTES:
-                        raise ValueError("too large")
+                    with http.stream("GET", url, headers={"Accept": "application/json"}) as resp:
+                        body = b""
+                        for chunk in resp.iter_bytes():
+                            body += chunk
+                            if len(body) > MAX_METADATA_BYTES:
+                                raise ValueError("too large")
                     document = parse_metadata(issuer, resp.status_code, body)
                 except httpx.HTTPError:
                     problems.append(f"{url}: unreachable")

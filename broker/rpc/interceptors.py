@@ -17,9 +17,12 @@ import grpc
 from broker.audit import Auditor
 from broker.callers import CallContext, CallerPolicy, current_call, request_id
 from broker.errors import BrokerError
-from broker.rpc.status import status_code_for, to_status
+from broker.rpc.status import to_status
 
 _GUARDED_PREFIX = "/credentialbroker.v1.CredentialBroker/"
+# Reflection needs the header and a known caller too (it only describes the API, so no RPC
+# rules apply); grpcurl's -H sends the header on reflection calls as well.
+_REFLECTION_PREFIX = "/grpc.reflection."
 _SAN = "x509_subject_alternative_name"
 
 
@@ -55,6 +58,8 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         full = handler_call_details.method
+        if handler is not None and full.startswith(_REFLECTION_PREFIX) and handler.stream_stream:
+            return self._guard_reflection(handler, full)
         if handler is None or not full.startswith(_GUARDED_PREFIX) or handler.unary_unary is None:
             return handler
         method = full.removeprefix(_GUARDED_PREFIX)
@@ -81,7 +86,24 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+    def _guard_reflection(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
+        inner = handler.stream_stream
+        method = full.rpartition("/")[2]
+
+        async def guarded(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._admit(method, None, context, rules=False)
+            async for response in inner(request_iterator, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext, *, rules: bool = True
+    ) -> None:
         metadata = {
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
@@ -97,7 +119,8 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 cert_identities=cert_identities(context),
             )
             caller_name = caller.name
-            self._policy.authorize(caller, method, upstream or None)
+            if rules:
+                self._policy.authorize(caller, method, upstream or None)
         except BrokerError as exc:
             self._audit.record(
                 "policy_denial",
@@ -128,5 +151,3 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
             return str(member.name)
     return "UNKNOWN"
 
-
-__all__ = ["CallerInterceptor", "RpcObserver", "cert_identities", "status_code_for"]
