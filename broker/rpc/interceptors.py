@@ -150,4 +150,3 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
         if member.value[0] == code:
             return str(member.name)
     return "UNKNOWN"
-
