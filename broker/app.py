@@ -9,16 +9,23 @@ from dataclasses import dataclass
 import grpc
 import httpx
 
+from broker.audit import Auditor, AuditSink, sink_from_config
+from broker.callers import CallerPolicy
 from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
+from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import KeyringError
 from broker.exchange import TokenExchanger
 from broker.identity import IdentityVerifier, UserAuthenticator
 from broker.logs import get_logger
+from broker.metrics import BrokerMetrics, MeteredTokenClient, TimedStore
 from broker.oauth.client import TokenEndpointClient
+from broker.oauth.rfc7009 import RevocationClient
+from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.policy import PolicyEnforcer, build_policy
-from broker.rpc.server import BrokerServer
+from broker.rpc.interceptors import CallerInterceptor
+from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
 from broker.service import BrokerService
 from broker.store import SqliteStore
@@ -37,12 +44,21 @@ class App:
     server: BrokerServer
     exchanger: TokenExchanger | None = None
     identity: IdentityVerifier | None = None
+    auditor: Auditor | None = None
+    metrics: BrokerMetrics | None = None
+    connections: ConnectionManager | None = None
+    #: The bound metrics address once started (None when metrics are off).
+    metrics_address: str | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.metrics is not None and self.config.metrics.listen is not None:
+            self.metrics_address = self.metrics.serve(self.config.metrics.listen)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
         await self.tokens.aclose()
         if self.identity is not None:
             await self.identity.aclose()
@@ -57,26 +73,43 @@ def build_app(
     transport: httpx.AsyncBaseTransport | None = None,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     logger: logging.Logger | None = None,
+    audit_sinks: Sequence[AuditSink] | None = None,
 ) -> App:
-    """Build every part from the config. Raises KeyringError, StoreError or OSError."""
+    """Build every part from the config. Raises ConfigError, KeyringError, StoreError or OSError.
+
+    Upstreams that name an ``issuer`` get their missing endpoints from its RFC 8414 metadata
+    here, once, before anything else is built. ``audit_sinks`` replaces the configured sink."""
     logger = logger or get_logger()
+    clock = clock or SystemClock()
+    if any(u.auth_broker.issuer for u in config.upstreams):
+        config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds))
+    metrics = BrokerMetrics()
+    if audit_sinks is None:
+        configured = sink_from_config(config.audit)
+        audit_sinks = [configured] if configured is not None else []
+    auditor = Auditor([*audit_sinks, metrics], now=clock.now)
     keyring = (key_source or FileKeySource(config.keyring.file)).load()
     cipher = EnvelopeCipher(keyring)
     store = SqliteStore(config.store.path)
     try:
-        vault = CredentialVault(store, cipher)
+        vault = CredentialVault(TimedStore(store, metrics), cipher)
         problem = vault.check_keyring_opens_store(keyring.ids())
         if problem is not None:
             raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {config.store.path})")
-        tokens = TokenEndpointClient(
+        endpoints: dict[str, str] = {}
+        for upstream in config.upstreams:
+            if upstream.auth_broker.token_endpoint is not None:
+                endpoints.setdefault(upstream.auth_broker.token_endpoint, upstream.name)
+        tokens = MeteredTokenClient(
+            metrics,
+            endpoints,
             timeout=config.http.timeout_seconds,
             max_bytes=config.http.max_response_bytes,
             transport=transport,
         )
-        clock = clock or SystemClock()
         exchanger = TokenExchanger(vault, tokens, clock, logger)
         policy = PolicyEnforcer(build_policy(config.policy), logger)
-        service = BrokerService(config, vault, tokens, clock, logger, exchanger, policy)
+        service = BrokerService(config, vault, tokens, clock, logger, exchanger, policy, auditor)
         identity = None
         if config.identity is not None:
             identity = IdentityVerifier(
@@ -86,13 +119,41 @@ def build_app(
                 transport=transport,
                 logger=logger,
             )
+        connections = ConnectionManager(config, vault, RevocationClient(tokens), clock)
+        metrics.watch_single_flight(lambda: service.flights.coalesced)
+        metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
+        methods = pb_methods()
+        interceptor = CallerInterceptor(CallerPolicy(config, methods), auditor, metrics)
         server = BrokerServer(
-            CredentialBrokerServicer(service, logger, UserAuthenticator(identity)),
-            config.listen,
+            CredentialBrokerServicer(
+                service, logger, UserAuthenticator(identity), auditor=auditor, connections=connections
+            ),
+            config.listeners(),
             health_listen=config.health_listen,
             extra_handlers=extra_handlers,
+            tls=config.tls,
+            interceptors=(interceptor,),
         )
     except BaseException:
         store.close()
         raise
-    return App(config, store, vault, tokens, service, server, exchanger, identity)
+    return App(
+        config,
+        store,
+        vault,
+        tokens,
+        service,
+        server,
+        exchanger=exchanger,
+        identity=identity,
+        auditor=auditor,
+        metrics=metrics,
+        connections=connections,
+    )
+
+
+def pb_methods() -> list[str]:
+    """The CredentialBroker RPC names, from the service descriptor."""
+    from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+
+    return [m.name for m in pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rpartition(".")[2]].methods]

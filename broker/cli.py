@@ -58,6 +58,8 @@ async def _serve(config: BrokerConfig, embedded: bool) -> int:
         "serving",
         extra=fields(addresses=",".join(app.server.addresses), upstreams=len(config.upstreams)),
     )
+    if app.metrics_address is not None:
+        log.info("serving metrics", extra=fields(address=f"http://{app.metrics_address}/metrics"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,7 +122,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return 0
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
-            print(f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(config.listen)}")
+            print(
+                f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(entry.address for entry in config.listeners())}"
+            )
             return 0
     except BrokerError as exc:
         print(f"credential-broker: {exc.message}", file=sys.stderr)

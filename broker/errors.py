@@ -6,12 +6,16 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
 
     BrokerError
     ├── InvalidArgument            INVALID_ARGUMENT     a field is malformed or too large
+    │   └── IssuerMismatch             the callback's iss is missing or not the issuer (RFC 9207)
     ├── Unauthenticated            UNAUTHENTICATED      no user id (or, later, no valid user token)
     │   ├── SubjectTokenRequired       an exchange upstream with no subject token and no usable credential
-    │   └── UserTokenInvalid           the user's token failed verification (reason in metadata)
+    │   ├── UserTokenInvalid           the user's token failed verification (reason in metadata)
+    │   ├── MissingRequestHeader       no x-credential-broker-request: true (SSRF guard)
+    │   └── CallerUnauthenticated      no or wrong caller token / certificate
     ├── PermissionDenied           PERMISSION_DENIED    the caller may not act for that user
     │   ├── UserMismatch               user_id names someone other than the verified token's user
-    │   └── PolicyDenied               the Resolve policy refused (the rule's reason)
+    │   ├── PolicyDenied               the Resolve policy refused (the rule's reason)
+    │   └── CallerNotPermitted         the caller's rules exclude this RPC or upstream
     ├── UnknownUpstream            NOT_FOUND            no upstream of that name is configured
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
@@ -151,3 +155,19 @@ class DecryptionError(BrokerError):
 
 class StoreError(BrokerError):
     code = "STORE_UNAVAILABLE"
+
+
+class IssuerMismatch(InvalidArgument):
+    code = "ISSUER_MISMATCH"
+
+
+class MissingRequestHeader(Unauthenticated):
+    code = "MISSING_REQUEST_HEADER"
+
+
+class CallerUnauthenticated(Unauthenticated):
+    code = "CALLER_UNAUTHENTICATED"
+
+
+class CallerNotPermitted(PermissionDenied):
+    code = "CALLER_NOT_PERMITTED"

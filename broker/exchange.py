@@ -113,6 +113,7 @@ class TokenExchanger:
             )
         secret = auth.client_secret.get_secret_value() if auth.client_secret else None
         client = ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+        assert auth.token_endpoint is not None  # set in config or by discovery at start-up
         self.exchanges += 1
         try:
             token = await self._tokens.request_token(auth.token_endpoint, form, client)

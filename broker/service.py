@@ -12,11 +12,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from broker import validation
+from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
 from broker.errors import (
+    BrokerError,
     DecryptionError,
     FlowNotFound,
+    InvalidArgument,
+    IssuerMismatch,
     NotConnected,
     NotImplementedMode,
     PermissionDenied,
@@ -57,7 +61,9 @@ class BrokerService:
         logger: logging.Logger | None = None,
         exchanger: TokenExchanger | None = None,
         policy: PolicyEnforcer | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
+        self._audit = auditor or Auditor()
         self._config = config
         self._vault = vault
         self._tokens = tokens
@@ -133,7 +139,7 @@ class BrokerService:
         self._log.info("connect flow started", extra=fields(user_id=user, upstream=upstream.name))
         return AuthorizationRequest(url, state, flow.expires_at)
 
-    async def complete(self, state: str, code: str, user_id: str) -> CredentialInfo:
+    async def complete(self, state: str, code: str, user_id: str, iss: str = "") -> CredentialInfo:
         """Finish a connect flow: check the state and the user, exchange the code, store."""
         validation.state(state)
         validation.code(code)
@@ -151,6 +157,7 @@ class BrokerService:
                 extra=fields(user_id=user, upstream=upstream.name),
             )
             raise PermissionDenied("this connect flow was started by a different user")
+        check_iss(upstream, iss)
         auth = upstream.auth_broker
         assert auth.redirect_uri is not None
         form = [
@@ -222,7 +229,7 @@ class BrokerService:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
             try:
                 credential = await self._flights.run(
-                    (user, upstream.key), lambda: self._refresh(user, upstream, window)
+                    (user, upstream.key), lambda: self._audited_refresh(user, upstream, window)
                 )
             except UpstreamUnavailable:
                 # The authorization server is down: a token still valid for what the caller
@@ -243,6 +250,16 @@ class BrokerService:
                 user, upstream.key, Secrets(""), "", (), 0.0, "", 0.0, CredentialStatus.NEEDS_REAUTH
             )
         return None if found is None else found[0]
+
+    async def _audited_refresh(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
+        """A refresh that Resolve started on its own: audited once per grant, not per caller."""
+        try:
+            credential = await self._refresh(user, upstream, window)
+        except BrokerError as exc:
+            self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
+            raise
+        self._audit.record("refresh", "success", user=user, upstream=upstream.name)
+        return credential
 
     async def _refresh(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
         """One refresh_token grant, inside the single flight for (user, upstream).
@@ -308,10 +325,10 @@ class BrokerService:
     async def _request(
         self, upstream: UpstreamConfig, form: Sequence[tuple[str, str]], user: str
     ) -> TokenResponse:
+        endpoint = upstream.auth_broker.token_endpoint
+        assert endpoint is not None  # by config, or discovered at start-up
         try:
-            return await self._tokens.request_token(
-                upstream.auth_broker.token_endpoint, form, self._client(upstream)
-            )
+            return await self._tokens.request_token(endpoint, form, self._client(upstream))
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
             self._log.warning(
                 "token request failed",
@@ -388,4 +405,20 @@ class BrokerService:
             obtained_via=credential.obtained_via,
             header_name=auth.header,
             header_value=auth.header_format.replace("{token}", token),
+        )
+
+
+def check_iss(upstream: UpstreamConfig, iss: str) -> None:
+    """RFC 9207 section 2.4: when the server sends iss (or says it does), it must be the issuer
+    the request went to; otherwise the response may come from a mix-up attack."""
+    auth = upstream.auth_broker
+    if len(iss) > 2048 or (iss and not iss.isprintable()):
+        raise InvalidArgument("iss: must be printable text of at most 2048 characters")
+    if auth.authorization_response_iss_parameter_supported and not iss:
+        raise IssuerMismatch(
+            f"iss: required for upstream {upstream.name!r} (its authorization server sends it, RFC 9207)"
+        )
+    if iss and auth.issuer is not None and iss != auth.issuer:
+        raise IssuerMismatch(
+            f"iss: the response is not from upstream {upstream.name!r}'s authorization server (RFC 9207)"
         )

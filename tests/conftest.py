@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.app import App, build_app
+from broker.audit import MemorySink
 from broker.clock import ManualClock
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
@@ -107,6 +108,14 @@ def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str
 BrokerFactory = Callable[..., Awaitable[Broker]]
 
 
+class RequestHeader(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends the broker's SSRF-guard header on every call, as a real client must over TCP."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("x-credential-broker-request", "true")]
+        return await continuation(details._replace(metadata=metadata), request)
+
+
 @pytest.fixture
 async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[BrokerFactory]:
     """Build and start brokers; every one is stopped at the end of the test."""
@@ -132,9 +141,10 @@ async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[
         }
         config = load_config(document, environ={}, base_dir=tmp_path)
         clock = clock or ManualClock(time.time())
-        app = build_app(config, clock=clock)
+        audit = MemorySink()
+        app = build_app(config, clock=clock, audit_sinks=[audit])
         await app.start()
-        channel = grpc.aio.insecure_channel(app.server.addresses[0])
+        channel = grpc.aio.insecure_channel(app.server.addresses[0], interceptors=[RequestHeader()])
         broker = Broker(
             app,
             pb_grpc.CredentialBrokerStub(channel),
@@ -144,6 +154,7 @@ async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[
             client,
             tmp_path,
             document,
+            {"audit": audit},
         )
         started.append(broker)
         return broker

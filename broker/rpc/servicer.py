@@ -12,7 +12,10 @@ from google.protobuf.message import DecodeError
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.errors import BrokerError, InvalidArgument
+from broker.audit import Auditor
+from broker.callers import current_call
+from broker.connections import Connection, ConnectionManager, Disconnection
+from broker.errors import BrokerError, InvalidArgument, NotImplementedMode
 from broker.identity import UserAuthenticator, VerifiedUser
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
@@ -68,10 +71,15 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         service: BrokerService,
         logger: logging.Logger | None = None,
         authenticator: UserAuthenticator | None = None,
+        *,
+        auditor: Auditor | None = None,
+        connections: ConnectionManager | None = None,
     ) -> None:
         self._service = service
         self._log = logger or get_logger()
         self._users = authenticator or UserAuthenticator()
+        self._audit = auditor or Auditor()
+        self._connections = connections
 
     async def _user(
         self, context: grpc.aio.ServicerContext, user_id: str, subject_token: str = ""
@@ -93,12 +101,16 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             if isinstance(request, MalformedRequest):
                 raise InvalidArgument(f"request: not a valid {request.type_name} message")
-            return await work()
+            result = await work()
+            _audit(self._audit, method, request, "success", "", result)
+            return result
         except BrokerError as exc:
+            _audit(self._audit, method, request, "failure", exc.code, None)
             await context.abort_with_status(to_status(exc))
         except Exception as exc:
             # The message of a foreign exception may carry anything; log its type only.
             self._log.error("unexpected error", extra=fields(method=method, error=type(exc).__name__))
+            _audit(self._audit, method, request, "failure", "INTERNAL", None)
             await context.abort_with_status(internal_status())
         raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
 
@@ -133,7 +145,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             "Complete",
             lambda: self._after(
                 self._user(context, request.user_id),
-                lambda _: self._service.complete(request.state, request.code, request.user_id),
+                lambda _: self._service.complete(request.state, request.code, request.user_id, request.iss),
             ),
         )
         return pb.CompleteResponse(credential=_info(info))
@@ -184,3 +196,95 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             header_name=result.header_name,
             header_value=result.header_value,
         )
+
+    async def ListConnections(
+        self, request: pb.ListConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConnectionsResponse:
+        call = current_call.get()
+        who = call.who if call is not None else None
+        connections = await self._call(
+            context,
+            request,
+            "ListConnections",
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._manager().list_connections(
+                    request.user_id, who.may_use if who else lambda _: True
+                ),
+            ),
+        )
+        return pb.ListConnectionsResponse(connections=[_connection(c) for c in connections])
+
+    async def Disconnect(
+        self, request: pb.DisconnectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DisconnectResponse:
+        result = await self._call(
+            context,
+            request,
+            "Disconnect",
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._manager().disconnect(request.user_id, request.upstream),
+            ),
+        )
+        return pb.DisconnectResponse(
+            deleted=result.deleted,
+            revocations=[
+                pb.TokenRevocation(token_type_hint=r.token_type_hint, outcome=r.outcome, reason=r.reason)
+                for r in result.revocations
+            ],
+        )
+
+    def _manager(self) -> ConnectionManager:
+        if self._connections is None:
+            raise NotImplementedMode("connection management is not wired in this server")
+        return self._connections
+
+
+# RPC -> audit action. RPCs not listed here are not audited by the servicer.
+AUDIT_ACTIONS = {
+    "BuildAuthorizationURL": "connect",
+    "Complete": "acquire",
+    "Deny": "deny",
+    "Refresh": "refresh",
+    "Resolve": "inject",
+    "ListConnections": "list",
+    "Disconnect": "disconnect",
+}
+
+
+def _audit(auditor: Auditor, method: str, request: object, outcome: str, reason: str, result: object) -> None:
+    action = AUDIT_ACTIONS.get(method)
+    if action is None:
+        return
+    user = getattr(request, "user_id", "")
+    upstream = getattr(request, "upstream", "") or getattr(result, "upstream", "")
+    detail: dict[str, str] = {}
+    if isinstance(result, Disconnection):
+        detail["deleted"] = str(result.deleted).lower()
+        for revocation in result.revocations:
+            detail[revocation.token_type_hint] = revocation.outcome + (
+                f" ({revocation.reason})" if revocation.reason else ""
+            )
+    # Only the name of a field we set ourselves: never a token, code, state or URL.
+    auditor.record(
+        action,
+        outcome,
+        user=user if isinstance(user, str) else "",
+        upstream=upstream if isinstance(upstream, str) else "",
+        reason=reason,
+        detail=detail,
+    )
+
+
+def _connection(connection: Connection) -> pb.Connection:
+    return pb.Connection(
+        upstream=connection.upstream,
+        status=connection.status,
+        mode=connection.mode,
+        scopes=list(connection.scopes),
+        expires_at=_timestamp(connection.expires_at),
+        obtained_via=connection.obtained_via,
+        updated_at=_timestamp(connection.updated_at),
+        last_error=connection.last_error,
+    )

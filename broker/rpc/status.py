@@ -13,6 +13,10 @@ DOMAIN = "credentialbroker"
 
 # Checked in order: subclasses before their bases.
 STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
+    (errors.IssuerMismatch, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.MissingRequestHeader, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.CallerUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.CallerNotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.SubjectTokenRequired, grpc.StatusCode.UNAUTHENTICATED),
     (errors.UserTokenInvalid, grpc.StatusCode.UNAUTHENTICATED),

@@ -260,6 +260,15 @@ class SqliteStore:
             )
             return cursor.rowcount > 0
 
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
+        rows = self._read(
+            "SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL AND expires_at <= ? "
+            "THEN 'expired' ELSE status END AS s, COUNT(*) FROM credentials GROUP BY s",
+            (now,),
+        )
+        return {str(status): int(count) for status, count in rows}
+
     # -- pending flows -------------------------------------------------------------------
 
     def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
