@@ -107,7 +107,7 @@ def build_app(
             max_bytes=config.http.max_response_bytes,
             transport=transport,
         )
-        exchanger = TokenExchanger(vault, tokens, clock, logger)
+        exchanger = TokenExchanger(vault, tokens, clock, logger, auditor)
         policy = PolicyEnforcer(build_policy(config.policy), logger)
         service = BrokerService(config, vault, tokens, clock, logger, exchanger, policy, auditor)
         identity = None

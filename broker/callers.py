@@ -95,10 +95,15 @@ class CallerPolicy:
         over_tcp: bool,
         metadata: Mapping[str, str],
         cert_identities: Sequence[str],
+        needs_header: bool = True,
     ) -> Caller:
         """The caller of a call, or raise MissingRequestHeader / CallerUnauthenticated /
         CallerNotPermitted (a valid certificate that is no configured caller)."""
-        if self.header_required(over_tcp) and metadata.get(REQUEST_HEADER, "").lower() != "true":
+        if (
+            needs_header
+            and self.header_required(over_tcp)
+            and metadata.get(REQUEST_HEADER, "").lower() != "true"
+        ):
             raise MissingRequestHeader(
                 f"metadata {REQUEST_HEADER}: true is required on this listener (an SSRF guard); "
                 f"e.g. grpcurl -H '{REQUEST_HEADER}: true'"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import Mode, UpstreamConfig
 from broker.errors import DecryptionError, SubjectTokenRequired, TokenRequestRejected, UpstreamUnavailable
@@ -35,8 +36,10 @@ class TokenExchanger:
         tokens: TokenEndpointClient,
         clock: Clock,
         logger: logging.Logger | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self._vault = vault
+        self._audit = auditor or Auditor()
         self._tokens = tokens
         self._clock = clock
         self._log = logger or get_logger()
@@ -131,6 +134,7 @@ class TokenExchanger:
                     detail=exc.message,
                 ),
             )
+            self._audit.record("exchange", "failure", user=user, upstream=upstream.name, reason=exc.code)
             raise
         now = self._clock.now()
         credential = self._credential(user, upstream, token, now)
@@ -138,6 +142,7 @@ class TokenExchanger:
         self._log.info(
             "token exchanged", extra=fields(user_id=user, upstream=upstream.name, mode=auth.mode.value)
         )
+        self._audit.record("exchange", "success", user=user, upstream=upstream.name)
         return Credential(
             credential.user_id,
             credential.upstream_key,

@@ -4,6 +4,7 @@ rules, unix socket modes and ownership, and the loopback-unless-TLS rule."""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import stat
 from pathlib import Path
@@ -342,10 +343,15 @@ async def test_caller_config_errors(tmp_path: Path, auth_server: AuthServer) -> 
         build_app(config)
 
 
-async def test_reflection_needs_the_header_over_tcp(broker: Broker) -> None:
+async def test_reflection_needs_no_header_but_a_known_caller(
+    make_broker: BrokerFactory, auth_server: AuthServer
+) -> None:
+    """grpcurl's health check looks the service up by reflection first, without the header."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     request = reflection_pb2.ServerReflectionRequest(list_services="")
+    token = secrets.token_urlsafe(24)
+    broker = await make_broker(callers=[{"name": "web", "token_sha256": token_hash(token)}])
     channel, _ = _raw_stub(broker.app.server.addresses[0])
     async with channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -353,6 +359,8 @@ async def test_reflection_needs_the_header_over_tcp(broker: Broker) -> None:
             async for _ in stub.ServerReflectionInfo(iter([request])):
                 pass
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        answers = [a async for a in stub.ServerReflectionInfo(iter([request]), metadata=[HEADER])]
+        assert error_info(info.value).reason == "CALLER_UNAUTHENTICATED"
+        known = [("x-credential-broker-caller-token", token)]
+        answers = [a async for a in stub.ServerReflectionInfo(iter([request]), metadata=known)]
         names = {s.name for s in answers[0].list_services_response.service}
         assert "credentialbroker.v1.CredentialBroker" in names

@@ -281,3 +281,21 @@ async def test_entra_obo_config_needs_scopes(make_broker: BrokerFactory, auth_se
     doc["auth_broker"]["scopes"] = []
     with pytest.raises(ConfigError, match=r"scopes: required for mode entra_obo"):
         await make_broker(upstreams=[doc])
+
+
+async def test_exchanges_are_audited_without_the_subject_token(
+    xbroker: Broker, auth_server: AuthServer
+) -> None:
+    token = subject(auth_server, "alice")
+    await xbroker.resolve("alice", EXCHANGE, subject_token=token)
+    await xbroker.resolve("alice", EXCHANGE, subject_token=token)  # cached: no second exchange event
+    auth_server.fail_next("503")
+    xbroker.clock.advance(3600)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await xbroker.resolve("alice", EXCHANGE, subject_token=token)
+    events = [e for e in xbroker.extra["audit"].events if e.action == "exchange"]
+    assert [(e.outcome, e.user, e.upstream, e.reason) for e in events] == [
+        ("success", "alice", EXCHANGE, ""),
+        ("failure", "alice", EXCHANGE, "UPSTREAM_UNAVAILABLE"),
+    ]
+    assert token not in "\n".join(e.to_json() for e in xbroker.extra["audit"].events)

@@ -20,8 +20,9 @@ from broker.errors import BrokerError
 from broker.rpc.status import to_status
 
 _GUARDED_PREFIX = "/credentialbroker.v1.CredentialBroker/"
-# Reflection needs the header and a known caller too (it only describes the API, so no RPC
-# rules apply); grpcurl's -H sends the header on reflection calls as well.
+# Reflection needs a known caller when callers are configured, but not the SSRF-guard header:
+# it only describes the API, and `grpcurl ... grpc.health.v1.Health/Check` (which must work
+# without the header, like a probe) looks the health service up through reflection first.
 _REFLECTION_PREFIX = "/grpc.reflection."
 _SAN = "x509_subject_alternative_name"
 
@@ -91,7 +92,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         method = full.rpartition("/")[2]
 
         async def guarded(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            await self._admit(method, None, context, rules=False)
+            await self._admit(method, None, context, rules=False, header=False)
             async for response in inner(request_iterator, context):
                 yield response
 
@@ -102,7 +103,13 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     async def _admit(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext, *, rules: bool = True
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        *,
+        rules: bool = True,
+        header: bool = True,
     ) -> None:
         metadata = {
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
@@ -117,6 +124,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 over_tcp=not context.peer().startswith("unix:"),
                 metadata=metadata,
                 cert_identities=cert_identities(context),
+                needs_header=header,
             )
             caller_name = caller.name
             if rules:
