@@ -13,6 +13,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import KeyringError
+from broker.keys import KeyringFollower
 from broker.logs import get_logger
 from broker.oauth.client import TokenEndpointClient
 from broker.rpc.server import BrokerServer
@@ -53,8 +54,10 @@ def build_app(
 ) -> App:
     """Build every part from the config. Raises KeyringError, StoreError or OSError."""
     logger = logger or get_logger()
-    keyring = (key_source or FileKeySource(config.keyring.file)).load()
-    cipher = EnvelopeCipher(keyring)
+    source = key_source or FileKeySource(config.keyring.file)
+    keyring = source.load()
+    # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
+    cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
     store = SqliteStore(config.store.path)
     try:
         vault = CredentialVault(store, cipher)
