@@ -2,8 +2,9 @@
 
 This is the only place that joins the store (ciphertext) with the cipher (keys): the store never
 sees plaintext, the cipher never sees SQL. Decrypted secrets of recently used credentials are kept
-in a bounded in-memory cache keyed by (user, upstream, generation), so a Resolve of a cached
-credential reads one row and decrypts nothing; any write bumps the generation and so misses.
+in a bounded in-memory cache keyed by (user, upstream) and checked against the row's generation
+and sealed bytes, so a Resolve of a cached credential reads one row and decrypts nothing; any
+write (a refresh, a re-wrap, a tampered byte) misses.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class CredentialVault:
     def __init__(self, store: CredentialStore, cipher: EnvelopeCipher, cache_size: int = 10_000):
         self.store = store
         self._cipher = cipher
-        self._cache: OrderedDict[tuple[str, str], tuple[int, str, Secrets, list[object] | None]] = (
+        self._cache: OrderedDict[tuple[str, str], tuple[int, bytes, Secrets, list[object] | None]] = (
             OrderedDict()
         )
         self._cache_size = cache_size
@@ -69,7 +70,8 @@ class CredentialVault:
         columns must all agree, or the one DecryptionError is raised."""
         key = (row.user_id, row.upstream_key)
         cached = self._cache.get(key)
-        if cached is not None and cached[0] == row.generation and cached[1] == row.kek_id:
+        # A hit needs the very same sealed bytes, so a record changed on disk is opened again.
+        if cached is not None and cached[0] == row.generation and cached[1] == row.sealed:
             self._cache.move_to_end(key)
             secrets, meta = cached[2], cached[3]
         else:
@@ -77,7 +79,7 @@ class CredentialVault:
                 raise DecryptionError()
             plain = self._cipher.open(row.sealed, self._context(_CREDENTIALS, *key))
             secrets, meta = _secrets_from(plain)
-            self._cache[key] = (row.generation, row.kek_id, secrets, meta)
+            self._cache[key] = (row.generation, row.sealed, secrets, meta)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         clear = _meta(row.token_type, row.scopes, row.expires_at, row.obtained_via, row.updated_at)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,11 +21,59 @@ from broker.app import App, build_app
 from broker.clock import ManualClock
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
-from tests.authserver import AuthServer, Client
+from broker.logs import LOGGER_NAME
+from tests import leakcheck
+from tests.authserver import INSTANCES, AuthServer, Client
 
 UPSTREAM = "gh"
 UPSTREAM_URL = "https://api.gh.test"
 REDIRECT_URI = "https://app.test/callback"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leak_capture() -> Iterator[None]:
+    """Capture every broker log record and every error status for the leak check."""
+    import broker.rpc.servicer as servicer
+
+    handler = leakcheck.CaptureHandler()
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    original = servicer.to_status
+
+    def observed(error: Any) -> Any:
+        leakcheck.observe_status(error.message, error.metadata)
+        return original(error)
+
+    servicer.to_status = observed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        servicer.to_status = original  # type: ignore[assignment]
+        logging.getLogger(LOGGER_NAME).removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test when a secret it created shows up in a log, an error or a database file."""
+    leakcheck.reset()
+    dirs = [request.getfixturevalue("tmp_path")] if "tmp_path" in request.fixturenames else []
+    yield
+    minted = [secret for server in list(INSTANCES) for secret in server.issued]
+    leaks = leakcheck.check(dirs, minted)
+    assert not leaks, "secrets leaked: " + "; ".join(sorted(set(leaks)))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    s = leakcheck.stats
+    terminalreporter.write_line(
+        f"leak check: {s['tests']} tests, {s['secrets']} secret checks, {s['texts']} log/error texts, "
+        f"{s['files']} database files ({s['bytes'] // 1024} KiB) searched"
+    )
+    from tests.fuzz_stats import FUZZ_CASES
+
+    if FUZZ_CASES:
+        total = sum(FUZZ_CASES.values())
+        detail = ", ".join(f"{name} {n}" for name, n in sorted(FUZZ_CASES.items()))
+        terminalreporter.write_line(f"fuzz: {total} cases run ({detail})")
 
 
 @pytest.fixture
