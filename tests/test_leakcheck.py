@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from pathlib import Path
 
@@ -28,4 +27,3 @@ def test_leak_check_finds_planted_secrets(tmp_path: Path) -> None:
     assert all(secret not in f for f in found)
     leakcheck.reset()
     db.unlink()
-    logging.getLogger().handlers  # the suite's own check then runs clean
