@@ -143,7 +143,11 @@ class BrokerService:
         validation.code(code)
         user = validation.user_id(user_id)
         # Consumed on first use, whatever happens next.
-        flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        try:
+            flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        except DecryptionError:
+            self._log.error("pending flow failed to decrypt", extra=fields(user_id=user))
+            raise
         if flow is None or flow.expires_at <= self._clock.now():
             raise FlowNotFound("the state is unknown, expired or already used; start a new flow")
         upstream = self._by_key.get(flow.upstream_key)

@@ -69,14 +69,14 @@ class CredentialVault:
         """Open a row: the ciphertext, its key id column and its sealed copy of the clear
         columns must all agree, or the one DecryptionError is raised."""
         key = (row.user_id, row.upstream_key)
+        if key_id_of(row.sealed) != row.kek_id:
+            raise DecryptionError()
         cached = self._cache.get(key)
         # A hit needs the very same sealed bytes, so a record changed on disk is opened again.
         if cached is not None and cached[0] == row.generation and cached[1] == row.sealed:
             self._cache.move_to_end(key)
             secrets, meta = cached[2], cached[3]
         else:
-            if key_id_of(row.sealed) != row.kek_id:
-                raise DecryptionError()
             plain = self._cipher.open(row.sealed, self._context(_CREDENTIALS, *key))
             secrets, meta = _secrets_from(plain)
             self._cache[key] = (row.generation, row.sealed, secrets, meta)
