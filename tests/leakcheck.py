@@ -91,7 +91,7 @@ def check(directories: Iterable[Path], server_secrets: Iterable[str]) -> list[st
         if secret in joined:
             where = next(w for w, t in texts if secret in t)
             found.append(f"{where}: a secret ({_kind(secret)}, {len(secret)} chars)")
-    encoded = [s.encode("latin-1") if not s.isascii() else s.encode() for s in secrets]
+    encoded = {s.encode() for s in secrets} | {s.encode("latin-1") for s in secrets if _latin1(s)}
     files = 0
     size = 0
     for directory in dirs:
@@ -106,6 +106,10 @@ def check(directories: Iterable[Path], server_secrets: Iterable[str]) -> list[st
     stats["files"] += files
     stats["bytes"] += size
     return found
+
+
+def _latin1(text: str) -> bool:
+    return all(ord(c) < 256 for c in text)
 
 
 def _kind(secret: str) -> str:
