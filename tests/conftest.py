@@ -65,8 +65,8 @@ def _leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     s = leakcheck.stats
     terminalreporter.write_line(
-        f"leak check: {s['tests']} tests, {s['secrets']} secret checks, {s['texts']} log/error texts, "
-        f"{s['files']} database files ({s['bytes'] // 1024} KiB) searched"
+        f"leak check: {s['tests']:.0f} tests, {s['secrets']:.0f} secret checks, {s['texts']:.0f} log/error texts, "
+        f"{s['files']:.0f} database files ({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
     )
     from tests.fuzz_stats import FUZZ_CASES
 

@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ _lock = threading.Lock()
 _texts: list[tuple[str, str]] = []
 _secrets: set[str] = set()
 _paths: set[Path] = set()
-stats = {"tests": 0, "secrets": 0, "texts": 0, "files": 0, "bytes": 0}
+stats: dict[str, float] = {"tests": 0, "secrets": 0, "texts": 0, "files": 0, "bytes": 0, "seconds": 0.0}
 
 MIN_SECRET_LENGTH = 8  # shorter values would match by chance
 
@@ -79,6 +80,7 @@ def _keyring_secrets(directory: Path) -> Iterable[str]:
 
 def check(directories: Iterable[Path], server_secrets: Iterable[str]) -> list[str]:
     """Every leak found, as 'where: which kind of secret' (never the secret itself)."""
+    started = time.perf_counter()
     with _lock:
         secrets = {s for s in (*_secrets, *server_secrets) if len(s) >= MIN_SECRET_LENGTH}
         texts = list(_texts)
@@ -105,6 +107,7 @@ def check(directories: Iterable[Path], server_secrets: Iterable[str]) -> list[st
     stats["texts"] += len(texts)
     stats["files"] += files
     stats["bytes"] += size
+    stats["seconds"] += time.perf_counter() - started
     return found
 
 
