@@ -394,8 +394,10 @@ def _token_strings(body: bytes) -> list[str]:
         return []
     if not isinstance(document, dict):
         return []
+    # Only the random, prefixed tokens: a shrunk junk value such as "00000000" would match any
+    # zero-filled database page by chance.
     return [
         v
         for k, v in document.items()
-        if k in ("access_token", "refresh_token") and isinstance(v, str) and len(v) >= 8
+        if k in ("access_token", "refresh_token") and isinstance(v, str) and v.startswith(("at_fz", "rt_fz"))
     ]
