@@ -18,8 +18,9 @@ from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import KeyringError
 from broker.exchange import TokenExchanger
 from broker.identity import IdentityVerifier, UserAuthenticator
+from broker.keys import KeyringFollower
 from broker.logs import get_logger
-from broker.metrics import BrokerMetrics, MeteredTokenClient, TimedStore
+from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
@@ -88,11 +89,13 @@ def build_app(
         configured = sink_from_config(config.audit)
         audit_sinks = [configured] if configured is not None else []
     auditor = Auditor([*audit_sinks, metrics], now=clock.now)
-    keyring = (key_source or FileKeySource(config.keyring.file)).load()
-    cipher = EnvelopeCipher(keyring)
+    source = key_source or FileKeySource(config.keyring.file)
+    keyring = source.load()
+    # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
+    cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
     store = SqliteStore(config.store.path)
     try:
-        vault = CredentialVault(TimedStore(store, metrics), cipher)
+        vault = CredentialVault(timed_store(store, metrics), cipher)
         problem = vault.check_keyring_opens_store(keyring.ids())
         if problem is not None:
             raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {config.store.path})")

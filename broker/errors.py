@@ -27,6 +27,7 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── NotImplementedMode         UNIMPLEMENTED        an auth mode this build cannot run yet
     ├── ConfigError                (start-up only)      names the offending config field
     ├── KeyringError               (start-up only)      missing or unreadable keyring
+    ├── KeyRotationRefused         (CLI only)           a `keys` step that would strand records
     ├── DecryptionError            INTERNAL             one uninformative error for any bad record
     └── StoreError                 UNAVAILABLE          the store could not be read or written
 """
@@ -142,6 +143,12 @@ class ConfigError(BrokerError):
 
 class KeyringError(BrokerError):
     code = "KEYRING_INVALID"
+
+
+class KeyRotationRefused(BrokerError):
+    """A ``keys`` command refused a step that would leave records no key can open."""
+
+    code = "KEY_ROTATION_REFUSED"
 
 
 class DecryptionError(BrokerError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,7 +19,7 @@ from broker.audit import AuditEvent
 from broker.errors import TokenRequestRejected, UpstreamUnavailable
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
-from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow
+from broker.store.base import CredentialStore
 
 PREFIX = "credential_broker"
 
@@ -154,63 +154,32 @@ class MeteredTokenClient(TokenEndpointClient):
 
 
 class TimedStore:
-    """Times every store operation; everything else passes through to the real store."""
+    """Times every store operation (by method name); attributes pass through to the real store.
+
+    Wrappers are made on first use and kept, so later calls cost one closure call."""
 
     def __init__(self, store: CredentialStore, metrics: BrokerMetrics) -> None:
         self._store = store
         self._hist = metrics.store_duration
         self.schema_version = store.schema_version
 
-    def _timed(self, operation: str, call: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        try:
-            return call()
-        finally:
-            self._hist.labels(operation).observe(time.perf_counter() - started)
-
-    def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
-        row: CredentialRow | None = self._timed(
-            "get_credential", lambda: self._store.get_credential(user_id, upstream_key)
-        )
-        return row
-
-    def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
-        result: int | None = self._timed(
-            "save_credential", lambda: self._store.save_credential(row, expected_generation)
-        )
-        return result
-
-    def record_failure(
-        self, user_id: str, upstream_key: str, status: str, error_class: str, generation: int
-    ) -> None:
-        self._timed(
-            "record_failure",
-            lambda: self._store.record_failure(user_id, upstream_key, status, error_class, generation),
-        )
-
-    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
-        return bool(
-            self._timed("delete_credential", lambda: self._store.delete_credential(user_id, upstream_key))
-        )
-
-    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
-        self._timed("add_pending_flow", lambda: self._store.add_pending_flow(row, max_per_user, now))
-
-    def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
-        row: PendingFlowRow | None = self._timed(
-            "take_pending_flow", lambda: self._store.take_pending_flow(state_hash)
-        )
-        return row
-
-    def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
-        return self._store.sample_key_ids(limit)
-
-    def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
-        return self._store.sample_records(kek_id, limit)
-
-    def close(self) -> None:
-        self._store.close()
-
     def __getattr__(self, name: str) -> Any:
-        # Operations added to a backend later still work, untimed.
-        return getattr(self._store, name)
+        attr = getattr(self._store, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+        observe = self._hist.labels(name).observe
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                observe(time.perf_counter() - started)
+
+        setattr(self, name, timed)
+        return timed
+
+
+def timed_store(store: CredentialStore, metrics: BrokerMetrics) -> CredentialStore:
+    """``store`` with every operation timed into ``metrics``."""
+    return cast(CredentialStore, TimedStore(store, metrics))

@@ -7,11 +7,15 @@ Resolve needs runs inline because it takes microseconds and a thread hop would c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from broker import validation
+from broker import lifecycle, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -48,6 +52,9 @@ from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
 from broker.singleflight import SingleFlight
 from broker.vault import CredentialVault
 
+# How often a process that did not get a refresh lease looks for the holder's result.
+_LEASE_POLL_SECONDS = 0.02
+
 
 class BrokerService:
     """Obtains, stores, refreshes and hands out per-user credentials."""
@@ -74,6 +81,9 @@ class BrokerService:
         self._flights: SingleFlight[Credential] = SingleFlight()
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
+        # Who holds a refresh lease, and for how long: one token request plus a margin.
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lease_seconds = config.http.timeout_seconds + 5.0
 
     @property
     def flights(self) -> SingleFlight[Credential]:
@@ -145,7 +155,11 @@ class BrokerService:
         validation.code(code)
         user = validation.user_id(user_id)
         # Consumed on first use, whatever happens next.
-        flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        try:
+            flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        except DecryptionError:
+            self._log.error("pending flow failed to decrypt", extra=fields(user_id=user))
+            raise
         if flow is None or flow.expires_at <= self._clock.now():
             raise FlowNotFound("the state is unknown, expired or already used; start a new flow")
         upstream = self._by_key.get(flow.upstream_key)
@@ -262,18 +276,70 @@ class BrokerService:
         return credential
 
     async def _refresh(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
-        """One refresh_token grant, inside the single flight for (user, upstream).
+        """One refresh_token grant, inside this process's single flight for (user, upstream).
 
         ``window`` None forces the refresh; otherwise a credential that another caller already
-        refreshed (still valid for ``window``) is returned as is."""
-        credential = self._load(user, upstream)
-        if credential is None:
-            raise await self._connect_error(NotConnected, user, upstream)
-        if window is not None and credential.valid_for(self._clock.now(), window):
-            return credential
-        refresh_token = credential.secrets.refresh_token
-        if credential.status is CredentialStatus.NEEDS_REAUTH or not refresh_token:
-            raise await self._connect_error(ReconnectRequired, user, upstream)
+        refreshed (still valid for ``window``) is returned as is. Across processes sharing the
+        store, the refresh lease (claimed by compare-and-swap on the row's generation in one
+        immediate transaction) means a refresh token is presented at most once: a process that
+        does not get the lease waits for the holder's result and uses it."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._lease_seconds + 1.0
+        first_generation: int | None = None
+        raced = False
+        while True:
+            credential = self._load(user, upstream)
+            if credential is None:
+                raise await self._connect_error(NotConnected, user, upstream)
+            now = self._clock.now()
+            if first_generation is None:
+                first_generation = credential.generation
+            elif (
+                window is None
+                and credential.generation != first_generation
+                and credential.status is not CredentialStatus.NEEDS_REAUTH
+            ):
+                return credential  # another process refreshed while this one waited
+            if window is not None and credential.valid_for(now, window):
+                return credential
+            refresh_token = credential.secrets.refresh_token
+            if credential.status is CredentialStatus.NEEDS_REAUTH or not refresh_token:
+                raise await self._connect_error(ReconnectRequired, user, upstream)
+            if (
+                window is not None
+                and credential.next_attempt_at is not None
+                and now < credential.next_attempt_at
+            ):
+                raise UpstreamUnavailable(
+                    "the authorization server failed recently; the broker retries after a backoff"
+                )
+            claimed = await asyncio.to_thread(
+                self._vault.store.claim_refresh,
+                user,
+                upstream.key,
+                credential.generation,
+                self._owner,
+                now,
+                self._lease_seconds,
+            )
+            if claimed:
+                renewed = await self._refresh_claimed(user, upstream, credential, refresh_token)
+                if renewed is not None:
+                    return renewed
+                if raced:
+                    raise await self._connect_error(ReconnectRequired, user, upstream)
+                raced = True  # the refresh token changed under us: go round once with the new one
+                first_generation = None
+                continue
+            if loop.time() > give_up:
+                raise UpstreamUnavailable("another broker process is refreshing this credential; try again")
+            await asyncio.sleep(_LEASE_POLL_SECONDS)
+
+    async def _refresh_claimed(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, refresh_token: str
+    ) -> Credential | None:
+        """Present the refresh token (this process holds the lease). None means the stored
+        refresh token changed meanwhile and the caller should look again."""
         auth = upstream.auth_broker
         form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
         if auth.scopes:
@@ -281,45 +347,66 @@ class BrokerService:
         form += [("resource", r) for r in auth.resources()]
         try:
             token = await self._request(upstream, form, user)
-        except TokenRequestRejected as exc:
-            if exc.oauth_error in ("invalid_grant", "invalid_client"):
-                await asyncio.to_thread(
-                    self._vault.store.record_failure,
-                    user,
-                    upstream.key,
-                    CredentialStatus.NEEDS_REAUTH.value,
-                    exc.oauth_error,
-                    credential.generation,
-                )
-                self._log.warning(
-                    "refresh refused; reconnect required",
-                    extra=fields(user_id=user, upstream=upstream.name, error=exc.oauth_error),
-                )
+        except (TokenRequestRejected, UpstreamUnavailable) as exc:
+            if isinstance(exc, TokenRequestRejected) and exc.oauth_error == "invalid_grant":
+                # A race, not a revocation, when someone stored a new refresh token meanwhile.
+                fresh = self._load(user, upstream)
+                if (
+                    fresh is not None
+                    and fresh.status is not CredentialStatus.NEEDS_REAUTH
+                    and fresh.secrets.refresh_token not in (None, refresh_token)
+                ):
+                    self._log.info(
+                        "refresh token changed during the refresh; using the newer credential",
+                        extra=fields(user_id=user, upstream=upstream.name),
+                    )
+                    return None
+            await self._record_failure(user, upstream, credential, exc)
+            if lifecycle.is_terminal(exc):
                 raise await self._connect_error(ReconnectRequired, user, upstream) from None
             raise
         now = self._clock.now()
         # A response without a refresh token keeps the old one (RFC 6749 section 6); the new
-        # access token and a rotated refresh token are written together, in one row.
+        # access token and a rotated refresh token are written together, in one row, before
+        # either is handed to anyone.
         renewed = self._credential(user, upstream, token, credential.obtained_via, credential, now)
         generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now)
         if generation is None:
-            # Another process refreshed first: use its result.
+            # Someone rewrote the row meanwhile (a reconnect, or a lease that expired): theirs wins.
             winner = self._load(user, upstream)
             if winner is None:
                 raise await self._connect_error(NotConnected, user, upstream)
             return winner
         self._log.info("refreshed", extra=fields(user_id=user, upstream=upstream.name))
-        return Credential(
-            renewed.user_id,
-            renewed.upstream_key,
-            renewed.secrets,
-            renewed.token_type,
-            renewed.scopes,
-            renewed.expires_at,
-            renewed.obtained_via,
-            renewed.updated_at,
-            renewed.status,
-            generation,
+        return dataclasses.replace(renewed, generation=generation, last_refresh_at=now)
+
+    async def _record_failure(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, exc: BrokerError
+    ) -> None:
+        """needs_reauth for a terminal error; otherwise error, one more failure, and a backoff."""
+        kind = lifecycle.error_class(exc)
+        if lifecycle.is_terminal(exc):
+            status, retry_at = CredentialStatus.NEEDS_REAUTH, None
+            self._log.warning(
+                "refresh refused; reconnect required",
+                extra=fields(user_id=user, upstream=upstream.name, error=kind),
+            )
+        else:
+            failures = credential.failure_count + 1
+            status = CredentialStatus.ERROR
+            retry_at = self._clock.now() + lifecycle.backoff_seconds(failures)
+            self._log.warning(
+                "refresh failed; will retry",
+                extra=fields(user_id=user, upstream=upstream.name, error=kind, failures=failures),
+            )
+        await asyncio.to_thread(
+            self._vault.store.record_failure,
+            user,
+            upstream.key,
+            status.value,
+            kind,
+            credential.generation,
+            retry_at,
         )
 
     async def _request(

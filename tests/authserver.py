@@ -31,7 +31,9 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -74,6 +76,7 @@ FAILURE_KINDS = frozenset(
         "oauth_error",
         "bad_error",
         "close",
+        "custom",
     }
 )
 
@@ -83,6 +86,9 @@ HUGE_BODY_BYTES = 2 * 1024 * 1024
 GZIP_BOMB_INFLATED_MIB = 128
 #: Largest request body the server reads; anything bigger is answered with 413.
 MAX_REQUEST_BODY = 1024 * 1024
+
+#: Every AuthServer created in this process, for the suite-wide leak check.
+INSTANCES: weakref.WeakSet[AuthServer] = weakref.WeakSet()
 
 # Form fields whose values are secrets: they are added to AuthServer.issued when received.
 _SECRET_FIELDS = (
@@ -466,6 +472,9 @@ class AuthServer:
         self._requests: list[RecordedRequest] = []
         self._issued: set[str] = set()
         self._revoked: list[tuple[str, str | None]] = []
+        #: Called with each /token request before it is answered (tests use it to act "meanwhile").
+        self.before_token_response: Callable[[RecordedRequest], None] | None = None
+        INSTANCES.add(self)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -832,6 +841,7 @@ class AuthServer:
         state = _param(query, "state")
         if state is not None:
             params["state"] = state
+            self._issued.add(state)  # a state is a secret too (RFC 6749 section 10.12)
         params["iss"] = self.issuer  # RFC 9207 §2, on success and error responses
         return _Response(302, b"", {"Location": _append_query(target, params)})
 
@@ -839,6 +849,9 @@ class AuthServer:
 
     def _token_endpoint(self, request: RecordedRequest) -> _Response:
         """RFC 6749 §3.2 token endpoint, with fault injection first."""
+        hook = self.before_token_response
+        if hook is not None:
+            hook(request)
         with self._lock:
             kind, options = self._failures.pop(0) if self._failures else (None, {})
             request.failure = kind
@@ -878,6 +891,9 @@ class AuthServer:
             return _json_response(int(kind), {"error": error}, headers)
         if kind == "close":
             return _Response(close=True)
+        if kind == "custom":  # exactly the status, body and headers given (fuzzing)
+            headers = dict(options.get("headers", {"Content-Type": "application/json"}))
+            return _Response(int(options.get("status", 200)), bytes(options.get("body", b"")), headers)
         if kind == "junk":
             body = b"<html><body>502 Bad Gateway - upstream said {not json</body></html>"
             headers = {"Content-Type": str(options.get("content_type", "application/json"))}

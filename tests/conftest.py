@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,12 +22,60 @@ from broker.audit import MemorySink
 from broker.clock import ManualClock
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
-from tests.authserver import AuthServer, Client
+from broker.logs import LOGGER_NAME
+from tests import leakcheck
+from tests.authserver import INSTANCES, AuthServer, Client
 from tests.idp import IdentityProvider
 
 UPSTREAM = "gh"
 UPSTREAM_URL = "https://api.gh.test"
 REDIRECT_URI = "https://app.test/callback"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leak_capture() -> Iterator[None]:
+    """Capture every broker log record and every error status for the leak check."""
+    import broker.rpc.servicer as servicer
+
+    handler = leakcheck.CaptureHandler()
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    original = servicer.to_status
+
+    def observed(error: Any) -> Any:
+        leakcheck.observe_status(error.message, error.metadata)
+        return original(error)
+
+    servicer.to_status = observed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        servicer.to_status = original  # type: ignore[assignment]
+        logging.getLogger(LOGGER_NAME).removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test when a secret it created shows up in a log, an error or a database file."""
+    leakcheck.reset()
+    dirs = [request.getfixturevalue("tmp_path")] if "tmp_path" in request.fixturenames else []
+    yield
+    minted = [secret for server in list(INSTANCES) for secret in server.issued]
+    leaks = leakcheck.check(dirs, minted)
+    assert not leaks, "secrets leaked: " + "; ".join(sorted(set(leaks)))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    s = leakcheck.stats
+    terminalreporter.write_line(
+        f"leak check: {s['tests']:.0f} tests, {s['secrets']:.0f} secret checks, {s['texts']:.0f} log/error texts, "
+        f"{s['files']:.0f} database files ({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
+    )
+    from tests.fuzz_stats import FUZZ_CASES
+
+    if FUZZ_CASES:
+        total = sum(FUZZ_CASES.values())
+        detail = ", ".join(f"{name} {n}" for name, n in sorted(FUZZ_CASES.items()))
+        terminalreporter.write_line(f"fuzz: {total} cases run ({detail})")
 
 
 @pytest.fixture
@@ -114,6 +163,14 @@ class RequestHeader(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         metadata = [*(details.metadata or ()), ("x-credential-broker-request", "true")]
         return await continuation(details._replace(metadata=metadata), request)
+
+
+class SyncRequestHeader(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The same for a synchronous channel (use with ``grpc.intercept_channel``)."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("x-credential-broker-request", "true")]
+        return continuation(details._replace(metadata=metadata), request)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.StoreError, grpc.StatusCode.UNAVAILABLE),
     (errors.NotImplementedMode, grpc.StatusCode.UNIMPLEMENTED),
     (errors.DecryptionError, grpc.StatusCode.INTERNAL),
+    (errors.KeyRotationRefused, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 
