@@ -45,6 +45,8 @@ async def main() -> None:
         "store": {"path": str(tmp / "broker.db")},
         "keyring": {"file": str(tmp / "keyring.json")},
         "log": {"level": "error"},
+        # Every Resolve writes an audit event, as in production; to a file so stdout stays quiet.
+        "audit": {"output": "file", "path": str(tmp / "audit.jsonl")},
         "upstreams": [
             {
                 "name": "bench",

@@ -95,7 +95,9 @@ def build_app(
     cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
     store = SqliteStore(config.store.path)
     try:
-        vault = CredentialVault(timed_store(store, metrics), cipher)
+        vault = CredentialVault(
+            timed_store(store, metrics), cipher, read_cache_seconds=config.read_cache_seconds
+        )
         problem = vault.check_keyring_opens_store(keyring.ids())
         if problem is not None:
             raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {config.store.path})")

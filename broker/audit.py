@@ -13,13 +13,12 @@ completed connect flow), ``refresh``, ``exchange``, ``inject`` (Resolve handed o
 from __future__ import annotations
 
 import json
-import logging
-import logging.handlers
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -27,6 +26,7 @@ from broker.callers import current_call
 from broker.config import AuditConfig
 
 MAX_FIELD = 256
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 ACTIONS = frozenset(
     {
@@ -59,11 +59,20 @@ class AuditEvent:
     detail: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        out = asdict(self)
-        out["time"] = _iso(self.time)
-        if not self.detail:
-            del out["detail"]
-        return json.dumps(out, sort_keys=False, separators=(",", ":"))
+        out: dict[str, object] = {
+            "action": self.action,
+            "outcome": self.outcome,
+            "user": self.user,
+            "upstream": self.upstream,
+            "method": self.method,
+            "caller": self.caller,
+            "reason": self.reason,
+            "request_id": self.request_id,
+            "time": _iso(self.time),
+        }
+        if self.detail:
+            out["detail"] = self.detail
+        return _ENCODER.encode(out)
 
 
 class AuditSink(Protocol):
@@ -127,21 +136,49 @@ class JsonLinesSink:
 
 
 class RotatingFileSink:
-    """JSON lines into a file that rotates at ``max_bytes`` keeping ``backup_count`` old files."""
+    """JSON lines appended to a file (mode 0600) that rotates at ``max_bytes``, keeping
+    ``backup_count`` old files (``audit.log.1`` is the newest).
+
+    Each line is one unbuffered ``write`` on an ``O_APPEND`` descriptor: an event is in the file
+    as soon as ``emit`` returns, so a crash of the broker loses none, and the cost stays at one
+    system call (no logging machinery on the hot path)."""
 
     def __init__(self, path: Path, max_bytes: int, backup_count: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
-        )
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._path = path
+        self._max_bytes = max_bytes
+        self._backups = backup_count
+        self._lock = threading.Lock()
+        self._fd = self._open()
+        self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def emit(self, event: AuditEvent) -> None:
-        record = logging.LogRecord("audit", logging.INFO, "", 0, event.to_json(), None, None)
-        self._handler.handle(record)
+        line = (event.to_json() + "\n").encode()
+        with self._lock:
+            if self._size and self._size + len(line) > self._max_bytes:
+                self._rotate()
+            os.write(self._fd, line)
+            self._size += len(line)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        if self._backups > 0:
+            for n in range(self._backups - 1, 0, -1):
+                older = self._path.with_name(f"{self._path.name}.{n}")
+                if older.exists():
+                    os.replace(older, self._path.with_name(f"{self._path.name}.{n + 1}"))
+            os.replace(self._path, self._path.with_name(f"{self._path.name}.1"))
+        else:
+            self._path.unlink(missing_ok=True)
+        self._fd = self._open()
+        self._size = 0
 
     def close(self) -> None:
-        self._handler.close()
+        with self._lock:
+            os.close(self._fd)
 
 
 class MemorySink:
@@ -169,6 +206,15 @@ def _clean(value: str) -> str:
     return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")[:MAX_FIELD]
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def _iso(seconds: float) -> str:
+    """RFC 3339 UTC with milliseconds; the formatted second is reused (one strftime a second)."""
+    global _second_cache
     whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1000):03d}Z"
+    cached_whole, prefix = _second_cache
+    if cached_whole != whole:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second_cache = (whole, prefix)
+    return f"{prefix}.{int((seconds - whole) * 1000):03d}Z"

@@ -275,6 +275,10 @@ class BrokerConfig(_Strict):
     flow_ttl_seconds: int = Field(default=600, ge=30, le=3600)
     max_pending_flows: int = Field(default=5, ge=1, le=100)
     refresh_window_seconds: int = Field(default=60, ge=0, le=3600)
+    # How long Resolve may answer from memory without reading the store again. Any write made
+    # by this process drops the memory at once; this bounds how late a change made by another
+    # process (a replica's Disconnect, a tampered row) is seen. 0 reads the store every time.
+    read_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     upstreams: tuple[UpstreamConfig, ...] = ()
     identity: IdentityConfig | None = None
     policy: PolicyConfig | None = None

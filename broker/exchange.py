@@ -53,7 +53,7 @@ class TokenExchanger:
         """A credential valid for ``window`` seconds if one can be had; one valid for ``floor``
         (the caller's own minimum) when no new exchange is possible."""
         mode = upstream.auth_broker.mode
-        cached = self._load(user, upstream)
+        cached = self._load(user, upstream, recent=True)
         now = self._clock.now()
         if cached is not None and cached.valid_for(now, window):
             return cached
@@ -75,9 +75,9 @@ class TokenExchanger:
                 return cached
             raise
 
-    def _load(self, user: str, upstream: UpstreamConfig) -> Credential | None:
+    def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
-            found = self._vault.get(user, upstream.key)
+            found = self._vault.get(user, upstream.key, recent=recent)
         except DecryptionError:
             self._log.error(
                 "stored credential failed to decrypt; it will be replaced by a new exchange",

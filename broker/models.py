@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 
+@functools.lru_cache(maxsize=4096)
 def upstream_key(name: str, url: str) -> str:
     """The store key of an upstream: ``name + "_" + sha256(name|url)[:16]``.
 

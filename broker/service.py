@@ -235,7 +235,7 @@ class BrokerService:
         if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
             exchanged = await self._exchanger.resolve(user, upstream, subject_token, floor, window)
             return self._resolved(exchanged, upstream)
-        credential = self._load(user, upstream)
+        credential = self._load(user, upstream, recent=True)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream)
         if not credential.valid_for(self._clock.now(), window):
@@ -252,9 +252,9 @@ class BrokerService:
                     raise
         return self._resolved(credential, upstream)
 
-    def _load(self, user: str, upstream: UpstreamConfig) -> Credential | None:
+    def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
-            found = self._vault.get(user, upstream.key)
+            found = self._vault.get(user, upstream.key, recent=recent)
         except DecryptionError:
             self._log.error(
                 "stored credential failed to decrypt",

@@ -10,7 +10,11 @@ write (a refresh, a re-wrap, a tampered byte) misses.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, cast
 
 from broker.crypto.envelope import EnvelopeCipher, RecordContext, key_id_of
 from broker.errors import DecryptionError
@@ -36,12 +40,57 @@ def _meta(
     return [token_type, list(scopes), expires_at, obtained_via, updated_at]
 
 
-class CredentialVault:
-    """Sealed persistence of credentials and pending flows."""
+class _WriteTracking:
+    """The store, with a callback after every call that may write (anything not a known read).
 
-    def __init__(self, store: CredentialStore, cipher: EnvelopeCipher, cache_size: int = 10_000):
-        self.store = store
+    Lets the vault drop remembered reads whenever this process changes the store, whoever
+    (service, connection manager, key rotation) made the change."""
+
+    READS = frozenset(
+        {"get_credential", "sample_key_ids", "sample_records", "sealed_records", "count_credentials", "close"}
+    )
+
+    def __init__(self, store: CredentialStore, on_write: Callable[[], None]) -> None:
+        self._store = store
+        self._on_write = on_write
+        self.schema_version = store.schema_version
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name in self.READS or name.startswith("_") or not callable(attr):
+            return attr
+        on_write = self._on_write
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                on_write()
+
+        setattr(self, name, write)
+        return write
+
+
+class CredentialVault:
+    """Sealed persistence of credentials and pending flows.
+
+    ``read_cache_seconds`` > 0 lets :meth:`get` with ``recent=True`` (the Resolve fast path)
+    answer from memory for that long after a store read, unless this process wrote to the store
+    since; a write by another process is seen at the latest that much later."""
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        cipher: EnvelopeCipher,
+        cache_size: int = 10_000,
+        read_cache_seconds: float = 0.0,
+    ):
+        self.store = cast(CredentialStore, _WriteTracking(store, self._wrote))
         self._cipher = cipher
+        self._read_ttl = read_cache_seconds
+        self._epoch = 0
+        self._epoch_lock = threading.Lock()
+        self._recent: dict[tuple[str, str], tuple[int, float, tuple[Credential, CredentialRow] | None]] = {}
         self._cache: OrderedDict[tuple[str, str], tuple[int, bytes, Secrets, list[object] | None]] = (
             OrderedDict()
         )
@@ -54,16 +103,34 @@ class CredentialVault:
 
     # -- credentials ---------------------------------------------------------------------
 
-    def get(self, user_id: str, upstream_key: str) -> tuple[Credential, CredentialRow] | None:
-        """The stored credential, decrypted. Raises DecryptionError for a record that won't open."""
+    def _wrote(self) -> None:
+        with self._epoch_lock:
+            self._epoch += 1
+            self._recent.clear()
+
+    def get(
+        self, user_id: str, upstream_key: str, *, recent: bool = False
+    ) -> tuple[Credential, CredentialRow] | None:
+        """The stored credential, decrypted. Raises DecryptionError for a record that won't open.
+
+        ``recent``: an answer read within ``read_cache_seconds`` will do (see the class doc)."""
+        key = (user_id, upstream_key)
+        if recent and self._read_ttl > 0:
+            hit = self._recent.get(key)
+            if hit is not None and hit[0] == self._epoch and time.monotonic() - hit[1] < self._read_ttl:
+                return hit[2]
+        epoch, read_at = self._epoch, time.monotonic()  # taken before the read: a write during it wins
         try:
             row = self.store.get_credential(user_id, upstream_key)
-            if row is None:
-                return None
-            return self.open_row(row), row
+            found = None if row is None else (self.open_row(row), row)
         except DecryptionError:
             self.decryption_failures += 1
             raise
+        if self._read_ttl > 0:
+            if len(self._recent) >= self._cache_size:
+                self._recent.clear()
+            self._recent[key] = (epoch, read_at, found)
+        return found
 
     def open_row(self, row: CredentialRow) -> Credential:
         """Open a row: the ciphertext, its key id column and its sealed copy of the clear
@@ -139,6 +206,7 @@ class CredentialVault:
 
     def forget(self, user_id: str, upstream_key: str) -> None:
         self._cache.pop((user_id, upstream_key), None)
+        self._recent.pop((user_id, upstream_key), None)
 
     # -- pending flows -------------------------------------------------------------------
 

@@ -99,6 +99,14 @@ def test_rotating_file_sink_writes_json_lines(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines and lines[-1]["user"] == "user39" and lines[0]["time"] == "1970-01-01T00:00:01.500Z"
     assert (tmp_path / "audit" / "audit.log.1").exists() and not (tmp_path / "audit" / "audit.log.3").exists()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    # Lines are whole across rotations: every event is in exactly one file, in order.
+    users = [
+        json.loads(line)["user"]
+        for name in ("audit.log.2", "audit.log.1", "audit.log")
+        for line in (tmp_path / "audit" / name).read_text().splitlines()
+    ]
+    assert users == [f"user{n}" for n in range(40 - len(users), 40)]
 
 
 async def test_audit_file_output_from_config(make_broker: BrokerFactory, tmp_path: Path) -> None:

@@ -10,13 +10,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import Broker, error_info
+from tests.conftest import Broker, BrokerFactory, error_info
 
 # Columns written with the sealed payload (a sealed copy is checked), the key id column, and the
 # status; user_id/upstream_key are bound through the associated data.
 BOUND = ("token_type", "scopes", "expires_at", "obtained_via", "updated_at", "status", "kek_id")
 # Lifecycle bookkeeping, never secret and not sealed: changing it cannot hand out a token.
 UNBOUND = ("generation", "created_at", "last_refresh_at", "last_error", "failure_count", "next_attempt_at")
+
+
+@pytest.fixture
+async def broker(make_broker: BrokerFactory) -> Broker:
+    """These tests change the database behind the broker's back, as another process would, so
+    the broker reads it on every Resolve (test_read_cache.py covers the default window)."""
+    return await make_broker(read_cache_seconds=0)
 
 
 def _db(broker: Broker) -> sqlite3.Connection:
