@@ -18,7 +18,7 @@ from broker.oauth.client import TokenEndpointClient
 from broker.rpc.server import BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
 from broker.service import BrokerService
-from broker.store import SqliteStore
+from broker.store import CredentialStore, open_store
 from broker.vault import CredentialVault
 
 
@@ -27,7 +27,7 @@ class App:
     """A wired broker: start it, then stop it."""
 
     config: BrokerConfig
-    store: SqliteStore
+    store: CredentialStore
     vault: CredentialVault
     tokens: TokenEndpointClient
     service: BrokerService
@@ -50,17 +50,19 @@ def build_app(
     transport: httpx.AsyncBaseTransport | None = None,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     logger: logging.Logger | None = None,
+    reuse_port: bool = False,
 ) -> App:
     """Build every part from the config. Raises KeyringError, StoreError or OSError."""
     logger = logger or get_logger()
     keyring = (key_source or FileKeySource(config.keyring.file)).load()
     cipher = EnvelopeCipher(keyring)
-    store = SqliteStore(config.store.path)
+    store = open_store(config.store)
     try:
         vault = CredentialVault(store, cipher)
         problem = vault.check_keyring_opens_store(keyring.ids())
         if problem is not None:
-            raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {config.store.path})")
+            where = config.store.path if config.store.backend == "sqlite" else "postgres"
+            raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {where})")
         tokens = TokenEndpointClient(
             timeout=config.http.timeout_seconds,
             max_bytes=config.http.max_response_bytes,
@@ -72,6 +74,7 @@ def build_app(
             config.listen,
             health_listen=config.health_listen,
             extra_handlers=extra_handlers,
+            reuse_port=reuse_port,
         )
     except BaseException:
         store.close()

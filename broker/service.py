@@ -21,6 +21,7 @@ from broker.errors import (
     PermissionDenied,
     ReconnectRequired,
     TokenRequestRejected,
+    StoreError,
     UnknownUpstream,
     UpstreamUnavailable,
 )
@@ -38,6 +39,7 @@ from broker.models import (
 from broker.oauth import rfc6749, rfc7636
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
+from broker.refresh_lock import refresh_lock
 from broker.singleflight import SingleFlight
 from broker.vault import CredentialVault
 
@@ -184,7 +186,7 @@ class BrokerService:
         user = validation.user_id(user_id)
         upstream = self._oauth_connect(upstream_name)
         credential = await self._flights.run(
-            (user, upstream.key), lambda: self._refresh(user, upstream, None)
+            (user, upstream.key), lambda: self._refresh_exclusive(user, upstream, None)
         )
         return self._info(credential, upstream)
 
@@ -210,7 +212,7 @@ class BrokerService:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
             try:
                 credential = await self._flights.run(
-                    (user, upstream.key), lambda: self._refresh(user, upstream, window)
+                    (user, upstream.key), lambda: self._refresh_exclusive(user, upstream, window)
                 )
             except UpstreamUnavailable:
                 # The authorization server is down: a token still valid for what the caller
@@ -231,6 +233,27 @@ class BrokerService:
                 user, upstream.key, Secrets(""), "", (), 0.0, "", 0.0, CredentialStatus.NEEDS_REAUTH
             )
         return None if found is None else found[0]
+
+    async def _refresh_exclusive(
+        self, user: str, upstream: UpstreamConfig, window: int | None
+    ) -> Credential:
+        """``_refresh`` under the store's cross-process lock for (user, upstream).
+
+        Another process refreshing the same credential holds the lock: we wait (bounded), then
+        ``_refresh`` re-reads the row and finds the fresh credential, so the same refresh token is
+        never presented twice. A waiter that times out re-checks for a fresh credential first."""
+        timeout = self._config.store.lock_timeout_seconds
+        async with refresh_lock(self._vault.store, user, upstream.key, timeout) as held:
+            if held:
+                return await self._refresh(user, upstream, window)
+        fresh = self._load(user, upstream)
+        if fresh is not None and window is not None and fresh.valid_for(self._clock.now(), window):
+            return fresh
+        self._log.warning(
+            "timed out waiting for another process's refresh",
+            extra=fields(user_id=user, upstream=upstream.name),
+        )
+        raise StoreError("timed out waiting for another process to refresh this credential; retry")
 
     async def _refresh(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
         """One refresh_token grant, inside the single flight for (user, upstream).

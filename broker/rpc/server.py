@@ -45,10 +45,13 @@ class BrokerServer:
         *,
         health_listen: str | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        reuse_port: bool = False,
     ) -> None:
+        # SO_REUSEPORT only for worker processes sharing a port (serve --workers N); otherwise a
+        # second broker on a taken port must fail to bind rather than silently share it.
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         self._server = grpc.aio.server(options=options)
         self._server.add_generic_rpc_handlers((_handlers(servicer),))

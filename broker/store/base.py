@@ -49,6 +49,12 @@ class PendingFlowRow:
         return f"PendingFlowRow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"
 
 
+class RefreshLock(Protocol):
+    """A held cross-process lock on one credential's refresh; release it exactly once."""
+
+    def release(self) -> None: ...
+
+
 class CredentialStore(Protocol):
     """What the service needs from a backend. Every method is synchronous and atomic."""
 
@@ -78,5 +84,10 @@ class CredentialStore(Protocol):
         """(kek_id, record count) over every sealed record, most used first."""
 
     def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]: ...
+
+    def lock_refresh(self, user_id: str, upstream_key: str, timeout: float) -> RefreshLock | None:
+        """Wait up to ``timeout`` seconds for the exclusive right to refresh (user, upstream)
+        across every process sharing this store; None when the wait timed out. Held while the
+        token request runs, so one refresh token is never presented twice."""
 
     def close(self) -> None: ...

@@ -20,7 +20,8 @@ from typing import Any
 import sqlite_utils
 
 from broker.errors import StoreError
-from broker.store.base import CredentialRow, PendingFlowRow
+from broker.store.base import CredentialRow, PendingFlowRow, RefreshLock
+from broker.store.filelock import FileRefreshLocks
 
 SCHEMA_VERSION = 1
 _BUSY_TIMEOUT_MS = 5000
@@ -141,6 +142,7 @@ class SqliteStore:
             # Create the file 0600 before SQLite opens it; the -wal and -shm files inherit it.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self._migrate()
+            self._refresh_locks = FileRefreshLocks(path.with_name(path.name + ".refresh-lock"))
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {_describe(exc)}") from exc
 
@@ -321,8 +323,13 @@ class SqliteStore:
         ]
         return creds + flows
 
+    def lock_refresh(self, user_id: str, upstream_key: str, timeout: float) -> RefreshLock | None:
+        return self._refresh_locks.acquire(user_id, upstream_key, timeout)
+
     def close(self) -> None:
         with self._lock:
+            if not self._closed:
+                self._refresh_locks.close()
             self._closed = True
             conns, self._all = self._all, []
         for conn in conns:
