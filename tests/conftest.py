@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from broker.clock import ManualClock
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
 from tests.authserver import AuthServer, Client
+from tests.pgcluster import DSN_ENV, PgCluster, fresh_schema, start_cluster
 
 UPSTREAM = "gh"
 UPSTREAM_URL = "https://api.gh.test"
@@ -84,7 +87,32 @@ class Broker:
         return await self.stub.Resolve(pb.ResolveRequest(user_id=user, upstream=upstream, **kw))
 
     def db_bytes(self) -> bytes:
+        if self.app.config.store.backend == "postgres":
+            # Every stored value, text and raw bytea alike, as the database holds it.
+            out = []
+            for table in ("credentials", "pending_flows"):
+                for row in self.query(f"SELECT * FROM {table}"):
+                    out += [v if isinstance(v, bytes) else str(v).encode() for v in row]
+            return b"\x00".join(out)
         return b"".join(p.read_bytes() for p in self.db_path.parent.glob(self.db_path.name + "*"))
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run SQL (``?`` placeholders) straight against the broker's database, either backend."""
+        store = self.app.config.store
+        if store.backend == "postgres":
+            import psycopg
+
+            assert store.dsn is not None
+            with psycopg.connect(store.dsn.get_secret_value(), autocommit=True) as pg:
+                cursor = pg.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                return cursor.fetchall() if cursor.description else []
+        conn = sqlite3.connect(self.db_path)
+        try:
+            rows = conn.execute(sql, params).fetchall()
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
 
 
 def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str, Any]:
@@ -106,10 +134,63 @@ def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str
 BrokerFactory = Callable[..., Awaitable[Broker]]
 
 
+def _pg_unavailable(reason: str) -> None:
+    """In CI (or with a DSN given) a missing PostgreSQL is a failure; locally a skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get(DSN_ENV):
+        pytest.fail(f"PostgreSQL is required here: {reason}")
+    pytest.skip(f"PostgreSQL not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway cluster this test session owns (it may be stopped and restarted)."""
+    cluster, reason = start_cluster()
+    if cluster is None:
+        _pg_unavailable(reason)
+    assert cluster is not None
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn(request: pytest.FixtureRequest) -> str:
+    """The PostgreSQL server for tests: $CREDENTIAL_BROKER_TEST_PG_DSN, else our own cluster."""
+    dsn = os.environ.get(DSN_ENV)
+    if not dsn:
+        return str(request.getfixturevalue("pg_cluster").dsn)
+    import psycopg
+
+    try:
+        psycopg.connect(dsn, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        _pg_unavailable(f"{DSN_ENV} is set but the server does not answer ({type(exc).__name__})")
+    return dsn
+
+
 @pytest.fixture
-async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[BrokerFactory]:
+def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """A DSN for this test alone: its own empty schema on the test server."""
+    with fresh_schema(pg_server_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def store_backend() -> str:
+    """The store the ``make_broker`` brokers use; modules parametrize it to run on both."""
+    return "sqlite"
+
+
+@pytest.fixture
+async def make_broker(
+    tmp_path: Path, auth_server: AuthServer, store_backend: str, request: pytest.FixtureRequest
+) -> AsyncIterator[BrokerFactory]:
     """Build and start brokers; every one is stopped at the end of the test."""
     started: list[Broker] = []
+    store_doc: dict[str, Any] = {"path": str(tmp_path / "data" / "broker.db")}
+    if store_backend == "postgres":
+        store_doc = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")}
     keyring = tmp_path / "keyring.json"
     generate_keyring_file(keyring)
 
@@ -124,7 +205,7 @@ async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[
         client = client or auth_server.new_client(auth_method=auth_method, redirect_uri=REDIRECT_URI)
         document: dict[str, Any] = {
             "listen": ["127.0.0.1:0", f"unix://{tmp_path}/broker.sock"],
-            "store": {"path": str(tmp_path / "data" / "broker.db")},
+            "store": store_doc,
             "keyring": {"file": str(keyring)},
             "upstreams": upstreams if upstreams is not None else [upstream_doc(auth_server, client)],
             **settings,
