@@ -20,8 +20,8 @@ from broker.errors import (
     NotImplementedMode,
     PermissionDenied,
     ReconnectRequired,
-    TokenRequestRejected,
     StoreError,
+    TokenRequestRejected,
     UnknownUpstream,
     UpstreamUnavailable,
 )
@@ -234,9 +234,7 @@ class BrokerService:
             )
         return None if found is None else found[0]
 
-    async def _refresh_exclusive(
-        self, user: str, upstream: UpstreamConfig, window: int | None
-    ) -> Credential:
+    async def _refresh_exclusive(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
         """``_refresh`` under the store's cross-process lock for (user, upstream).
 
         Another process refreshing the same credential holds the lock: we wait (bounded), then

@@ -15,19 +15,21 @@ and exits non-zero, so the supervisor (kubelet, systemd) restarts the whole side
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any
 
 from broker.config import BrokerConfig
 from broker.crypto import generate_keyring_file
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure, fields
 
-Serve = Callable[..., Awaitable[int]]
+Serve = Callable[..., Coroutine[Any, Any, int]]
 _STOP_GRACE_SECONDS = 30.0
 
 
@@ -113,10 +115,8 @@ def serve_workers(config: BrokerConfig, embedded: bool, serve: Serve) -> int:
         nonlocal stopping
         stopping = True
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed = False

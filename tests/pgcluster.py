@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +26,7 @@ def find_bin(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
-    candidates = sorted(
-        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[-3])
-    )
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[-3]))
     return candidates[-1] if candidates else None
 
 
@@ -67,10 +65,8 @@ class PgCluster:
         self._run(self.pg_ctl, "-D", str(self.root / "data"), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with suppress(subprocess.CalledProcessError):
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -91,7 +87,9 @@ def start_cluster() -> tuple[PgCluster | None, str]:
         owner = "postgres"
     cluster = PgCluster(root, _free_port(), pg_ctl, owner)
     try:
-        cluster._run(initdb, "-D", str(root / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        cluster._run(
+            initdb, "-D", str(root / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
+        )
         cluster.start()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         cluster.destroy()

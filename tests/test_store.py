@@ -55,9 +55,7 @@ def _raw(store: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, 
 def _raw_bytes(store: Any) -> bytes:
     """Every byte the backend stores: SQLite's files, or every value in PostgreSQL's tables."""
     if isinstance(store, SqliteStore):
-        return b"".join(
-            p.read_bytes() for p in store.path.parent.iterdir() if p.name.startswith("broker.db")
-        )
+        return b"".join(p.read_bytes() for p in store.path.parent.iterdir() if p.name.startswith("broker.db"))
     out = [
         v if isinstance(v, bytes) else str(v).encode()
         for table in ("credentials", "pending_flows")

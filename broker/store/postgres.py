@@ -345,7 +345,10 @@ class PostgresStore:
 
     def bulk_insert_credentials(self, rows: Sequence[CredentialRow]) -> None:
         """Load many new rows in one transaction with COPY (benchmarks, imports)."""
-        with self._write() as conn, conn.cursor().copy(f"COPY credentials ({_CRED_COLUMNS}) FROM STDIN") as copy:
+        with (
+            self._write() as conn,
+            conn.cursor().copy(f"COPY credentials ({_CRED_COLUMNS}) FROM STDIN") as copy,
+        ):
             for row in rows:
                 copy.write_row(
                     (
@@ -451,4 +454,3 @@ class PostgresStore:
 
     def close(self) -> None:
         self.pool.close()
-
