@@ -35,9 +35,20 @@ def sealed_rows(
         sealed = cipher.seal(payload, RecordContext(schema_version, "credentials", user, upstream_key))
         rows.append(
             CredentialRow(
-                user, upstream_key, "Bearer", ("read",), now + 86400, "connect_flow", "connected", 1,
-                cipher.primary_key_id, sealed, now, now, now,
-            )  # fmt: skip
+                user,
+                upstream_key,
+                "Bearer",
+                ("read",),
+                now + 86400,
+                "connect_flow",
+                "connected",
+                1,
+                cipher.primary_key_id,
+                sealed,
+                now,
+                now,
+                now,
+            )
         )
     return rows
 
@@ -58,11 +69,25 @@ def bulk_load(store: object, cipher: EnvelopeCipher, upstream_key: str, users: i
                     "last_refresh_at, last_error, failure_count) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (r.user_id, r.upstream_key, r.token_type, json.dumps(list(r.scopes)), r.expires_at,
-                         r.obtained_via, r.status, r.generation, r.kek_id, r.sealed, r.created_at,
-                         r.updated_at, r.last_refresh_at, r.last_error, r.failure_count)
+                        (
+                            r.user_id,
+                            r.upstream_key,
+                            r.token_type,
+                            json.dumps(list(r.scopes)),
+                            r.expires_at,
+                            r.obtained_via,
+                            r.status,
+                            r.generation,
+                            r.kek_id,
+                            r.sealed,
+                            r.created_at,
+                            r.updated_at,
+                            r.last_refresh_at,
+                            r.last_error,
+                            r.failure_count,
+                        )
                         for r in rows
-                    ],  # fmt: skip
+                    ],
                 )
             conn.close()
         else:

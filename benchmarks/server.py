@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -80,15 +81,15 @@ async def main() -> None:
         loaded = bulk_load(app.store, app.vault._cipher, key, args.users)
     await app.start()
     print(
-        json.dumps(
-            {"tcp": app.server.addresses[0], "unix": app.server.addresses[1], "load_seconds": loaded}
-        ),
+        json.dumps({"tcp": app.server.addresses[0], "unix": app.server.addresses[1], "load_seconds": loaded}),
         flush=True,
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await app.stop(grace=1)
+    if not args.dir:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,10 +36,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.resolve_vs_empty import HEADER, pct
-from benchmarks.seeding import bulk_load, postgres_dsn
-from broker._proto.credentialbroker.v1 import broker_pb2 as pb
-from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from benchmarks.resolve_vs_empty import HEADER, pct  # noqa: E402 - after the sys.path line
+from benchmarks.seeding import postgres_dsn  # noqa: E402 - after the sys.path line
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb  # noqa: E402 - after the sys.path line
+from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc  # noqa: E402 - after the sys.path line
 
 SERVER = Path(__file__).with_name("server.py")
 
@@ -54,7 +55,9 @@ def bench_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, 
         process.wait(30)
 
 
-async def resolve_latencies(target: str, users: int, seconds: float, callers: int) -> tuple[list[float], float]:
+async def resolve_latencies(
+    target: str, users: int, seconds: float, callers: int
+) -> tuple[list[float], float]:
     """Resolve random users among ``users`` for ``seconds``; latencies and calls/s."""
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
@@ -66,7 +69,9 @@ async def resolve_latencies(target: str, users: int, seconds: float, callers: in
             while time.perf_counter() < deadline:
                 i = rng.randrange(users)
                 t0 = time.perf_counter()
-                answer = await stub.Resolve(pb.ResolveRequest(user_id=f"user-{i}", upstream="bench"), metadata=HEADER)
+                answer = await stub.Resolve(
+                    pb.ResolveRequest(user_id=f"user-{i}", upstream="bench"), metadata=HEADER
+                )
                 latencies.append(time.perf_counter() - t0)
                 assert answer.access_token == f"access-{i}"
 
@@ -93,7 +98,9 @@ def store_size(args: argparse.Namespace) -> bool:
                 lat, _ = asyncio.run(resolve_latencies(info["tcp"], users, args.seconds / 3, 1))
                 samples += lat
             results[users] = pct(samples, 0.5) * 1e6
-            print(f"  {users:>9} credentials: load {info['load_seconds']:.1f}s, Resolve p50 {results[users]:.0f}us")
+            print(
+                f"  {users:>9} credentials: load {info['load_seconds']:.1f}s, Resolve p50 {results[users]:.0f}us"
+            )
     ratio = results[args.large] / results[1000]
     print(f"store-size ({args.backend}): p50 {args.large} / 1000 = {ratio:.2f}  (target <= 1.2)")
     return ratio <= 1.2
@@ -165,7 +172,9 @@ def workers(args: argparse.Namespace) -> bool:
         pass  # seeds tmp/broker.db and tmp/keyring.json
     rates = {}
     for count in (1, 2):
-        config = _serve_config(tmp, _free_port(), {"path": str(tmp / "broker.db")}, "https://as.bench.test/token")
+        config = _serve_config(
+            tmp, _free_port(), {"path": str(tmp / "broker.db")}, "https://as.bench.test/token"
+        )
         with cli_broker(config, count) as target:
             ctx = multiprocessing.get_context("spawn")
             out = ctx.Queue()
@@ -180,6 +189,7 @@ def workers(args: argparse.Namespace) -> bool:
                 c.join()
             rates[count] = total
             print(f"  {count} worker(s): {total:.0f} Resolve calls/s ({args.client_procs} client processes)")
+    shutil.rmtree(tmp, ignore_errors=True)
     ratio = rates[2] / rates[1]
     print(f"workers: calls/s 2 workers / 1 = {ratio:.2f}  (target >= 1.6; {os.cpu_count()} cores, shared)")
     return ratio >= 1.6
@@ -189,11 +199,15 @@ def workers(args: argparse.Namespace) -> bool:
 
 
 async def _storm(targets: list[str], n: int) -> set[str]:
-    channels = [grpc.aio.insecure_channel(t, options=[("grpc.use_local_subchannel_pool", 1)]) for t in targets]
+    channels = [
+        grpc.aio.insecure_channel(t, options=[("grpc.use_local_subchannel_pool", 1)]) for t in targets
+    ]
     try:
         stubs = [pb_grpc.CredentialBrokerStub(c) for c in channels]
         request = pb.ResolveRequest(user_id="alice", upstream="bench")
-        answers = await asyncio.gather(*(stubs[i % len(stubs)].Resolve(request, metadata=HEADER) for i in range(n)))
+        answers = await asyncio.gather(
+            *(stubs[i % len(stubs)].Resolve(request, metadata=HEADER) for i in range(n))
+        )
         return {a.access_token for a in answers}
     finally:
         for c in channels:
@@ -202,9 +216,13 @@ async def _storm(targets: list[str], n: int) -> set[str]:
 
 def _connect_alice(target: str, auth: Any) -> None:
     stub = pb_grpc.CredentialBrokerStub(grpc.insecure_channel(target))
-    started = stub.BuildAuthorizationURL(pb.BuildAuthorizationURLRequest(user_id="alice", upstream="bench"), metadata=HEADER)
+    started = stub.BuildAuthorizationURL(
+        pb.BuildAuthorizationURLRequest(user_id="alice", upstream="bench"), metadata=HEADER
+    )
     callback = auth.authorize(started.authorization_url, "alice")
-    stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"), metadata=HEADER)
+    stub.Complete(
+        pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"), metadata=HEADER
+    )
 
 
 def coalescing(args: argparse.Namespace) -> bool:
@@ -220,7 +238,11 @@ def coalescing(args: argparse.Namespace) -> bool:
             auth.add_client(Client("bench", None, "none", ("https://app.bench.test/cb",)))
             store: dict[str, Any] = {"path": str(tmp / "broker.db")}
             if backend == "postgres":
-                store = {"backend": "postgres", "dsn": stack.enter_context(postgres_dsn(args.dsn)), "pool_size": 8}
+                store = {
+                    "backend": "postgres",
+                    "dsn": stack.enter_context(postgres_dsn(args.dsn)),
+                    "pool_size": 8,
+                }
             targets = []
             for _ in range(processes):
                 config = _serve_config(tmp, _free_port(), store, auth.token_endpoint)
@@ -235,8 +257,11 @@ def coalescing(args: argparse.Namespace) -> bool:
             tokens = asyncio.run(_storm(targets, 1000))
             elapsed = time.perf_counter() - started
             count = len(auth.token_requests("refresh_token")) - before
-            print(f"  {label}: 1000 concurrent Resolves -> {count} token request(s), {len(tokens)} distinct token(s), {elapsed:.2f}s")
+            print(
+                f"  {label}: 1000 concurrent Resolves -> {count} token request(s), {len(tokens)} distinct token(s), {elapsed:.2f}s"
+            )
             ok &= count == 1 and len(tokens) == 1
+            stack.callback(shutil.rmtree, tmp, True)
     print("coalescing: exactly 1 token request" + (" (met)" if ok else " (NOT met)"))
     return ok
 
@@ -265,11 +290,14 @@ def memory(args: argparse.Namespace) -> bool:
             asyncio.run(_resolve_all_range(info["tcp"], done, step))
             done = step
             marks.append((step, _rss_mb(process.pid)))
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"  idle: {idle:.1f} MB")
     for step, rss in marks:
         print(f"  after {step} distinct users resolved: {rss:.1f} MB")
     grown = marks[-1][1] - marks[0][1]
-    print(f"memory: idle {idle:.1f} MB (target < 100); growth from {marks[0][0]} to {marks[-1][0]} users: {grown:+.1f} MB")
+    print(
+        f"memory: idle {idle:.1f} MB (target < 100); growth from {marks[0][0]} to {marks[-1][0]} users: {grown:+.1f} MB"
+    )
     return idle < 100
 
 
@@ -289,12 +317,16 @@ BENCHMARKS = {"store-size": store_size, "workers": workers, "coalescing": coales
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("which", nargs="*", help="any of: " + ", ".join(BENCHMARKS))
     parser.add_argument("--large", type=int, default=1_000_000, help="store-size: the big store")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite", help="store-size")
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: $CREDENTIAL_BROKER_TEST_PG_DSN or a throwaway cluster)")
+    parser.add_argument(
+        "--dsn", help="PostgreSQL DSN (default: $CREDENTIAL_BROKER_TEST_PG_DSN or a throwaway cluster)"
+    )
     parser.add_argument("--client-procs", type=int, default=2, help="workers: load-generating processes")
     parser.add_argument("--memory-users", type=int, default=100_000)
     args = parser.parse_args()
