@@ -9,13 +9,24 @@ from dataclasses import dataclass
 import grpc
 import httpx
 
+from broker.audit import Auditor, AuditSink, sink_from_config
+from broker.callers import CallerPolicy
 from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
+from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import KeyringError
+from broker.exchange import TokenExchanger
+from broker.identity import IdentityVerifier, UserAuthenticator
+from broker.keys import KeyringFollower
 from broker.logs import get_logger
+from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
-from broker.rpc.server import BrokerServer
+from broker.oauth.rfc7009 import RevocationClient
+from broker.oauth.rfc8414 import MetadataCache, apply_discovery
+from broker.policy import PolicyEnforcer, build_policy
+from broker.rpc.interceptors import CallerInterceptor
+from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
 from broker.service import BrokerService
 from broker.store import CredentialStore, open_store
@@ -32,13 +43,26 @@ class App:
     tokens: TokenEndpointClient
     service: BrokerService
     server: BrokerServer
+    exchanger: TokenExchanger | None = None
+    identity: IdentityVerifier | None = None
+    auditor: Auditor | None = None
+    metrics: BrokerMetrics | None = None
+    connections: ConnectionManager | None = None
+    #: The bound metrics address once started (None when metrics are off).
+    metrics_address: str | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.metrics is not None and self.config.metrics.listen is not None:
+            self.metrics_address = self.metrics.serve(self.config.metrics.listen)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
         await self.tokens.aclose()
+        if self.identity is not None:
+            await self.identity.aclose()
         self.store.close()
 
 
@@ -51,32 +75,91 @@ def build_app(
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     logger: logging.Logger | None = None,
     reuse_port: bool = False,
+    audit_sinks: Sequence[AuditSink] | None = None,
 ) -> App:
-    """Build every part from the config. Raises KeyringError, StoreError or OSError."""
+    """Build every part from the config. Raises ConfigError, KeyringError, StoreError or OSError.
+
+    Upstreams that name an ``issuer`` get their missing endpoints from its RFC 8414 metadata
+    here, once, before anything else is built. ``audit_sinks`` replaces the configured sink."""
     logger = logger or get_logger()
-    keyring = (key_source or FileKeySource(config.keyring.file)).load()
-    cipher = EnvelopeCipher(keyring)
+    clock = clock or SystemClock()
+    if any(u.auth_broker.issuer for u in config.upstreams):
+        config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds))
+    metrics = BrokerMetrics()
+    if audit_sinks is None:
+        configured = sink_from_config(config.audit)
+        audit_sinks = [configured] if configured is not None else []
+    auditor = Auditor([*audit_sinks, metrics], now=clock.now)
+    source = key_source or FileKeySource(config.keyring.file)
+    keyring = source.load()
+    # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
+    cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
     store = open_store(config.store)
     try:
-        vault = CredentialVault(store, cipher)
+        vault = CredentialVault(timed_store(store, metrics), cipher)
         problem = vault.check_keyring_opens_store(keyring.ids())
         if problem is not None:
             where = config.store.path if config.store.backend == "sqlite" else "postgres"
             raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {where})")
-        tokens = TokenEndpointClient(
+        endpoints: dict[str, str] = {}
+        for upstream in config.upstreams:
+            if upstream.auth_broker.token_endpoint is not None:
+                endpoints.setdefault(upstream.auth_broker.token_endpoint, upstream.name)
+        tokens = MeteredTokenClient(
+            metrics,
+            endpoints,
             timeout=config.http.timeout_seconds,
             max_bytes=config.http.max_response_bytes,
             transport=transport,
         )
-        service = BrokerService(config, vault, tokens, clock or SystemClock(), logger)
+        exchanger = TokenExchanger(vault, tokens, clock, logger, auditor)
+        policy = PolicyEnforcer(build_policy(config.policy), logger)
+        service = BrokerService(config, vault, tokens, clock, logger, exchanger, policy, auditor)
+        identity = None
+        if config.identity is not None:
+            identity = IdentityVerifier(
+                config.identity,
+                clock,
+                timeout=config.http.timeout_seconds,
+                transport=transport,
+                logger=logger,
+            )
+        connections = ConnectionManager(config, vault, RevocationClient(tokens), clock)
+        metrics.watch_single_flight(lambda: service.flights.coalesced)
+        metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
+        methods = pb_methods()
+        interceptor = CallerInterceptor(CallerPolicy(config, methods), auditor, metrics)
         server = BrokerServer(
-            CredentialBrokerServicer(service, logger),
-            config.listen,
+            CredentialBrokerServicer(
+                service, logger, UserAuthenticator(identity), auditor=auditor, connections=connections
+            ),
+            config.listeners(),
             health_listen=config.health_listen,
             extra_handlers=extra_handlers,
             reuse_port=reuse_port,
+            tls=config.tls,
+            interceptors=(interceptor,),
         )
     except BaseException:
         store.close()
         raise
-    return App(config, store, vault, tokens, service, server)
+    return App(
+        config,
+        store,
+        vault,
+        tokens,
+        service,
+        server,
+        exchanger=exchanger,
+        identity=identity,
+        auditor=auditor,
+        metrics=metrics,
+        connections=connections,
+    )
+
+
+def pb_methods() -> list[str]:
+    """The CredentialBroker RPC names, from the service descriptor."""
+    from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+
+    return [m.name for m in pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rpartition(".")[2]].methods]

@@ -1,4 +1,4 @@
-"""Command line: ``credential-broker serve | keys generate | config check``."""
+"""Command line: ``credential-broker serve | keys generate|add|promote|rewrap|retire|status | config check``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ async def _serve(config: BrokerConfig, embedded: bool, *, reuse_port: bool = Fal
             addresses=",".join(app.server.addresses), upstreams=len(config.upstreams), pid=os.getpid()
         ),
     )
+    if app.metrics_address is not None:
+        log.info("serving metrics", extra=fields(address=f"http://{app.metrics_address}/metrics"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate = keys.add_parser("generate", help="write a new keyring file (mode 0600)")
     generate.add_argument("--output", required=True, help="where to write it; never overwritten")
+    for name, text in (
+        ("add", "add a new non-primary key; prints its id"),
+        ("promote", "make a key the primary (new records are wrapped under it)"),
+        ("rewrap", "re-wrap every record's data key under the primary (payloads untouched)"),
+        ("retire", "remove a key no record uses any more"),
+        ("status", "records per key id"),
+    ):
+        sub = keys.add_parser(name, help=text)
+        sub.add_argument("--config", help="YAML config file (its keyring.file and store.path)")
+        if name in ("promote", "retire"):
+            sub.add_argument("key_id", metavar="ID")
+        if name == "rewrap":
+            sub.add_argument("--batch-size", type=int, default=200)
 
     config = commands.add_parser("config", help="configuration").add_subparsers(
         dest="config_command", required=True
@@ -134,9 +149,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             keyring = generate_keyring_file(Path(args.output))
             print(f"wrote keyring {args.output} with primary key {keyring.primary_id}")
             return 0
+        if args.command == "keys" and args.keys_command != "generate":
+            config, _ = _load(args, env)
+            return _keys(args, config)
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
-            print(f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(config.listen)}")
+            print(
+                f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(entry.address for entry in config.listeners())}"
+            )
             return 0
     except BrokerError as exc:
         print(f"credential-broker: {exc.message}", file=sys.stderr)
@@ -148,6 +168,41 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"credential-broker: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def _keys(args: argparse.Namespace, config: BrokerConfig) -> int:
+    from broker.crypto import FileKeySource
+    from broker.keys import KeyRotation
+    from broker.store import open_store
+
+    store = open_store(config.store)
+    try:
+        rotation = KeyRotation(FileKeySource(config.keyring.file), store)
+        command = args.keys_command
+        if command == "add":
+            print(rotation.add())  # the id alone, for scripts
+        elif command == "promote":
+            rotation.promote(args.key_id)
+            print(f"key {args.key_id} is now the primary; run `keys rewrap` to move existing records")
+        elif command == "rewrap":
+            report = rotation.rewrap(args.batch_size)
+            left = ", ".join(f"{kid}: {n}" for kid, n in sorted(report.remaining.items())) or "none"
+            print(
+                f"re-wrapped {report.rewrapped} record(s) under {report.primary} in {report.batches} "
+                f"batch(es); {report.skipped} rewritten meanwhile, {report.failed} would not open; "
+                f"left under other keys: {left}"
+            )
+            if report.failed:
+                return 1
+        elif command == "retire":
+            rotation.retire(args.key_id)
+            print(f"retired key {args.key_id}")
+        elif command == "status":
+            for kid, state, count in rotation.status():
+                print(f"{kid}\t{state}\t{count}")
+    finally:
+        store.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class AuthBrokerConfig(_Strict):
     """How the credential for one upstream is obtained."""
 
     mode: Mode
-    token_endpoint: str
+    # Optional when ``issuer`` is set: discovered from RFC 8414 metadata at start-up.
+    token_endpoint: str | None = None
     authorization_endpoint: str | None = None
     client_id: str | None = None
     client_secret: SecretStr | None = None
@@ -59,8 +60,16 @@ class AuthBrokerConfig(_Strict):
     redirect_uri: str | None = None
     header: str = "Authorization"
     header_format: str = "Bearer {token}"
+    # RFC 8414 issuer: endpoints not named here are taken from its metadata document.
+    issuer: str | None = None
+    # RFC 7009 revocation endpoint (or discovered from the issuer's metadata).
+    revocation_endpoint: str | None = None
+    # RFC 9207: the callback must carry iss equal to ``issuer`` (or discovered from metadata).
+    authorization_response_iss_parameter_supported: bool | None = None
 
-    @field_validator("token_endpoint", "authorization_endpoint", "redirect_uri")
+    @field_validator(
+        "token_endpoint", "authorization_endpoint", "redirect_uri", "issuer", "revocation_endpoint"
+    )
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None:
@@ -110,7 +119,8 @@ class StoreConfig(_Strict):
     password_file: Path | None = None
     password_env: str | None = None
     pool_size: int = Field(default=10, ge=1, le=200)
-    # How long a refresh waits for another process's refresh of the same credential.
+    # Bound on waiting for another process's refresh lease on the same credential (then the
+    # waiter re-reads once more and fails UNAVAILABLE); also capped by the lease itself.
     lock_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
 
 
@@ -130,12 +140,145 @@ class HttpConfig(_Strict):
     max_response_bytes: int = Field(default=1 << 20, ge=1024, le=16 << 20)
 
 
+# Asymmetric JWS algorithms only (RFC 7518 section 3, RFC 8037): "none" and the HMAC family
+# are refused, so a public key can never be used as an HMAC secret (algorithm confusion).
+JWS_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+class IdentityConfig(_Strict):
+    """How user tokens are verified: when set, every RPC that acts for a user needs one."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    user_claim: str = "sub"
+    leeway_seconds: int = Field(default=60, ge=0, le=600)
+    jwks_min_refetch_seconds: int = Field(default=60, ge=1, le=86400)
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_url(value)
+        return value
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(value):
+            raise ValueError("needs at least one non-empty audience")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one algorithm")
+        for alg in value:
+            if alg not in JWS_ALGORITHMS:
+                raise ValueError(f"{alg!r} is not allowed; choose from {', '.join(JWS_ALGORITHMS)}")
+        return value
+
+    @field_validator("user_claim")
+    @classmethod
+    def _claim(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must name a claim")
+        return value
+
+
+class PolicyRuleConfig(_Strict):
+    """One rule: who (user ids and/or claims of the verified token) may resolve which upstreams."""
+
+    effect: Literal["allow", "deny"] = "allow"
+    upstreams: tuple[str, ...] = ("*",)
+    users: tuple[str, ...] = ("*",)
+    claims: dict[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    reason: str | None = Field(default=None, max_length=256)
+
+
+class PolicyConfig(_Strict):
+    """The Resolve policy: allow-all (no key), a rule list, or an entry-point plug-in."""
+
+    rules: tuple[PolicyRuleConfig, ...] = ()
+    default: Literal["allow", "deny"] = "deny"
+    entry_point: str | None = None
+
+
+class ListenerConfig(_Strict):
+    """One listen address; a plain string in ``listen`` is the same with the defaults."""
+
+    address: str
+    # Octal permission bits for a unix socket, e.g. "0660".
+    socket_mode: str = "0660"
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _socket_mode(cls, value: str) -> str:
+        if not (len(value) in (3, 4) and all(c in "01234567" for c in value)):
+            raise ValueError("must be octal permission bits such as 0660")
+        return value
+
+    @property
+    def mode(self) -> int:
+        return int(self.socket_mode, 8)
+
+    @property
+    def is_unix(self) -> bool:
+        return self.address.startswith("unix://")
+
+
+class TlsConfig(_Strict):
+    """TLS for TCP listeners; with ``client_ca_file`` callers must present a certificate (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class CallerConfig(_Strict):
+    """A named caller and what it may do. Identified by a token (sent as ``authorization:
+    Bearer <token>`` and stored here only as its SHA-256) and/or a client-certificate identity
+    (a SAN URI such as a SPIFFE ID, or a SAN DNS name)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    cert_identities: tuple[str, ...] = ()
+    # Upstream names, or "*" for every upstream.
+    upstreams: tuple[str, ...] = ("*",)
+    # RPC names (e.g. "Resolve"), or "*" for every RPC.
+    methods: tuple[str, ...] = ("*",)
+
+
+class AuditConfig(_Strict):
+    """The JSON-lines audit stream."""
+
+    output: Literal["stdout", "file", "none"] = "stdout"
+    path: Path | None = None
+    max_bytes: int = Field(default=50 << 20, ge=1024)
+    backup_count: int = Field(default=5, ge=0, le=100)
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint, off unless ``listen`` is set (host:port, served at /metrics)."""
+
+    listen: str | None = None
+
+
 class BrokerConfig(_Strict):
     """The whole configuration document."""
 
-    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    listen: tuple[str | ListenerConfig, ...] = (DEFAULT_LISTEN,)
     health_listen: str | None = None
     workers: int = Field(default=1, ge=1, le=64)
+    tls: TlsConfig | None = None
+    # The SSRF guard header x-credential-broker-request: true, required on "tcp" listeners
+    # (the default), on every listener ("always") or never. Never for the health service.
+    require_request_header: Literal["tcp", "always", "never"] = "tcp"
+    callers: tuple[CallerConfig, ...] = ()
+    audit: AuditConfig = AuditConfig()
+    metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
     keyring: KeyringConfig
     log: LogConfig = LogConfig()
@@ -144,15 +287,21 @@ class BrokerConfig(_Strict):
     max_pending_flows: int = Field(default=5, ge=1, le=100)
     refresh_window_seconds: int = Field(default=60, ge=0, le=3600)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    identity: IdentityConfig | None = None
+    policy: PolicyConfig | None = None
 
     @field_validator("listen")
     @classmethod
-    def _listen(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _listen(cls, value: tuple[str | ListenerConfig, ...]) -> tuple[str | ListenerConfig, ...]:
         if not value:
             raise ValueError("needs at least one address")
-        for address in value:
-            check_listen_address(address)
+        for entry in value:
+            check_listen_address(entry if isinstance(entry, str) else entry.address)
         return value
+
+    def listeners(self) -> tuple[ListenerConfig, ...]:
+        """``listen`` with plain strings turned into ListenerConfig defaults."""
+        return tuple(ListenerConfig(address=e) if isinstance(e, str) else e for e in self.listen)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -172,10 +321,21 @@ def check_listen_address(address: str) -> None:
         raise ValueError(f"{address!r}: expected host:port or unix:///path")
 
 
+def listen_host(address: str) -> str | None:
+    """The host of a ``host:port`` address (brackets dropped); None for a unix address."""
+    if address.startswith("unix://"):
+        return None
+    return address.rpartition(":")[0].strip("[]")
+
+
 def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else value
+
+
+def is_loopback(host: str) -> bool:
+    return _is_loopback(host)
 
 
 def _is_loopback(host: str) -> bool:
@@ -185,6 +345,11 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_endpoint_url(value: str) -> None:
+    """An endpoint URL rule shared with discovery: https, or http on loopback; no fragment."""
+    _check_url(value)
 
 
 def _check_url(value: str) -> None:
@@ -207,9 +372,13 @@ def _loc(parts: Sequence[int | str]) -> str:
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
+        if e["type"] == "string_type" and isinstance(e["input"], dict):
+            continue  # the str branch of a "string or mapping" union: the mapping branch explains
         # Literal/enum unions put the member name in loc; keep the field path only.
         loc = [
-            p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple[", "str")))
+            p
+            for p in e["loc"]
+            if not (isinstance(p, str) and p.startswith(("function-", "tuple[", "str", "ListenerConfig")))
         ]
         text = "required" if e["type"] == "missing" else str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
@@ -301,12 +470,20 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
     where = f"upstreams[{index}].auth_broker"
     auth = upstream.auth_broker
     needs_secret = auth.token_endpoint_auth_method is not ClientAuthMethod.NONE
+    if auth.token_endpoint is None and auth.issuer is None:
+        raise ConfigError(f"{where}.token_endpoint: required (or set issuer to discover it)")
     if auth.mode is Mode.OAUTH_CONNECT:
         for key in ("authorization_endpoint", "client_id", "redirect_uri"):
+            if key == "authorization_endpoint" and auth.issuer is not None:
+                continue  # discovered
             if not getattr(auth, key):
                 raise ConfigError(f"{where}.{key}: required for mode oauth_connect")
     if auth.client_id is None and auth.mode is not Mode.OAUTH_CONNECT and needs_secret:
         raise ConfigError(f"{where}.client_id: required with {auth.token_endpoint_auth_method.value}")
+    if auth.mode is Mode.ENTRA_OBO and not auth.scopes:
+        raise ConfigError(
+            f"{where}.scopes: required for mode entra_obo (e.g. https://graph.microsoft.com/.default)"
+        )
     if needs_secret and auth.client_secret is None:
         raise ConfigError(
             f"{where}.client_secret: required with token_endpoint_auth_method "
@@ -335,13 +512,66 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         return path if path.is_absolute() else base_dir / path
 
     store = _resolve_store(config.store, environ, base_dir)
+    _check_operations(config)
+    tls = config.tls
+    if tls is not None:
+        tls = tls.model_copy(
+            update={
+                "cert_file": rooted(tls.cert_file),
+                "key_file": rooted(tls.key_file),
+                "client_ca_file": rooted(tls.client_ca_file) if tls.client_ca_file else None,
+            }
+        )
+    audit = config.audit
+    if audit.path is not None:
+        audit = audit.model_copy(update={"path": rooted(audit.path)})
     return config.model_copy(
         update={
+            "tls": tls,
+            "audit": audit,
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
             "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
         }
     )
+
+
+def _check_operations(config: BrokerConfig) -> None:
+    """Listener, caller, audit and metrics rules that span several fields."""
+    for index, listener in enumerate(config.listeners()):
+        host = listen_host(listener.address)
+        if host is not None and not _is_loopback(host) and config.tls is None:
+            raise ConfigError(
+                f"listen[{index}]: {listener.address!r} is not a loopback address; "
+                "set tls to listen on it (or use a unix socket)"
+            )
+    if config.health_listen is not None:
+        check_listen_address_or_error("health_listen", config.health_listen)
+    if config.metrics.listen is not None:
+        check_listen_address_or_error("metrics.listen", config.metrics.listen)
+        if config.metrics.listen.startswith("unix://"):
+            raise ConfigError("metrics.listen: must be host:port")
+    if config.audit.output == "file" and config.audit.path is None:
+        raise ConfigError("audit.path: required with output file")
+    names: set[str] = set()
+    for index, caller in enumerate(config.callers):
+        if caller.name in names:
+            raise ConfigError(f"callers[{index}].name: duplicate caller {caller.name!r}")
+        names.add(caller.name)
+        if caller.token_sha256 is None and not caller.cert_identities:
+            raise ConfigError(f"callers[{index}]: set token_sha256 or cert_identities")
+        if caller.cert_identities and (config.tls is None or config.tls.client_ca_file is None):
+            raise ConfigError(f"callers[{index}].cert_identities: needs tls.client_ca_file (mutual TLS)")
+        for upstream in caller.upstreams:
+            if upstream != "*" and config.upstream(upstream) is None:
+                raise ConfigError(f"callers[{index}].upstreams: {upstream!r} is not a configured upstream")
+
+
+def check_listen_address_or_error(where: str, address: str) -> None:
+    try:
+        check_listen_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_config_file(path: Path, *, environ: Mapping[str, str]) -> BrokerConfig:

@@ -6,8 +6,16 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
 
     BrokerError
     ├── InvalidArgument            INVALID_ARGUMENT     a field is malformed or too large
+    │   └── IssuerMismatch             the callback's iss is missing or not the issuer (RFC 9207)
     ├── Unauthenticated            UNAUTHENTICATED      no user id (or, later, no valid user token)
+    │   ├── SubjectTokenRequired       an exchange upstream with no subject token and no usable credential
+    │   ├── UserTokenInvalid           the user's token failed verification (reason in metadata)
+    │   ├── MissingRequestHeader       no x-credential-broker-request: true (SSRF guard)
+    │   └── CallerUnauthenticated      no or wrong caller token / certificate
     ├── PermissionDenied           PERMISSION_DENIED    the caller may not act for that user
+    │   ├── UserMismatch               user_id names someone other than the verified token's user
+    │   ├── PolicyDenied               the Resolve policy refused (the rule's reason)
+    │   └── CallerNotPermitted         the caller's rules exclude this RPC or upstream
     ├── UnknownUpstream            NOT_FOUND            no upstream of that name is configured
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
@@ -15,9 +23,11 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     │   └── ReconnectRequired          the stored credential can no longer be refreshed
     ├── TokenRequestRejected       FAILED_PRECONDITION  the token endpoint refused (4xx)
     ├── UpstreamUnavailable        UNAVAILABLE          unreachable, timed out, 5xx, or junk answer
+    │   └── IdentityProviderUnavailable  the JWKS or discovery document could not be fetched
     ├── NotImplementedMode         UNIMPLEMENTED        an auth mode this build cannot run yet
     ├── ConfigError                (start-up only)      names the offending config field
     ├── KeyringError               (start-up only)      missing or unreadable keyring
+    ├── KeyRotationRefused         (CLI only)           a `keys` step that would strand records
     ├── DecryptionError            INTERNAL             one uninformative error for any bad record
     └── StoreError                 UNAVAILABLE          the store could not be read or written
 """
@@ -46,8 +56,30 @@ class Unauthenticated(BrokerError):
     code = "UNAUTHENTICATED"
 
 
+class SubjectTokenRequired(Unauthenticated):
+    code = "SUBJECT_TOKEN_REQUIRED"
+
+
+class UserTokenInvalid(Unauthenticated):
+    """The user's token did not verify. ``problem`` is a short stable word; never the token."""
+
+    code = "USER_TOKEN_INVALID"
+
+    def __init__(self, problem: str, message: str) -> None:
+        super().__init__(f"the user token is not valid: {message}", metadata={"problem": problem})
+        self.problem = problem
+
+
 class PermissionDenied(BrokerError):
     code = "PERMISSION_DENIED"
+
+
+class UserMismatch(PermissionDenied):
+    code = "USER_MISMATCH"
+
+
+class PolicyDenied(PermissionDenied):
+    code = "POLICY_DENIED"
 
 
 class UnknownUpstream(BrokerError):
@@ -97,6 +129,10 @@ class UpstreamUnavailable(BrokerError):
     code = "UPSTREAM_UNAVAILABLE"
 
 
+class IdentityProviderUnavailable(UpstreamUnavailable):
+    code = "IDENTITY_PROVIDER_UNAVAILABLE"
+
+
 class NotImplementedMode(BrokerError):
     code = "MODE_NOT_IMPLEMENTED"
 
@@ -107,6 +143,12 @@ class ConfigError(BrokerError):
 
 class KeyringError(BrokerError):
     code = "KEYRING_INVALID"
+
+
+class KeyRotationRefused(BrokerError):
+    """A ``keys`` command refused a step that would leave records no key can open."""
+
+    code = "KEY_ROTATION_REFUSED"
 
 
 class DecryptionError(BrokerError):
@@ -120,3 +162,19 @@ class DecryptionError(BrokerError):
 
 class StoreError(BrokerError):
     code = "STORE_UNAVAILABLE"
+
+
+class IssuerMismatch(InvalidArgument):
+    code = "ISSUER_MISMATCH"
+
+
+class MissingRequestHeader(Unauthenticated):
+    code = "MISSING_REQUEST_HEADER"
+
+
+class CallerUnauthenticated(Unauthenticated):
+    code = "CALLER_UNAUTHENTICATED"
+
+
+class CallerNotPermitted(PermissionDenied):
+    code = "CALLER_NOT_PERMITTED"

@@ -56,6 +56,11 @@ class Credential:
     updated_at: float
     status: CredentialStatus = CredentialStatus.CONNECTED
     generation: int = 0
+    # Lifecycle (clear metadata, never secret): see docs/data-safety.md.
+    last_refresh_at: float | None = None
+    last_error: str | None = None
+    failure_count: int = 0
+    next_attempt_at: float | None = None
 
     def valid_for(self, now: float, seconds: float) -> bool:
         """True when the access token is usable and stays so for ``seconds`` more."""

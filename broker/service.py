@@ -7,24 +7,33 @@ Resolve needs runs inline because it takes microseconds and a thread hop would c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Sequence
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from broker import validation
+from broker import lifecycle, validation
+from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
 from broker.errors import (
+    BrokerError,
     DecryptionError,
     FlowNotFound,
+    InvalidArgument,
+    IssuerMismatch,
     NotConnected,
     NotImplementedMode,
     PermissionDenied,
     ReconnectRequired,
-    StoreError,
     TokenRequestRejected,
     UnknownUpstream,
     UpstreamUnavailable,
 )
+from broker.exchange import TokenExchanger
 from broker.logs import fields, get_logger
 from broker.models import (
     AuthorizationRequest,
@@ -39,9 +48,12 @@ from broker.models import (
 from broker.oauth import rfc6749, rfc7636
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
-from broker.refresh_lock import refresh_lock
+from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
 from broker.singleflight import SingleFlight
 from broker.vault import CredentialVault
+
+# How often a process that did not get a refresh lease looks for the holder's result.
+_LEASE_POLL_SECONDS = 0.02
 
 
 class BrokerService:
@@ -54,7 +66,11 @@ class BrokerService:
         tokens: TokenEndpointClient,
         clock: Clock,
         logger: logging.Logger | None = None,
+        exchanger: TokenExchanger | None = None,
+        policy: PolicyEnforcer | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
+        self._audit = auditor or Auditor()
         self._config = config
         self._vault = vault
         self._tokens = tokens
@@ -63,6 +79,11 @@ class BrokerService:
         self._by_name = {u.name: u for u in config.upstreams}
         self._by_key = {u.key: u for u in config.upstreams}
         self._flights: SingleFlight[Credential] = SingleFlight()
+        self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
+        self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
+        # Who holds a refresh lease, and for how long: one token request plus a margin.
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lease_seconds = config.http.timeout_seconds + 5.0
 
     @property
     def flights(self) -> SingleFlight[Credential]:
@@ -128,13 +149,17 @@ class BrokerService:
         self._log.info("connect flow started", extra=fields(user_id=user, upstream=upstream.name))
         return AuthorizationRequest(url, state, flow.expires_at)
 
-    async def complete(self, state: str, code: str, user_id: str) -> CredentialInfo:
+    async def complete(self, state: str, code: str, user_id: str, iss: str = "") -> CredentialInfo:
         """Finish a connect flow: check the state and the user, exchange the code, store."""
         validation.state(state)
         validation.code(code)
         user = validation.user_id(user_id)
         # Consumed on first use, whatever happens next.
-        flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        try:
+            flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        except DecryptionError:
+            self._log.error("pending flow failed to decrypt", extra=fields(user_id=user))
+            raise
         if flow is None or flow.expires_at <= self._clock.now():
             raise FlowNotFound("the state is unknown, expired or already used; start a new flow")
         upstream = self._by_key.get(flow.upstream_key)
@@ -146,6 +171,7 @@ class BrokerService:
                 extra=fields(user_id=user, upstream=upstream.name),
             )
             raise PermissionDenied("this connect flow was started by a different user")
+        check_iss(upstream, iss)
         auth = upstream.auth_broker
         assert auth.redirect_uri is not None
         form = [
@@ -186,24 +212,29 @@ class BrokerService:
         user = validation.user_id(user_id)
         upstream = self._oauth_connect(upstream_name)
         credential = await self._flights.run(
-            (user, upstream.key), lambda: self._refresh_exclusive(user, upstream, None)
+            (user, upstream.key), lambda: self._refresh(user, upstream, None)
         )
         return self._info(credential, upstream)
 
     async def resolve(
-        self, user_id: str, upstream_name: str, subject_token: str, min_valid_seconds: int
+        self,
+        user_id: str,
+        upstream_name: str,
+        subject_token: str,
+        min_valid_seconds: int,
+        claims: Mapping[str, Any] | None = None,
     ) -> ResolvedCredential:
-        """A valid access token for (user, upstream), refreshed first when it is about to expire."""
+        """A valid access token for (user, upstream), refreshed (or exchanged) first when it is
+        about to expire, once the policy allowed it. ``claims``: the verified user token's."""
         user = validation.user_id(user_id)
         upstream = self._upstream(upstream_name)
         validation.subject_token(subject_token)
         floor = validation.min_valid_seconds(min_valid_seconds)
         window = max(self._config.refresh_window_seconds, floor)
+        await self._policy.check(PolicyRequest(user, upstream.name, upstream.auth_broker.mode.value, claims))
         if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
-            raise NotImplementedMode(
-                f"upstream {upstream.name!r} uses mode {upstream.auth_broker.mode.value}, "
-                "which this version does not implement yet"
-            )
+            exchanged = await self._exchanger.resolve(user, upstream, subject_token, floor, window)
+            return self._resolved(exchanged, upstream)
         credential = self._load(user, upstream)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream)
@@ -212,7 +243,7 @@ class BrokerService:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
             try:
                 credential = await self._flights.run(
-                    (user, upstream.key), lambda: self._refresh_exclusive(user, upstream, window)
+                    (user, upstream.key), lambda: self._audited_refresh(user, upstream, window)
                 )
             except UpstreamUnavailable:
                 # The authorization server is down: a token still valid for what the caller
@@ -234,38 +265,87 @@ class BrokerService:
             )
         return None if found is None else found[0]
 
-    async def _refresh_exclusive(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
-        """``_refresh`` under the store's cross-process lock for (user, upstream).
-
-        Another process refreshing the same credential holds the lock: we wait (bounded), then
-        ``_refresh`` re-reads the row and finds the fresh credential, so the same refresh token is
-        never presented twice. A waiter that times out re-checks for a fresh credential first."""
-        timeout = self._config.store.lock_timeout_seconds
-        async with refresh_lock(self._vault.store, user, upstream.key, timeout) as held:
-            if held:
-                return await self._refresh(user, upstream, window)
-        fresh = self._load(user, upstream)
-        if fresh is not None and window is not None and fresh.valid_for(self._clock.now(), window):
-            return fresh
-        self._log.warning(
-            "timed out waiting for another process's refresh",
-            extra=fields(user_id=user, upstream=upstream.name),
-        )
-        raise StoreError("timed out waiting for another process to refresh this credential; retry")
+    async def _audited_refresh(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
+        """A refresh that Resolve started on its own: audited once per grant, not per caller."""
+        try:
+            credential = await self._refresh(user, upstream, window)
+        except BrokerError as exc:
+            self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
+            raise
+        self._audit.record("refresh", "success", user=user, upstream=upstream.name)
+        return credential
 
     async def _refresh(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
-        """One refresh_token grant, inside the single flight for (user, upstream).
+        """One refresh_token grant, inside this process's single flight for (user, upstream).
 
         ``window`` None forces the refresh; otherwise a credential that another caller already
-        refreshed (still valid for ``window``) is returned as is."""
-        credential = self._load(user, upstream)
-        if credential is None:
-            raise await self._connect_error(NotConnected, user, upstream)
-        if window is not None and credential.valid_for(self._clock.now(), window):
-            return credential
-        refresh_token = credential.secrets.refresh_token
-        if credential.status is CredentialStatus.NEEDS_REAUTH or not refresh_token:
-            raise await self._connect_error(ReconnectRequired, user, upstream)
+        refreshed (still valid for ``window``) is returned as is. Across processes sharing the
+        store, the refresh lease (claimed by compare-and-swap on the row's generation in one
+        immediate transaction) means a refresh token is presented at most once: a process that
+        does not get the lease waits for the holder's result and uses it."""
+        loop = asyncio.get_running_loop()
+        # The wait for another process's lease is bounded (store.lock_timeout_seconds); every poll
+        # re-reads the row, so a waiter that gives up has just re-checked for a fresh credential.
+        give_up = loop.time() + min(self._lease_seconds + 1.0, self._config.store.lock_timeout_seconds)
+        first_generation: int | None = None
+        raced = False
+        while True:
+            credential = self._load(user, upstream)
+            if credential is None:
+                raise await self._connect_error(NotConnected, user, upstream)
+            now = self._clock.now()
+            if first_generation is None:
+                first_generation = credential.generation
+            elif (
+                window is None
+                and credential.generation != first_generation
+                and credential.status is not CredentialStatus.NEEDS_REAUTH
+            ):
+                return credential  # another process refreshed while this one waited
+            if window is not None and credential.valid_for(now, window):
+                return credential
+            refresh_token = credential.secrets.refresh_token
+            if credential.status is CredentialStatus.NEEDS_REAUTH or not refresh_token:
+                raise await self._connect_error(ReconnectRequired, user, upstream)
+            if (
+                window is not None
+                and credential.next_attempt_at is not None
+                and now < credential.next_attempt_at
+            ):
+                raise UpstreamUnavailable(
+                    "the authorization server failed recently; the broker retries after a backoff"
+                )
+            claimed = await asyncio.to_thread(
+                self._vault.store.claim_refresh,
+                user,
+                upstream.key,
+                credential.generation,
+                self._owner,
+                now,
+                self._lease_seconds,
+            )
+            if claimed:
+                renewed = await self._refresh_claimed(user, upstream, credential, refresh_token)
+                if renewed is not None:
+                    return renewed
+                if raced:
+                    raise await self._connect_error(ReconnectRequired, user, upstream)
+                raced = True  # the refresh token changed under us: go round once with the new one
+                first_generation = None
+                continue
+            if loop.time() > give_up:
+                self._log.warning(
+                    "timed out waiting for another process's refresh",
+                    extra=fields(user_id=user, upstream=upstream.name),
+                )
+                raise UpstreamUnavailable("another broker process is refreshing this credential; try again")
+            await asyncio.sleep(_LEASE_POLL_SECONDS)
+
+    async def _refresh_claimed(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, refresh_token: str
+    ) -> Credential | None:
+        """Present the refresh token (this process holds the lease). None means the stored
+        refresh token changed meanwhile and the caller should look again."""
         auth = upstream.auth_broker
         form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
         if auth.scopes:
@@ -273,54 +353,75 @@ class BrokerService:
         form += [("resource", r) for r in auth.resources()]
         try:
             token = await self._request(upstream, form, user)
-        except TokenRequestRejected as exc:
-            if exc.oauth_error in ("invalid_grant", "invalid_client"):
-                await asyncio.to_thread(
-                    self._vault.store.record_failure,
-                    user,
-                    upstream.key,
-                    CredentialStatus.NEEDS_REAUTH.value,
-                    exc.oauth_error,
-                    credential.generation,
-                )
-                self._log.warning(
-                    "refresh refused; reconnect required",
-                    extra=fields(user_id=user, upstream=upstream.name, error=exc.oauth_error),
-                )
+        except (TokenRequestRejected, UpstreamUnavailable) as exc:
+            if isinstance(exc, TokenRequestRejected) and exc.oauth_error == "invalid_grant":
+                # A race, not a revocation, when someone stored a new refresh token meanwhile.
+                fresh = self._load(user, upstream)
+                if (
+                    fresh is not None
+                    and fresh.status is not CredentialStatus.NEEDS_REAUTH
+                    and fresh.secrets.refresh_token not in (None, refresh_token)
+                ):
+                    self._log.info(
+                        "refresh token changed during the refresh; using the newer credential",
+                        extra=fields(user_id=user, upstream=upstream.name),
+                    )
+                    return None
+            await self._record_failure(user, upstream, credential, exc)
+            if lifecycle.is_terminal(exc):
                 raise await self._connect_error(ReconnectRequired, user, upstream) from None
             raise
         now = self._clock.now()
         # A response without a refresh token keeps the old one (RFC 6749 section 6); the new
-        # access token and a rotated refresh token are written together, in one row.
+        # access token and a rotated refresh token are written together, in one row, before
+        # either is handed to anyone.
         renewed = self._credential(user, upstream, token, credential.obtained_via, credential, now)
         generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now)
         if generation is None:
-            # Another process refreshed first: use its result.
+            # Someone rewrote the row meanwhile (a reconnect, or a lease that expired): theirs wins.
             winner = self._load(user, upstream)
             if winner is None:
                 raise await self._connect_error(NotConnected, user, upstream)
             return winner
         self._log.info("refreshed", extra=fields(user_id=user, upstream=upstream.name))
-        return Credential(
-            renewed.user_id,
-            renewed.upstream_key,
-            renewed.secrets,
-            renewed.token_type,
-            renewed.scopes,
-            renewed.expires_at,
-            renewed.obtained_via,
-            renewed.updated_at,
-            renewed.status,
-            generation,
+        return dataclasses.replace(renewed, generation=generation, last_refresh_at=now)
+
+    async def _record_failure(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, exc: BrokerError
+    ) -> None:
+        """needs_reauth for a terminal error; otherwise error, one more failure, and a backoff."""
+        kind = lifecycle.error_class(exc)
+        if lifecycle.is_terminal(exc):
+            status, retry_at = CredentialStatus.NEEDS_REAUTH, None
+            self._log.warning(
+                "refresh refused; reconnect required",
+                extra=fields(user_id=user, upstream=upstream.name, error=kind),
+            )
+        else:
+            failures = credential.failure_count + 1
+            status = CredentialStatus.ERROR
+            retry_at = self._clock.now() + lifecycle.backoff_seconds(failures)
+            self._log.warning(
+                "refresh failed; will retry",
+                extra=fields(user_id=user, upstream=upstream.name, error=kind, failures=failures),
+            )
+        await asyncio.to_thread(
+            self._vault.store.record_failure,
+            user,
+            upstream.key,
+            status.value,
+            kind,
+            credential.generation,
+            retry_at,
         )
 
     async def _request(
         self, upstream: UpstreamConfig, form: Sequence[tuple[str, str]], user: str
     ) -> TokenResponse:
+        endpoint = upstream.auth_broker.token_endpoint
+        assert endpoint is not None  # by config, or discovered at start-up
         try:
-            return await self._tokens.request_token(
-                upstream.auth_broker.token_endpoint, form, self._client(upstream)
-            )
+            return await self._tokens.request_token(endpoint, form, self._client(upstream))
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
             self._log.warning(
                 "token request failed",
@@ -397,4 +498,20 @@ class BrokerService:
             obtained_via=credential.obtained_via,
             header_name=auth.header,
             header_value=auth.header_format.replace("{token}", token),
+        )
+
+
+def check_iss(upstream: UpstreamConfig, iss: str) -> None:
+    """RFC 9207 section 2.4: when the server sends iss (or says it does), it must be the issuer
+    the request went to; otherwise the response may come from a mix-up attack."""
+    auth = upstream.auth_broker
+    if len(iss) > 2048 or (iss and not iss.isprintable()):
+        raise InvalidArgument("iss: must be printable text of at most 2048 characters")
+    if auth.authorization_response_iss_parameter_supported and not iss:
+        raise IssuerMismatch(
+            f"iss: required for upstream {upstream.name!r} (its authorization server sends it, RFC 9207)"
+        )
+    if iss and auth.issuer is not None and iss != auth.issuer:
+        raise IssuerMismatch(
+            f"iss: the response is not from upstream {upstream.name!r}'s authorization server (RFC 9207)"
         )

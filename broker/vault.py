@@ -2,8 +2,9 @@
 
 This is the only place that joins the store (ciphertext) with the cipher (keys): the store never
 sees plaintext, the cipher never sees SQL. Decrypted secrets of recently used credentials are kept
-in a bounded in-memory cache keyed by (user, upstream, generation), so a Resolve of a cached
-credential reads one row and decrypts nothing; any write bumps the generation and so misses.
+in a bounded in-memory cache keyed by (user, upstream) and checked against the row's generation
+and sealed bytes, so a Resolve of a cached credential reads one row and decrypts nothing; any
+write (a refresh, a re-wrap, a tampered byte) misses.
 """
 
 from __future__ import annotations
@@ -11,13 +12,28 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
-from broker.crypto.envelope import EnvelopeCipher, RecordContext
+from broker.crypto.envelope import EnvelopeCipher, RecordContext, key_id_of
 from broker.errors import DecryptionError
 from broker.models import Credential, CredentialStatus, PendingFlow, Secrets
 from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow
 
 _CREDENTIALS = "credentials"
 _FLOWS = "pending_flows"
+# The schema number bound into every record's associated data. Pinned at 1: migrations change
+# clear columns, not sealed records, and must not make every existing record unopenable.
+CONTEXT_SCHEMA_VERSION = 1
+
+
+def record_context(table: str, user_id: str, record_key: str) -> RecordContext:
+    """The associated data of a record in ``table`` (also used by key rotation)."""
+    return RecordContext(CONTEXT_SCHEMA_VERSION, table, user_id, record_key)
+
+
+def _meta(
+    token_type: str, scopes: tuple[str, ...], expires_at: float | None, obtained_via: str, updated_at: float
+) -> list[object]:
+    """The clear columns written with the sealed payload; a copy is sealed so tampering shows."""
+    return [token_type, list(scopes), expires_at, obtained_via, updated_at]
 
 
 class CredentialVault:
@@ -26,33 +42,53 @@ class CredentialVault:
     def __init__(self, store: CredentialStore, cipher: EnvelopeCipher, cache_size: int = 10_000):
         self.store = store
         self._cipher = cipher
-        self._cache: OrderedDict[tuple[str, str], tuple[int, str, Secrets]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[int, bytes, Secrets, list[object] | None]] = (
+            OrderedDict()
+        )
         self._cache_size = cache_size
+        #: Records that failed to open (tampered, corrupt, unknown key), since start.
+        self.decryption_failures = 0
 
     def _context(self, table: str, user_id: str, record_key: str) -> RecordContext:
-        return RecordContext(self.store.schema_version, table, user_id, record_key)
+        return record_context(table, user_id, record_key)
 
     # -- credentials ---------------------------------------------------------------------
 
     def get(self, user_id: str, upstream_key: str) -> tuple[Credential, CredentialRow] | None:
         """The stored credential, decrypted. Raises DecryptionError for a record that won't open."""
-        row = self.store.get_credential(user_id, upstream_key)
-        if row is None:
-            return None
-        return self.open_row(row), row
+        try:
+            row = self.store.get_credential(user_id, upstream_key)
+            if row is None:
+                return None
+            return self.open_row(row), row
+        except DecryptionError:
+            self.decryption_failures += 1
+            raise
 
     def open_row(self, row: CredentialRow) -> Credential:
+        """Open a row: the ciphertext, its key id column and its sealed copy of the clear
+        columns must all agree, or the one DecryptionError is raised."""
         key = (row.user_id, row.upstream_key)
+        if key_id_of(row.sealed) != row.kek_id:
+            raise DecryptionError()
         cached = self._cache.get(key)
-        if cached is not None and cached[0] == row.generation and cached[1] == row.kek_id:
+        # A hit needs the very same sealed bytes, so a record changed on disk is opened again.
+        if cached is not None and cached[0] == row.generation and cached[1] == row.sealed:
             self._cache.move_to_end(key)
-            secrets = cached[2]
+            secrets, meta = cached[2], cached[3]
         else:
             plain = self._cipher.open(row.sealed, self._context(_CREDENTIALS, *key))
-            secrets = _secrets_from(plain)
-            self._cache[key] = (row.generation, row.kek_id, secrets)
+            secrets, meta = _secrets_from(plain)
+            self._cache[key] = (row.generation, row.sealed, secrets, meta)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        clear = _meta(row.token_type, row.scopes, row.expires_at, row.obtained_via, row.updated_at)
+        if meta is not None and meta != clear:
+            raise DecryptionError()
+        try:
+            status = CredentialStatus(row.status)
+        except ValueError:
+            raise DecryptionError() from None
         return Credential(
             user_id=row.user_id,
             upstream_key=row.upstream_key,
@@ -62,16 +98,27 @@ class CredentialVault:
             expires_at=row.expires_at,
             obtained_via=row.obtained_via,
             updated_at=row.updated_at,
-            status=CredentialStatus(row.status),
+            status=status,
             generation=row.generation,
+            last_refresh_at=row.last_refresh_at,
+            last_error=row.last_error,
+            failure_count=row.failure_count,
+            next_attempt_at=row.next_attempt_at,
         )
 
     def save(self, credential: Credential, expected_generation: int | None, now: float) -> int | None:
         """Seal and write; with ``expected_generation`` only if nobody wrote since (CAS)."""
         context = self._context(_CREDENTIALS, credential.user_id, credential.upstream_key)
-        payload = {"access_token": credential.secrets.access_token}
+        payload: dict[str, object] = {"access_token": credential.secrets.access_token}
         if credential.secrets.refresh_token is not None:
             payload["refresh_token"] = credential.secrets.refresh_token
+        payload["meta"] = _meta(
+            credential.token_type,
+            credential.scopes,
+            credential.expires_at,
+            credential.obtained_via,
+            credential.updated_at,
+        )
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = CredentialRow(
             user_id=credential.user_id,
@@ -82,7 +129,7 @@ class CredentialVault:
             obtained_via=credential.obtained_via,
             status=credential.status.value,
             generation=0,
-            kek_id=self._cipher.primary_key_id,
+            kek_id=key_id_of(sealed),
             sealed=sealed,
             created_at=now,
             updated_at=credential.updated_at,
@@ -104,7 +151,7 @@ class CredentialVault:
             upstream_key=flow.upstream_key,
             created_at=flow.created_at,
             expires_at=flow.expires_at,
-            kek_id=self._cipher.primary_key_id,
+            kek_id=key_id_of(sealed),
             sealed=sealed,
         )
         self.store.add_pending_flow(row, max_per_user, now)
@@ -113,11 +160,17 @@ class CredentialVault:
         row = self.store.take_pending_flow(state_hash)
         if row is None:
             return None
-        plain = self._cipher.open(row.sealed, self._context(_FLOWS, row.user_id, row.state_hash))
         try:
-            verifier = json.loads(plain)["verifier"]
-        except (ValueError, KeyError, TypeError):
-            raise DecryptionError() from None
+            if key_id_of(row.sealed) != row.kek_id:
+                raise DecryptionError()
+            plain = self._cipher.open(row.sealed, self._context(_FLOWS, row.user_id, row.state_hash))
+            try:
+                verifier = json.loads(plain)["verifier"]
+            except (ValueError, KeyError, TypeError):
+                raise DecryptionError() from None
+        except DecryptionError:
+            self.decryption_failures += 1
+            raise
         return PendingFlow(
             state_hash=row.state_hash,
             user_id=row.user_id,
@@ -139,7 +192,11 @@ class CredentialVault:
             listed = ", ".join(f"{kid} ({n} records)" for kid, n in missing)
             return f"the store has records wrapped under key ids not in the keyring: {listed}"
         for kid, _ in used:
-            for record in self.store.sample_records(kid, 3):
+            try:
+                samples = self.store.sample_records(kid, 3)
+            except DecryptionError:
+                continue  # a corrupt clear column; the records themselves are checked on use
+            for record in samples:
                 if isinstance(record, CredentialRow):
                     context = self._context(_CREDENTIALS, record.user_id, record.upstream_key)
                 else:
@@ -157,13 +214,16 @@ class CredentialVault:
         return None
 
 
-def _secrets_from(plain: bytes) -> Secrets:
+def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:
     try:
         data = json.loads(plain)
         access = data["access_token"]
         refresh = data.get("refresh_token")
+        meta = data.get("meta")  # absent in records written before it existed
     except (ValueError, KeyError, TypeError, AttributeError):
         raise DecryptionError() from None
     if not isinstance(access, str) or not (refresh is None or isinstance(refresh, str)):
         raise DecryptionError()
-    return Secrets(access, refresh)
+    if meta is not None and not isinstance(meta, list):
+        raise DecryptionError()
+    return Secrets(access, refresh), meta

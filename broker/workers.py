@@ -5,7 +5,8 @@ is unsafe). Each worker runs its own grpc.aio server with SO_REUSEPORT on the sa
 the kernel spreads new connections across them. The parent holds a SO_REUSEPORT socket bound
 (not listening) to each TCP address meanwhile, which turns port 0 into one concrete port for all
 workers and keeps it reserved. A unix socket cannot be shared that way: only worker 0 binds the
-unix addresses and ``health_listen``, so at least one TCP address is required.
+unix addresses, ``health_listen`` and ``metrics.listen``, so at least one TCP address is
+required.
 
 Workers share state only through the store (SQLite file or PostgreSQL). The parent forwards
 SIGTERM/SIGINT to the workers and waits for them; if one dies on its own, it stops the others
@@ -24,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
 
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, ListenerConfig
 from broker.crypto import generate_keyring_file
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure, fields
@@ -54,11 +55,13 @@ def reserve_port(address: str) -> tuple[socket.socket, str]:
     return sock, f"{shown}:{bound}"
 
 
-def worker_configs(config: BrokerConfig, tcp: list[str]) -> list[BrokerConfig]:
+def worker_configs(config: BrokerConfig, tcp: list[ListenerConfig]) -> list[BrokerConfig]:
     """Worker 0 binds every address; the others only the shared TCP ones."""
-    unix = [a for a in config.listen if a.startswith("unix://")]
+    unix = [entry for entry in config.listeners() if entry.address.startswith("unix://")]
     first = config.model_copy(update={"listen": (*tcp, *unix)})
-    rest = config.model_copy(update={"listen": tuple(tcp), "health_listen": None})
+    # health_listen and metrics.listen are single endpoints: worker 0 serves them.
+    metrics = config.metrics.model_copy(update={"listen": None})
+    rest = config.model_copy(update={"listen": tuple(tcp), "health_listen": None, "metrics": metrics})
     return [first] + [rest] * (config.workers - 1)
 
 
@@ -78,8 +81,8 @@ def _run_worker(config: BrokerConfig, embedded: bool, serve: Serve) -> int:
 def serve_workers(config: BrokerConfig, embedded: bool, serve: Serve) -> int:
     """Fork ``config.workers`` workers on one TCP port; forward signals; wait for them."""
     log = configure(config.log.format, config.log.level)
-    tcp_addresses = [a for a in config.listen if not a.startswith("unix://")]
-    if not tcp_addresses:
+    tcp_listeners = [entry for entry in config.listeners() if not entry.address.startswith("unix://")]
+    if not tcp_listeners:
         raise ConfigError(
             "workers: more than one worker needs a TCP listen address (a unix socket cannot be "
             "shared by several processes)"
@@ -88,12 +91,13 @@ def serve_workers(config: BrokerConfig, embedded: bool, serve: Serve) -> int:
         generate_keyring_file(config.keyring.file)
         log.warning("generated a development keyring", extra=fields(path=str(config.keyring.file)))
     reserved: list[socket.socket] = []
-    tcp: list[str] = []
+    tcp: list[ListenerConfig] = []
     try:
-        for address in tcp_addresses:
+        for listener in tcp_listeners:
+            address = listener.address
             sock, concrete = reserve_port(address)
             reserved.append(sock)
-            tcp.append(concrete)
+            tcp.append(listener.model_copy(update={"address": concrete}))
     except OSError as exc:
         for sock in reserved:
             sock.close()
@@ -107,7 +111,10 @@ def serve_workers(config: BrokerConfig, embedded: bool, serve: Serve) -> int:
                 sock.close()
             os._exit(_run_worker(worker_config, embedded, serve))
         children[pid] = index
-    log.info("workers started", extra=fields(workers=len(children), addresses=",".join(tcp)))
+    log.info(
+        "workers started",
+        extra=fields(workers=len(children), addresses=",".join(entry.address for entry in tcp)),
+    )
 
     stopping = False
 

@@ -31,7 +31,9 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -74,6 +76,7 @@ FAILURE_KINDS = frozenset(
         "oauth_error",
         "bad_error",
         "close",
+        "custom",
     }
 )
 
@@ -83,6 +86,9 @@ HUGE_BODY_BYTES = 2 * 1024 * 1024
 GZIP_BOMB_INFLATED_MIB = 128
 #: Largest request body the server reads; anything bigger is answered with 413.
 MAX_REQUEST_BODY = 1024 * 1024
+
+#: Every AuthServer created in this process, for the suite-wide leak check.
+INSTANCES: weakref.WeakSet[AuthServer] = weakref.WeakSet()
 
 # Form fields whose values are secrets: they are added to AuthServer.issued when received.
 _SECRET_FIELDS = (
@@ -224,6 +230,37 @@ def _error_response(err: _OAuthError) -> _Response:
         # RFC 6749 §5.2: a 401 carries WWW-Authenticate.
         headers["WWW-Authenticate"] = 'Basic realm="authserver"'
     return _json_response(err.status, payload, headers)
+
+
+# RFC 8693 §3 token type identifiers this server understands.
+_TOKEN_TYPES = frozenset(
+    {
+        TOKEN_TYPE_ACCESS_TOKEN,
+        "urn:ietf:params:oauth:token-type:refresh_token",
+        "urn:ietf:params:oauth:token-type:id_token",
+        "urn:ietf:params:oauth:token-type:jwt",
+    }
+)
+_CLIENT_FIELDS = frozenset({"grant_type", "client_id", "client_secret"})
+# RFC 8693 §2.1: every parameter a token exchange request may carry.
+_TOKEN_EXCHANGE_FIELDS = _CLIENT_FIELDS | {
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+    "audience",
+    "resource",
+    "scope",
+    "actor_token",
+    "actor_token_type",
+}
+# Entra on-behalf-of (jwt-bearer) request parameters.
+_JWT_BEARER_FIELDS = _CLIENT_FIELDS | {"assertion", "requested_token_use", "scope"}
+
+
+def _only_fields(form: dict[str, list[str]], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(form) - allowed)
+    if unknown:
+        raise _OAuthError(400, "invalid_request", f"unknown parameter {unknown[0]}")
 
 
 def _param(form: dict[str, list[str]], name: str) -> str | None:
@@ -413,6 +450,8 @@ class AuthServer:
         self.code_ttl: float = 60.0
         #: Subject tokens (token exchange) and assertions (jwt-bearer) accepted, mapped to users.
         self.exchange_users: dict[str, str] = {}
+        #: When set, token exchange answers carry this issued_token_type whatever was requested.
+        self.issued_token_type_override: str | None = None
         #: "500" or "503" makes /revoke answer with that status until reset to None.
         self.fail_revocation: str | None = None
         #: Exceptions raised by the server's own code while handling requests (should stay empty).
@@ -433,6 +472,9 @@ class AuthServer:
         self._requests: list[RecordedRequest] = []
         self._issued: set[str] = set()
         self._revoked: list[tuple[str, str | None]] = []
+        #: Called with each /token request before it is answered (tests use it to act "meanwhile").
+        self.before_token_response: Callable[[RecordedRequest], None] | None = None
+        INSTANCES.add(self)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -552,7 +594,8 @@ class AuthServer:
         (sleep ``seconds``, default 5), "negative_expiry", "huge_expiry" and "no_refresh_token"
         process the request normally; "no_refresh_token" neither mints nor rotates a refresh
         token. Options: ``seconds`` (timeout), ``status``/``error``/``description``
-        (oauth_error), ``retry_after`` (adds a Retry-After header to "500"/"503").
+        (oauth_error), ``retry_after`` (adds a Retry-After header to "500"/"503"), ``delay``
+        (any kind: wait that many seconds before answering).
         """
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAILURE_KINDS)}")
@@ -798,6 +841,7 @@ class AuthServer:
         state = _param(query, "state")
         if state is not None:
             params["state"] = state
+            self._issued.add(state)  # a state is a secret too (RFC 6749 section 10.12)
         params["iss"] = self.issuer  # RFC 9207 §2, on success and error responses
         return _Response(302, b"", {"Location": _append_query(target, params)})
 
@@ -805,6 +849,9 @@ class AuthServer:
 
     def _token_endpoint(self, request: RecordedRequest) -> _Response:
         """RFC 6749 §3.2 token endpoint, with fault injection first."""
+        hook = self.before_token_response
+        if hook is not None:
+            hook(request)
         with self._lock:
             kind, options = self._failures.pop(0) if self._failures else (None, {})
             request.failure = kind
@@ -828,6 +875,8 @@ class AuthServer:
     ) -> _Response | None:
         """The answer for a failure kind, or None when the request is then handled normally."""
         payload: dict[str, Any]
+        if "delay" in options and self._stop_event.wait(float(options["delay"])):
+            return _Response(close=True)  # stopping
         if kind == "timeout":
             if self._stop_event.wait(float(options.get("seconds", 5))):
                 return _Response(close=True)  # stopping: drop the request unanswered
@@ -842,6 +891,9 @@ class AuthServer:
             return _json_response(int(kind), {"error": error}, headers)
         if kind == "close":
             return _Response(close=True)
+        if kind == "custom":  # exactly the status, body and headers given (fuzzing)
+            headers = dict(options.get("headers", {"Content-Type": "application/json"}))
+            return _Response(int(options.get("status", 200)), bytes(options.get("body", b"")), headers)
         if kind == "junk":
             body = b"<html><body>502 Bad Gateway - upstream said {not json</body></html>"
             headers = {"Content-Type": str(options.get("content_type", "application/json"))}
@@ -1114,6 +1166,13 @@ class AuthServer:
         if _param(form, "actor_token") and not _param(form, "actor_token_type"):
             # RFC 8693 §2.1: actor_token_type is REQUIRED when actor_token is present.
             raise _OAuthError(400, "invalid_request", "actor_token_type required")
+        _only_fields(form, _TOKEN_EXCHANGE_FIELDS)
+        requested = _param(form, "requested_token_type")
+        for name, value in (("subject_token_type", subject_token_type), ("requested_token_type", requested)):
+            if value is not None and value not in _TOKEN_TYPES:
+                raise _OAuthError(400, "invalid_request", f"unsupported {name}")  # RFC 8693 §3
+        if any(not value for name in ("audience", "resource") for value in form.get(name, [])):
+            raise _OAuthError(400, "invalid_request", "empty audience or resource")
         user = self._subject_user(subject_token)
         if user is None:
             raise _OAuthError(400, "invalid_grant", "subject_token not accepted")
@@ -1123,8 +1182,7 @@ class AuthServer:
         grant = self._new_grant(user, client, scope, list(resources))
         access = self._mint_access_token(grant, scope, GRANT_TOKEN_EXCHANGE, resources, audiences)
         payload = self._bearer_payload(access, scope)
-        requested = _param(form, "requested_token_type")
-        payload["issued_token_type"] = requested or TOKEN_TYPE_ACCESS_TOKEN
+        payload["issued_token_type"] = self.issued_token_type_override or requested or TOKEN_TYPE_ACCESS_TOKEN
         return payload
 
     def _grant_jwt_bearer(
@@ -1137,6 +1195,7 @@ class AuthServer:
             raise _OAuthError(400, "invalid_request", "assertion and scope required")
         if _param(form, "requested_token_use") != "on_behalf_of":
             raise _OAuthError(400, "invalid_request", "requested_token_use must be on_behalf_of")
+        _only_fields(form, _JWT_BEARER_FIELDS)
         user = self._subject_user(assertion)
         if user is None:
             raise _OAuthError(400, "invalid_grant", "assertion not accepted")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
@@ -19,15 +20,65 @@ from grpc_status import rpc_status
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from broker.app import App, build_app
+from broker.audit import MemorySink
 from broker.clock import ManualClock
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
-from tests.authserver import AuthServer, Client
+from broker.logs import LOGGER_NAME
+from tests import leakcheck
+from tests.authserver import INSTANCES, AuthServer, Client
+from tests.idp import IdentityProvider
 from tests.pgcluster import DSN_ENV, PgCluster, fresh_schema, start_cluster
 
 UPSTREAM = "gh"
 UPSTREAM_URL = "https://api.gh.test"
 REDIRECT_URI = "https://app.test/callback"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leak_capture() -> Iterator[None]:
+    """Capture every broker log record and every error status for the leak check."""
+    import broker.rpc.servicer as servicer
+
+    handler = leakcheck.CaptureHandler()
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
+    original = servicer.to_status
+
+    def observed(error: Any) -> Any:
+        leakcheck.observe_status(error.message, error.metadata)
+        return original(error)
+
+    servicer.to_status = observed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        servicer.to_status = original  # type: ignore[assignment]
+        logging.getLogger(LOGGER_NAME).removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test when a secret it created shows up in a log, an error or a database file."""
+    leakcheck.reset()
+    dirs = [request.getfixturevalue("tmp_path")] if "tmp_path" in request.fixturenames else []
+    yield
+    minted = [secret for server in list(INSTANCES) for secret in server.issued]
+    leaks = leakcheck.check(dirs, minted)
+    assert not leaks, "secrets leaked: " + "; ".join(sorted(set(leaks)))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    s = leakcheck.stats
+    terminalreporter.write_line(
+        f"leak check: {s['tests']:.0f} tests, {s['secrets']:.0f} secret checks, {s['texts']:.0f} log/error texts, "
+        f"{s['files']:.0f} database files ({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
+    )
+    from tests.fuzz_stats import FUZZ_CASES
+
+    if FUZZ_CASES:
+        total = sum(FUZZ_CASES.values())
+        detail = ", ".join(f"{name} {n}" for name, n in sorted(FUZZ_CASES.items()))
+        terminalreporter.write_line(f"fuzz: {total} cases run ({detail})")
 
 
 @pytest.fixture
@@ -134,6 +185,22 @@ def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str
 BrokerFactory = Callable[..., Awaitable[Broker]]
 
 
+class RequestHeader(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends the broker's SSRF-guard header on every call, as a real client must over TCP."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("x-credential-broker-request", "true")]
+        return await continuation(details._replace(metadata=metadata), request)
+
+
+class SyncRequestHeader(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """The same for a synchronous channel (use with ``grpc.intercept_channel``)."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("x-credential-broker-request", "true")]
+        return continuation(details._replace(metadata=metadata), request)
+
+
 def _pg_unavailable(reason: str) -> None:
     """In CI (or with a DSN given) a missing PostgreSQL is a failure; locally a skip."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get(DSN_ENV):
@@ -183,14 +250,19 @@ def store_backend() -> str:
 
 
 @pytest.fixture
+def store_doc(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``store`` config section of the ``make_broker`` brokers (one database per test)."""
+    if store_backend == "postgres":
+        return {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")}
+    return {"path": str(tmp_path / "data" / "broker.db")}
+
+
+@pytest.fixture
 async def make_broker(
-    tmp_path: Path, auth_server: AuthServer, store_backend: str, request: pytest.FixtureRequest
+    tmp_path: Path, auth_server: AuthServer, store_doc: dict[str, Any]
 ) -> AsyncIterator[BrokerFactory]:
     """Build and start brokers; every one is stopped at the end of the test."""
     started: list[Broker] = []
-    store_doc: dict[str, Any] = {"path": str(tmp_path / "data" / "broker.db")}
-    if store_backend == "postgres":
-        store_doc = {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")}
     keyring = tmp_path / "keyring.json"
     generate_keyring_file(keyring)
 
@@ -212,9 +284,10 @@ async def make_broker(
         }
         config = load_config(document, environ={}, base_dir=tmp_path)
         clock = clock or ManualClock(time.time())
-        app = build_app(config, clock=clock)
+        audit = MemorySink()
+        app = build_app(config, clock=clock, audit_sinks=[audit])
         await app.start()
-        channel = grpc.aio.insecure_channel(app.server.addresses[0])
+        channel = grpc.aio.insecure_channel(app.server.addresses[0], interceptors=[RequestHeader()])
         broker = Broker(
             app,
             pb_grpc.CredentialBrokerStub(channel),
@@ -224,6 +297,7 @@ async def make_broker(
             client,
             tmp_path,
             document,
+            {"audit": audit},
         )
         started.append(broker)
         return broker
@@ -249,3 +323,15 @@ def live_broker(tmp_path: Path, auth_server: AuthServer) -> Iterator[Any]:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    """A loopback OpenID Connect provider with one RSA ("rsa-1") and one EC ("ec-1") key."""
+    provider = IdentityProvider().start()
+    provider.add_key("rsa", "rsa-1")
+    provider.add_key("ec", "ec-1")
+    try:
+        yield provider
+    finally:
+        provider.stop()

@@ -952,8 +952,17 @@ def test_every_failure_kind_is_covered() -> None:
         "oauth_error",
         "bad_error",
         "close",
+        "custom",
     }
     assert covered == FAILURE_KINDS
+
+
+def test_custom_failure_answers_exactly_what_was_given(
+    server: AuthServer, http: httpx.Client, client: Client
+) -> None:
+    server.fail_next("custom", status=203, body=b"\x00not json", headers={"X-Test": "1"})
+    answer = post_token(http, server, client, {"grant_type": "refresh_token", "refresh_token": "x"})
+    assert (answer.status_code, answer.content, answer.headers["x-test"]) == (203, b"\x00not json", "1")
 
 
 # --------------------------------------------------------------------------- revocation

@@ -98,7 +98,7 @@ def test_errors_name_the_field(change: dict[str, Any], message: str) -> None:
 
 def test_exchange_modes_accepted_with_reference_rules() -> None:
     for mode in ("token_exchange", "entra_obo"):
-        doc = _doc(mode=mode)
+        doc = _doc(mode=mode, scopes=["api://x/.default"])
         auth = doc["upstreams"][0]["auth_broker"]
         for key in ("authorization_endpoint", "redirect_uri"):
             auth.pop(key)

@@ -12,7 +12,10 @@ from tests.conftest import Broker
 
 async def test_reflection_lists_the_services(broker: Broker) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(broker.channel)
-    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+        metadata=(("x-credential-broker-request", "true"),),
+    )
     names = set()
     async for answer in call:
         names = {s.name for s in answer.list_services_response.service}

@@ -174,3 +174,31 @@ def test_keyring_check_names_missing_and_wrong_keys(vault: CredentialVault, stor
     stranger = CredentialVault(store, EnvelopeCipher(Keyring([new_key_entry("primary")])))
     problem = stranger.check_keyring_opens_store(stranger._cipher._keyring.ids())  # type: ignore[attr-defined]
     assert problem is not None and "not in the keyring" in problem
+
+
+def test_migration_2_keeps_version_1_records_openable(tmp_path: Path) -> None:
+    import sqlite_utils
+
+    from broker.store import sqlite as sqlite_store
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    sqlite_store.MIGRATIONS[0](sqlite_utils.Database(conn))
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    cipher = EnvelopeCipher(Keyring([new_key_entry("primary")]))
+
+    class V1Store(SqliteStore):
+        def _migrate(self) -> None:  # stay at version 1 while writing, like an old broker
+            pass
+
+    old = V1Store(path)
+    CredentialVault(old, cipher).save(_cred(), None, 1e9)
+    old.close()
+    upgraded = SqliteStore(path)
+    try:
+        found = CredentialVault(upgraded, cipher).get("alice", "gh_0011223344556677")
+        assert found is not None and found[0].secrets.access_token == "at-1"
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        upgraded.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -79,34 +80,41 @@ class _Parsed:
 
 
 class EnvelopeCipher:
-    """Seals and opens records with the keyring's keys. New records use the primary key."""
+    """Seals and opens records with the keyring's keys. New records use the primary key.
 
-    def __init__(self, keyring: Keyring) -> None:
-        self._keyring = keyring
-        self._keks = {kid: AESGCM(material) for kid, material in keyring.materials().items()}
+    ``reload``, when given, is asked for a newer keyring before each seal and when a record names
+    a key id this cipher does not hold; it returns None when nothing changed (it must be cheap).
+    That is how a running broker follows ``keys add``/``promote`` without a restart."""
+
+    def __init__(self, keyring: Keyring, *, reload: Callable[[], Keyring | None] | None = None) -> None:
+        self._state = (keyring, {kid: AESGCM(material) for kid, material in keyring.materials().items()})
+        self._reload = reload
+
+    @property
+    def _keyring(self) -> Keyring:
+        return self._state[0]
 
     @property
     def primary_key_id(self) -> str:
-        return self._keyring.primary_id
+        return self._state[0].primary_id
+
+    def use_keyring(self, keyring: Keyring) -> None:
+        """Switch to ``keyring`` atomically (one attribute assignment)."""
+        self._state = (keyring, {kid: AESGCM(material) for kid, material in keyring.materials().items()})
+
+    def _maybe_reload(self) -> None:
+        if self._reload is not None:
+            newer = self._reload()
+            if newer is not None and newer is not self._state[0]:
+                self.use_keyring(newer)
 
     def seal(self, plaintext: bytes, context: RecordContext) -> bytes:
-        kid = self._keyring.primary_id
+        self._maybe_reload()
         dek = AESGCM.generate_key(bit_length=256)
         ctx = context.encode()
-        wrap_nonce = os.urandom(NONCE_LEN)
-        wrapped = wrap_nonce + self._keks[kid].encrypt(wrap_nonce, dek, _WRAP_LABEL + _lp(kid) + ctx)
         nonce = os.urandom(NONCE_LEN)
         body = AESGCM(dek).encrypt(nonce, plaintext, _PAYLOAD_LABEL + ctx)
-        kid_raw = kid.encode()
-        return (
-            MAGIC
-            + bytes((FORMAT_VERSION, len(kid_raw)))
-            + kid_raw
-            + bytes((len(wrapped),))
-            + wrapped
-            + nonce
-            + body
-        )
+        return self._header(dek, ctx) + nonce + body
 
     def open(self, record: bytes, context: RecordContext) -> bytes:
         parsed = _parse(record)
@@ -121,22 +129,22 @@ class EnvelopeCipher:
         """Re-wrap the record's DEK under the primary key; the payload bytes are unchanged."""
         parsed = _parse(record)
         ctx = context.encode()
-        dek = self._unwrap(parsed, ctx)
-        kid = self._keyring.primary_id
+        return self._header(self._unwrap(parsed, ctx), ctx) + record[parsed.payload_offset :]
+
+    def _header(self, dek: bytes, ctx: bytes) -> bytes:
+        """Magic, version, primary key id and the DEK wrapped under it."""
+        keyring, keks = self._state
+        kid = keyring.primary_id
         wrap_nonce = os.urandom(NONCE_LEN)
-        wrapped = wrap_nonce + self._keks[kid].encrypt(wrap_nonce, dek, _WRAP_LABEL + _lp(kid) + ctx)
+        wrapped = wrap_nonce + keks[kid].encrypt(wrap_nonce, dek, _WRAP_LABEL + _lp(kid) + ctx)
         kid_raw = kid.encode()
-        return (
-            MAGIC
-            + bytes((FORMAT_VERSION, len(kid_raw)))
-            + kid_raw
-            + bytes((len(wrapped),))
-            + wrapped
-            + record[parsed.payload_offset :]
-        )
+        return MAGIC + bytes((FORMAT_VERSION, len(kid_raw))) + kid_raw + bytes((len(wrapped),)) + wrapped
 
     def _unwrap(self, parsed: _Parsed, ctx: bytes) -> bytes:
-        kek = self._keks.get(parsed.kid)
+        kek = self._state[1].get(parsed.kid)
+        if kek is None:
+            self._maybe_reload()
+            kek = self._state[1].get(parsed.kid)
         if kek is None:
             raise DecryptionError()
         aad = _WRAP_LABEL + _lp(parsed.kid) + ctx

@@ -124,9 +124,19 @@ def _entry(raw: object, where: str) -> KeyEntry:
 
 
 class KeySource(Protocol):
-    """Where the keyring comes from. Called once at start-up."""
+    """Where the keyring comes from. Called once at start-up.
+
+    The contract a KMS-backed source keeps too: ``load`` unwraps the key material once and the
+    broker holds it in memory; nothing asks the source per request."""
 
     def load(self) -> Keyring: ...
+
+
+def source_fingerprint(source: KeySource) -> object | None:
+    """Something that changes when the source's keyring may have changed, or None when the
+    source cannot change while the broker runs (an environment variable)."""
+    probe = getattr(source, "fingerprint", None)
+    return probe() if callable(probe) else None
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,14 @@ class FileKeySource:
         except ValueError:
             raise KeyringError(f"{self.path}: not a credential-broker keyring (not JSON)") from None
         return Keyring.from_document(document, str(self.path))
+
+    def fingerprint(self) -> object | None:
+        """Inode, mtime and size: ``save`` replaces the file, so any change shows here."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def save(self, keyring: Keyring) -> None:
         """Replace the file atomically, keeping mode 0600."""

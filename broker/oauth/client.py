@@ -87,7 +87,10 @@ class TokenEndpointClient:
         async for chunk in resp.aiter_raw():
             if inflate is not None:
                 # max_length bounds each step: a small gzip bomb cannot inflate past the cap.
-                chunk = inflate.decompress(chunk, self._max_bytes + 1 - len(out))
+                try:
+                    chunk = inflate.decompress(chunk, self._max_bytes + 1 - len(out))
+                except zlib.error:
+                    raise UpstreamUnavailable("the authorization server sent a corrupt gzip body") from None
                 if inflate.unconsumed_tail:
                     raise UpstreamUnavailable("the authorization server's answer is too large")
             out += chunk

@@ -12,7 +12,11 @@ from google.protobuf.message import DecodeError
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from broker.errors import BrokerError, InvalidArgument
+from broker.audit import Auditor
+from broker.callers import current_call
+from broker.connections import Connection, ConnectionManager, Disconnection
+from broker.errors import BrokerError, InvalidArgument, NotImplementedMode
+from broker.identity import UserAuthenticator, VerifiedUser
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
 from broker.rpc.status import internal_status, to_status
@@ -62,9 +66,30 @@ def lenient_deserializer(message_type: Any) -> Callable[[bytes], Any]:
 class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     """Maps each RPC to one service call; errors go through the status table."""
 
-    def __init__(self, service: BrokerService, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        service: BrokerService,
+        logger: logging.Logger | None = None,
+        authenticator: UserAuthenticator | None = None,
+        *,
+        auditor: Auditor | None = None,
+        connections: ConnectionManager | None = None,
+    ) -> None:
         self._service = service
         self._log = logger or get_logger()
+        self._users = authenticator or UserAuthenticator()
+        self._audit = auditor or Auditor()
+        self._connections = connections
+
+    async def _user(
+        self, context: grpc.aio.ServicerContext, user_id: str, subject_token: str = ""
+    ) -> VerifiedUser:
+        """The identity hook: with an ``identity:`` config, the user's token must name user_id."""
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                authorization = value
+        return await self._users.authenticate(user_id, subject_token, authorization)
 
     async def _call(
         self,
@@ -76,14 +101,22 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             if isinstance(request, MalformedRequest):
                 raise InvalidArgument(f"request: not a valid {request.type_name} message")
-            return await work()
+            result = await work()
+            _audit(self._audit, method, request, "success", "", result)
+            return result
         except BrokerError as exc:
+            _audit(self._audit, method, request, "failure", exc.code, None)
             await context.abort_with_status(to_status(exc))
         except Exception as exc:
             # The message of a foreign exception may carry anything; log its type only.
             self._log.error("unexpected error", extra=fields(method=method, error=type(exc).__name__))
+            _audit(self._audit, method, request, "failure", "INTERNAL", None)
             await context.abort_with_status(internal_status())
         raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
+
+    @staticmethod
+    async def _after(first: Awaitable[VerifiedUser], then: Callable[[VerifiedUser], Awaitable[T]]) -> T:
+        return await then(await first)
 
     async def BuildAuthorizationURL(
         self, request: pb.BuildAuthorizationURLRequest, context: grpc.aio.ServicerContext
@@ -92,7 +125,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context,
             request,
             "BuildAuthorizationURL",
-            lambda: self._service.build_authorization_url(request.user_id, request.upstream),
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._service.build_authorization_url(request.user_id, request.upstream),
+            ),
         )
         return pb.BuildAuthorizationURLResponse(
             authorization_url=result.authorization_url,
@@ -107,7 +143,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context,
             request,
             "Complete",
-            lambda: self._service.complete(request.state, request.code, request.user_id),
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._service.complete(request.state, request.code, request.user_id, request.iss),
+            ),
         )
         return pb.CompleteResponse(credential=_info(info))
 
@@ -124,7 +163,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext
     ) -> pb.RefreshResponse:
         info = await self._call(
-            context, request, "Refresh", lambda: self._service.refresh(request.user_id, request.upstream)
+            context,
+            request,
+            "Refresh",
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._service.refresh(request.user_id, request.upstream),
+            ),
         )
         return pb.RefreshResponse(credential=_info(info))
 
@@ -135,8 +180,11 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             context,
             request,
             "Resolve",
-            lambda: self._service.resolve(
-                request.user_id, request.upstream, request.subject_token, request.min_valid_seconds
+            lambda: self._after(
+                self._user(context, request.user_id, request.subject_token),
+                lambda user: self._service.resolve(
+                    request.user_id, request.upstream, user.token, request.min_valid_seconds, user.claims
+                ),
             ),
         )
         return pb.ResolveResponse(
@@ -148,3 +196,95 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             header_name=result.header_name,
             header_value=result.header_value,
         )
+
+    async def ListConnections(
+        self, request: pb.ListConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListConnectionsResponse:
+        call = current_call.get()
+        who = call.who if call is not None else None
+        connections = await self._call(
+            context,
+            request,
+            "ListConnections",
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._manager().list_connections(
+                    request.user_id, who.may_use if who else lambda _: True
+                ),
+            ),
+        )
+        return pb.ListConnectionsResponse(connections=[_connection(c) for c in connections])
+
+    async def Disconnect(
+        self, request: pb.DisconnectRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DisconnectResponse:
+        result = await self._call(
+            context,
+            request,
+            "Disconnect",
+            lambda: self._after(
+                self._user(context, request.user_id),
+                lambda _: self._manager().disconnect(request.user_id, request.upstream),
+            ),
+        )
+        return pb.DisconnectResponse(
+            deleted=result.deleted,
+            revocations=[
+                pb.TokenRevocation(token_type_hint=r.token_type_hint, outcome=r.outcome, reason=r.reason)
+                for r in result.revocations
+            ],
+        )
+
+    def _manager(self) -> ConnectionManager:
+        if self._connections is None:
+            raise NotImplementedMode("connection management is not wired in this server")
+        return self._connections
+
+
+# RPC -> audit action. RPCs not listed here are not audited by the servicer.
+AUDIT_ACTIONS = {
+    "BuildAuthorizationURL": "connect",
+    "Complete": "acquire",
+    "Deny": "deny",
+    "Refresh": "refresh",
+    "Resolve": "inject",
+    "ListConnections": "list",
+    "Disconnect": "disconnect",
+}
+
+
+def _audit(auditor: Auditor, method: str, request: object, outcome: str, reason: str, result: object) -> None:
+    action = AUDIT_ACTIONS.get(method)
+    if action is None:
+        return
+    user = getattr(request, "user_id", "")
+    upstream = getattr(request, "upstream", "") or getattr(result, "upstream", "")
+    detail: dict[str, str] = {}
+    if isinstance(result, Disconnection):
+        detail["deleted"] = str(result.deleted).lower()
+        for revocation in result.revocations:
+            detail[revocation.token_type_hint] = revocation.outcome + (
+                f" ({revocation.reason})" if revocation.reason else ""
+            )
+    # Only the name of a field we set ourselves: never a token, code, state or URL.
+    auditor.record(
+        action,
+        outcome,
+        user=user if isinstance(user, str) else "",
+        upstream=upstream if isinstance(upstream, str) else "",
+        reason=reason,
+        detail=detail,
+    )
+
+
+def _connection(connection: Connection) -> pb.Connection:
+    return pb.Connection(
+        upstream=connection.upstream,
+        status=connection.status,
+        mode=connection.mode,
+        scopes=list(connection.scopes),
+        expires_at=_timestamp(connection.expires_at),
+        obtained_via=connection.obtained_via,
+        updated_at=_timestamp(connection.updated_at),
+        last_error=connection.last_error,
+    )

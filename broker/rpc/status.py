@@ -13,17 +13,27 @@ DOMAIN = "credentialbroker"
 
 # Checked in order: subclasses before their bases.
 STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
+    (errors.IssuerMismatch, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.MissingRequestHeader, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.CallerUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.CallerNotPermitted, grpc.StatusCode.PERMISSION_DENIED),
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.SubjectTokenRequired, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.UserTokenInvalid, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.UserMismatch, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.UnknownUpstream, grpc.StatusCode.NOT_FOUND),
     (errors.FlowNotFound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ConnectRequired, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.TokenRequestRejected, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.IdentityProviderUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreError, grpc.StatusCode.UNAVAILABLE),
     (errors.NotImplementedMode, grpc.StatusCode.UNIMPLEMENTED),
     (errors.DecryptionError, grpc.StatusCode.INTERNAL),
+    (errors.KeyRotationRefused, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow, RefreshLock
+from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow, SealedRecord
 from broker.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 if TYPE_CHECKING:
@@ -15,7 +15,7 @@ __all__ = [
     "CredentialRow",
     "CredentialStore",
     "PendingFlowRow",
-    "RefreshLock",
+    "SealedRecord",
     "SqliteStore",
     "open_store",
 ]

@@ -25,6 +25,7 @@ class CredentialRow:
     last_refresh_at: float | None = None
     last_error: str | None = None
     failure_count: int = 0
+    next_attempt_at: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -49,10 +50,24 @@ class PendingFlowRow:
         return f"PendingFlowRow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"
 
 
-class RefreshLock(Protocol):
-    """A held cross-process lock on one credential's refresh; release it exactly once."""
+@dataclass(frozen=True, slots=True)
+class SealedRecord:
+    """A sealed record seen by key rotation: where it lives, which KEK wraps it, its bytes.
 
-    def release(self) -> None: ...
+    ``table`` is "credentials" or "pending_flows"; ``record_key`` the upstream key or the flow's
+    state hash; ``generation`` is 0 for flows. ``position`` is the backend's stable scan order
+    (the rowid in SQLite, a sequence column elsewhere): rotation pages through it."""
+
+    table: str
+    user_id: str
+    record_key: str
+    kek_id: str
+    generation: int
+    sealed: bytes
+    position: int
+
+    def __repr__(self) -> str:
+        return f"SealedRecord(table={self.table!r}, position={self.position}, kek_id={self.kek_id!r})"
 
 
 class CredentialStore(Protocol):
@@ -67,11 +82,22 @@ class CredentialStore(Protocol):
         generation (compare-and-swap); returns the new generation, or None when the swap lost."""
 
     def record_failure(
-        self, user_id: str, upstream_key: str, status: str, error_class: str, generation: int
+        self,
+        user_id: str,
+        upstream_key: str,
+        status: str,
+        error_class: str,
+        generation: int,
+        next_attempt_at: float | None = None,
     ) -> None:
-        """Mark a credential's status after a failed refresh, if still at ``generation``."""
+        """Mark a credential's status after a failed refresh, if still at ``generation``: count one
+        more consecutive failure, keep the error class, set when to try again and release the
+        refresh lease. Never deletes anything."""
 
     def delete_credential(self, user_id: str, upstream_key: str) -> bool: ...
+
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
 
     def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
         """Insert a flow, drop expired ones, and keep at most ``max_per_user`` live flows for
@@ -85,9 +111,21 @@ class CredentialStore(Protocol):
 
     def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]: ...
 
-    def lock_refresh(self, user_id: str, upstream_key: str, timeout: float) -> RefreshLock | None:
-        """Wait up to ``timeout`` seconds for the exclusive right to refresh (user, upstream)
-        across every process sharing this store; None when the wait timed out. Held while the
-        token request runs, so one refresh token is never presented twice."""
+    def claim_refresh(
+        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+    ) -> bool:
+        """Take the refresh lease of a credential, atomically: only if it is still at
+        ``generation`` and nobody else holds an unexpired lease. Sets status "refreshing".
+        True when ``owner`` now holds it. A later ``save_credential`` or ``record_failure``
+        releases it; a crashed holder's lease simply expires."""
+
+    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
+        """Up to ``limit`` sealed records (both tables) with position > ``after_position`` whose
+        KEK is not ``skip_kek_id``, in position order."""
+
+    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
+        """For each (record, new kek_id, new sealed): write them if the stored record still has the
+        record's kek_id and generation (and, for a flow, the same bytes); the generation is not
+        changed. One atomic batch; returns how many were written."""
 
     def close(self) -> None: ...

@@ -9,9 +9,9 @@ Atomicity across replicas:
 - ``save_credential`` with an expected generation is one ``UPDATE ... WHERE generation = %s``:
   under READ COMMITTED a concurrent writer waits for the row lock, then re-checks the WHERE on
   the committed row and matches nothing, so exactly one compare-and-swap wins.
-- ``lock_refresh`` takes a session advisory lock keyed by a hash of (user, upstream) on a
-  dedicated pooled connection, waiting at most ``lock_timeout``; the lock is held while the
-  token request runs and dies with the session if the process does.
+- ``claim_refresh`` (the refresh lease, the same as SQLite's) is one ``UPDATE ... WHERE
+  generation = %s AND <no live lease>``: a concurrent claimer waits for the row lock, re-checks
+  the WHERE on the committed row and matches nothing, so exactly one process holds the lease.
 
 Errors: every psycopg/pool error becomes a StoreError (UNAVAILABLE) here, once. Messages carry
 the error class and SQLSTATE, never the DSN or its password. After a connection failure, reads
@@ -21,7 +21,6 @@ connection comes back; the pool reconnects in the background by itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -33,10 +32,11 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 
-from broker.errors import StoreError
-from broker.store.base import CredentialRow, PendingFlowRow, RefreshLock
+from broker.errors import DecryptionError, StoreError
+from broker.store.base import CredentialRow, PendingFlowRow, SealedRecord
 
-SCHEMA_VERSION = 1
+# Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
+SCHEMA_VERSION = 2
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _READ_WAIT_SECONDS = 1.0  # pool wait for a read on the event loop when the database is healthy
 _SUSPECT_SECONDS = 2.0  # after a connection failure, reads fail fast for this long
@@ -48,6 +48,10 @@ _CRED_COLUMNS = (
     "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
     "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
 )
+# Read with next_attempt_at (migration 2); a save writes _CRED_COLUMNS and sets the migration-2
+# columns to NULL, like SQLite's INSERT OR REPLACE: it resets the backoff and releases the lease.
+_CRED_SELECT = _CRED_COLUMNS + ", next_attempt_at"
+_CLEAR_LIFECYCLE = "next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL"
 _FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
 
 _MIGRATION_1 = (
@@ -84,11 +88,31 @@ _MIGRATION_1 = (
     "CREATE INDEX pending_flows_expires ON pending_flows (expires_at)",
 )
 
+# SQLite's migration 2: when to retry after a transient failure, and the refresh lease. Plus
+# ``seq``, the stable scan position key rotation pages through (SQLite uses its rowid).
+_MIGRATION_2 = (
+    "ALTER TABLE credentials ADD COLUMN next_attempt_at double precision",
+    "ALTER TABLE credentials ADD COLUMN lease_owner text",
+    "ALTER TABLE credentials ADD COLUMN lease_until double precision",
+    "ALTER TABLE credentials ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY",
+    "CREATE UNIQUE INDEX credentials_seq ON credentials (seq)",
+    "CREATE UNIQUE INDEX pending_flows_seq ON pending_flows (seq)",
+)
+
 # Each migration is a list of statements run in one transaction; index i is version i + 1.
-MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1]
+MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2]
 
 
 def _cred(row: Sequence[Any]) -> CredentialRow:
+    try:
+        return _cred_fields(row)
+    except (ValueError, TypeError, OverflowError):
+        # A clear column that does not parse (hand edit): the record fails closed with the same
+        # error as a record whose ciphertext does not open (as in SQLite).
+        raise DecryptionError() from None
+
+
+def _cred_fields(row: Sequence[Any]) -> CredentialRow:
     (
         user,
         key,
@@ -105,12 +129,17 @@ def _cred(row: Sequence[Any]) -> CredentialRow:
         last_refresh,
         last_error,
         failures,
+        *rest,
     ) = row
+    next_attempt = rest[0] if rest else None
+    scope_list = json.loads(str(scopes))
+    if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
+        raise ValueError("scopes")
     return CredentialRow(
         user_id=str(user),
         upstream_key=str(key),
         token_type=str(token_type),
-        scopes=tuple(json.loads(str(scopes))),
+        scopes=tuple(scope_list),
         expires_at=None if expires is None else float(expires),
         obtained_via=str(via),
         status=str(status),
@@ -122,6 +151,7 @@ def _cred(row: Sequence[Any]) -> CredentialRow:
         last_refresh_at=None if last_refresh is None else float(last_refresh),
         last_error=None if last_error is None else str(last_error),
         failure_count=int(failures or 0),
+        next_attempt_at=None if next_attempt is None else float(next_attempt),
     )
 
 
@@ -132,11 +162,6 @@ def _flow(row: Sequence[Any]) -> PendingFlowRow:
     )
 
 
-def _lock_key(user_id: str, upstream_key: str) -> int:
-    digest = hashlib.sha256(f"refresh\x00{user_id}\x00{upstream_key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
 def describe(exc: BaseException) -> str:
     """A safe description of a database error: its class and SQLSTATE, never the DSN."""
     if isinstance(exc, psycopg_pool.PoolTimeout):
@@ -145,28 +170,6 @@ def describe(exc: BaseException) -> str:
         return "the database is unreachable or the connection was lost"
     state = getattr(exc, "sqlstate", None)
     return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
-
-
-class _AdvisoryLock:
-    """A session advisory lock held on one pooled connection until released."""
-
-    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any], key: int) -> None:
-        self._store = store
-        self._conn = conn
-        self._key = key
-        self._released = False
-
-    def release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        try:
-            self._conn.execute("SELECT pg_advisory_unlock(%s)", (self._key,))
-        except psycopg.Error:
-            # A broken session has lost its locks already; make sure this one is not reused.
-            self._conn.close()
-        finally:
-            self._store.pool.putconn(self._conn)
 
 
 class PostgresStore:
@@ -266,7 +269,7 @@ class PostgresStore:
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
         rows = self._read(
-            f"SELECT {_CRED_COLUMNS} FROM credentials WHERE user_id = %s AND upstream_key = %s",
+            f"SELECT {_CRED_SELECT} FROM credentials WHERE user_id = %s AND upstream_key = %s",
             (user_id, upstream_key),
         )
         return _cred(rows[0]) if rows else None
@@ -291,7 +294,7 @@ class PostgresStore:
                     "UPDATE credentials SET token_type = %s, scopes = %s, expires_at = %s, "
                     "obtained_via = %s, status = %s, kek_id = %s, sealed = %s, updated_at = %s, "
                     "last_refresh_at = %s, last_error = %s, failure_count = %s, "
-                    "generation = generation + 1 "
+                    f"generation = generation + 1, {_CLEAR_LIFECYCLE} "
                     "WHERE user_id = %s AND upstream_key = %s AND generation = %s RETURNING generation",
                     (*values, row.user_id, row.upstream_key, expected_generation),
                 ).fetchone()
@@ -305,7 +308,7 @@ class PostgresStore:
                     "status = EXCLUDED.status, kek_id = EXCLUDED.kek_id, sealed = EXCLUDED.sealed, "
                     "updated_at = EXCLUDED.updated_at, last_refresh_at = EXCLUDED.last_refresh_at, "
                     "last_error = EXCLUDED.last_error, failure_count = EXCLUDED.failure_count, "
-                    "generation = credentials.generation + 1 RETURNING generation",
+                    f"generation = credentials.generation + 1, {_CLEAR_LIFECYCLE} RETURNING generation",
                     (
                         row.user_id,
                         row.upstream_key,
@@ -326,15 +329,37 @@ class PostgresStore:
             return None if found is None else int(found[0])
 
     def record_failure(
-        self, user_id: str, upstream_key: str, status: str, error_class: str, generation: int
+        self,
+        user_id: str,
+        upstream_key: str,
+        status: str,
+        error_class: str,
+        generation: int,
+        next_attempt_at: float | None = None,
     ) -> None:
         with self._write() as conn:
             conn.execute(
                 "UPDATE credentials SET status = %s, last_error = %s, "
-                "failure_count = COALESCE(failure_count, 0) + 1 "
+                "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = %s, "
+                "lease_owner = NULL, lease_until = NULL "
                 "WHERE user_id = %s AND upstream_key = %s AND generation = %s",
-                (status, error_class, user_id, upstream_key, generation),
+                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
             )
+
+    def claim_refresh(
+        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+    ) -> bool:
+        # One statement: a concurrent claimer blocks on the row lock, then re-evaluates the WHERE
+        # on the committed row (READ COMMITTED), finds the live lease and matches nothing.
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE credentials SET status = 'refreshing', lease_owner = %s, lease_until = %s "
+                "WHERE user_id = %s AND upstream_key = %s AND generation = %s "
+                "AND status != 'needs_reauth' "
+                "AND (lease_until IS NULL OR lease_until <= %s OR lease_owner = %s)",
+                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
+            )
+            return cursor.rowcount == 1
 
     def delete_credential(self, user_id: str, upstream_key: str) -> bool:
         with self._write() as conn:
@@ -342,6 +367,15 @@ class PostgresStore:
                 "DELETE FROM credentials WHERE user_id = %s AND upstream_key = %s", (user_id, upstream_key)
             )
             return cursor.rowcount > 0
+
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
+        rows = self._read(
+            "SELECT s, COUNT(*) FROM (SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL "
+            "AND expires_at <= %s THEN 'expired' ELSE status END AS s FROM credentials) AS c GROUP BY s",
+            (now,),
+        )
+        return {str(status): int(count) for status, count in rows}
 
     def bulk_insert_credentials(self, rows: Sequence[CredentialRow]) -> None:
         """Load many new rows in one transaction with COPY (benchmarks, imports)."""
@@ -416,7 +450,7 @@ class PostgresStore:
         creds: list[CredentialRow | PendingFlowRow] = [
             _cred(r)
             for r in self._read(
-                f"SELECT {_CRED_COLUMNS} FROM credentials WHERE kek_id = %s LIMIT %s", (kek_id, limit)
+                f"SELECT {_CRED_SELECT} FROM credentials WHERE kek_id = %s LIMIT %s", (kek_id, limit)
             )
         ]
         flows = [
@@ -427,30 +461,45 @@ class PostgresStore:
         ]
         return creds + flows
 
-    # -- refresh coordination ------------------------------------------------------------
+    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
+        # One position space over both tables, as in SQLite: credentials take even positions
+        # (seq * 2), flows odd ones (seq * 2 + 1), so a single cursor pages through both.
+        rows = self._read(
+            "SELECT * FROM ("
+            "SELECT seq * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, generation, "
+            "sealed FROM credentials WHERE kek_id != %s AND seq * 2 > %s "
+            "UNION ALL "
+            "SELECT seq * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
+            "FROM pending_flows WHERE kek_id != %s AND seq * 2 + 1 > %s"
+            ") AS r ORDER BY pos LIMIT %s",
+            (skip_kek_id, after_position, skip_kek_id, after_position, limit),
+        )
+        return [
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
+            for pos, t, u, k, kid, g, sealed in rows
+        ]
 
-    def lock_refresh(self, user_id: str, upstream_key: str, timeout: float) -> RefreshLock | None:
-        deadline = time.monotonic() + timeout
-        key = _lock_key(user_id, upstream_key)
-        try:
-            conn = self.pool.getconn(timeout=max(0.01, timeout))
-        except psycopg_pool.PoolTimeout:
-            return None
-        try:
-            remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{remaining_ms}ms",))
-            try:
-                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-            finally:
-                conn.execute("SET lock_timeout = '5s'")
-        except psycopg.errors.LockNotAvailable:
-            self.pool.putconn(conn)
-            return None
-        except psycopg.Error as exc:
-            self._failed(exc)
-            self.pool.putconn(conn)
-            raise StoreError(f"refresh lock failed: {describe(exc)}") from None
-        return _AdvisoryLock(self, conn, key)
+    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
+        for record, _, _ in updates:
+            if record.table not in ("credentials", "pending_flows"):
+                raise ValueError(f"unknown table {record.table!r}")
+        written = 0
+        with self._write() as conn:
+            for record, kek_id, sealed in updates:
+                if record.table == "credentials":
+                    cursor = conn.execute(
+                        "UPDATE credentials SET kek_id = %s, sealed = %s WHERE user_id = %s AND "
+                        "upstream_key = %s AND kek_id = %s AND generation = %s",
+                        (kek_id, sealed, record.user_id, record.record_key, record.kek_id, record.generation),
+                    )
+                else:
+                    cursor = conn.execute(
+                        "UPDATE pending_flows SET kek_id = %s, sealed = %s WHERE state_hash = %s AND "
+                        "user_id = %s AND kek_id = %s AND sealed = %s",
+                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
+                    )
+                written += cursor.rowcount
+        return written
 
     def close(self) -> None:
         self.pool.close()

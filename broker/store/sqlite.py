@@ -19,17 +19,19 @@ from typing import Any
 
 import sqlite_utils
 
-from broker.errors import StoreError
-from broker.store.base import CredentialRow, PendingFlowRow, RefreshLock
-from broker.store.filelock import FileRefreshLocks
+from broker.errors import DecryptionError, StoreError
+from broker.store.base import CredentialRow, PendingFlowRow, SealedRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 5000
 
 _CRED_COLUMNS = (
     "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
     "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
 )
+# Read with next_attempt_at (migration 2); written columns stay _CRED_COLUMNS, so a save (an
+# INSERT OR REPLACE) resets the backoff and releases the refresh lease.
+_CRED_SELECT = _CRED_COLUMNS + ", next_attempt_at"
 _FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
 
 
@@ -73,10 +75,28 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     db["pending_flows"].create_index(["expires_at"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
+def _migrate_2(db: sqlite_utils.Database) -> None:
+    """Credential lifecycle: when to retry after a transient failure, and the refresh lease that
+    keeps two processes from presenting the same refresh token."""
+    table = db["credentials"]
+    table.add_column("next_attempt_at", float)
+    table.add_column("lease_owner", str)
+    table.add_column("lease_until", float)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
 
 
 def _cred(row: tuple[Any, ...]) -> CredentialRow:
+    try:
+        return _cred_fields(row)
+    except (ValueError, TypeError, OverflowError):
+        # A clear column that does not parse (corrupt file, hand edit): the record fails closed
+        # with the same error as a record whose ciphertext does not open.
+        raise DecryptionError() from None
+
+
+def _cred_fields(row: tuple[Any, ...]) -> CredentialRow:
     (
         user,
         key,
@@ -93,12 +113,17 @@ def _cred(row: tuple[Any, ...]) -> CredentialRow:
         last_refresh,
         last_error,
         failures,
+        *rest,
     ) = row
+    next_attempt = rest[0] if rest else None
+    scope_list = json.loads(str(scopes))
+    if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
+        raise ValueError("scopes")
     return CredentialRow(
         user_id=str(user),
         upstream_key=str(key),
         token_type=str(token_type),
-        scopes=tuple(json.loads(str(scopes))),
+        scopes=tuple(scope_list),
         expires_at=None if expires is None else float(expires),
         obtained_via=str(via),
         status=str(status),
@@ -110,6 +135,7 @@ def _cred(row: tuple[Any, ...]) -> CredentialRow:
         last_refresh_at=None if last_refresh is None else float(last_refresh),
         last_error=None if last_error is None else str(last_error),
         failure_count=int(failures or 0),
+        next_attempt_at=None if next_attempt is None else float(next_attempt),
     )
 
 
@@ -142,7 +168,6 @@ class SqliteStore:
             # Create the file 0600 before SQLite opens it; the -wal and -shm files inherit it.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self._migrate()
-            self._refresh_locks = FileRefreshLocks(path.with_name(path.name + ".refresh-lock"))
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {_describe(exc)}") from exc
 
@@ -205,7 +230,7 @@ class SqliteStore:
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
         rows = self._read(
-            f"SELECT {_CRED_COLUMNS} FROM credentials WHERE user_id = ? AND upstream_key = ?",
+            f"SELECT {_CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?",
             (user_id, upstream_key),
         )
         return _cred(rows[0]) if rows else None
@@ -244,15 +269,34 @@ class SqliteStore:
             return int(generation)
 
     def record_failure(
-        self, user_id: str, upstream_key: str, status: str, error_class: str, generation: int
+        self,
+        user_id: str,
+        upstream_key: str,
+        status: str,
+        error_class: str,
+        generation: int,
+        next_attempt_at: float | None = None,
     ) -> None:
         with self._write() as conn:
             conn.execute(
                 "UPDATE credentials SET status = ?, last_error = ?, "
-                "failure_count = failure_count + 1 "
+                "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = ?, "
+                "lease_owner = NULL, lease_until = NULL "
                 "WHERE user_id = ? AND upstream_key = ? AND generation = ?",
-                (status, error_class, user_id, upstream_key, generation),
+                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
             )
+
+    def claim_refresh(
+        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+    ) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = ? "
+                "WHERE user_id = ? AND upstream_key = ? AND generation = ? AND status != 'needs_reauth' "
+                "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?)",
+                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
+            )
+            return cursor.rowcount == 1
 
     def delete_credential(self, user_id: str, upstream_key: str) -> bool:
         with self._write() as conn:
@@ -261,6 +305,15 @@ class SqliteStore:
                 (user_id, upstream_key),
             )
             return cursor.rowcount > 0
+
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
+        rows = self._read(
+            "SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL AND expires_at <= ? "
+            "THEN 'expired' ELSE status END AS s, COUNT(*) FROM credentials GROUP BY s",
+            (now,),
+        )
+        return {str(status): int(count) for status, count in rows}
 
     # -- pending flows -------------------------------------------------------------------
 
@@ -307,11 +360,50 @@ class SqliteStore:
         )
         return [(str(k), int(n)) for k, n in rows]
 
+    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
+        # One rowid space per table: credentials take even positions, flows odd ones, so a single
+        # cursor pages through both.
+        rows = self._read(
+            "SELECT * FROM ("
+            "SELECT rowid * 2 AS pos, 'credentials', user_id, upstream_key, kek_id, generation, sealed "
+            "FROM credentials WHERE kek_id != ? AND rowid * 2 > ? "
+            "UNION ALL "
+            "SELECT rowid * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
+            "FROM pending_flows WHERE kek_id != ? AND rowid * 2 + 1 > ?"
+            ") ORDER BY pos LIMIT ?",
+            (skip_kek_id, after_position, skip_kek_id, after_position, limit),
+        )
+        return [
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
+            for pos, t, u, k, kid, g, sealed in rows
+        ]
+
+    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
+        written = 0
+        with self._write() as conn:
+            for record, kek_id, sealed in updates:
+                if record.table == "credentials":
+                    cursor = conn.execute(
+                        "UPDATE credentials SET kek_id = ?, sealed = ? WHERE user_id = ? AND "
+                        "upstream_key = ? AND kek_id = ? AND generation = ?",
+                        (kek_id, sealed, record.user_id, record.record_key, record.kek_id, record.generation),
+                    )
+                elif record.table == "pending_flows":
+                    cursor = conn.execute(
+                        "UPDATE pending_flows SET kek_id = ?, sealed = ? WHERE state_hash = ? AND "
+                        "user_id = ? AND kek_id = ? AND sealed = ?",
+                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
+                    )
+                else:
+                    raise ValueError(f"unknown table {record.table!r}")
+                written += cursor.rowcount
+        return written
+
     def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
         creds: list[CredentialRow | PendingFlowRow] = [
             _cred(r)
             for r in self._read(
-                f"SELECT {_CRED_COLUMNS} FROM credentials WHERE kek_id = ? LIMIT ?", (kek_id, limit)
+                f"SELECT {_CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?", (kek_id, limit)
             )
         ]
         flows = [
@@ -323,13 +415,8 @@ class SqliteStore:
         ]
         return creds + flows
 
-    def lock_refresh(self, user_id: str, upstream_key: str, timeout: float) -> RefreshLock | None:
-        return self._refresh_locks.acquire(user_id, upstream_key, timeout)
-
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._refresh_locks.close()
             self._closed = True
             conns, self._all = self._all, []
         for conn in conns:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Go-built tools the ecosystem checks need, at pinned versions:
-#   grpcurl, buf, protoc-gen-go, protoc-gen-go-grpc
+#   grpcurl, buf, protoc-gen-go, protoc-gen-go-grpc, and kustomize (renders deploy/kubernetes
+#   for the manifest tests where kubectl is not installed)
 # Everything is built from source with `go install` through the Go module proxy
 # (no release-binary downloads). Idempotent: a tool already in GOBIN at the
 # pinned version is skipped. Prints what it did and how long each step took.
@@ -14,6 +15,7 @@ GRPCURL_VERSION="${GRPCURL_VERSION:-v1.9.4}"
 BUF_VERSION="${BUF_VERSION:-v1.75.0}"
 PROTOC_GEN_GO_VERSION="${PROTOC_GEN_GO_VERSION:-v1.36.12}"
 PROTOC_GEN_GO_GRPC_VERSION="${PROTOC_GEN_GO_GRPC_VERSION:-v1.6.2}"
+KUSTOMIZE_VERSION="${KUSTOMIZE_VERSION:-v5.5.0}"
 
 if ! command -v go >/dev/null 2>&1; then
   echo "install-tools: go is not on PATH; install Go >= 1.26.7 (buf v1.75.0 needs it) first" >&2
@@ -58,6 +60,9 @@ install_one protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go "$PROTOC_
 install_one protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc "$PROTOC_GEN_GO_GRPC_VERSION"
 install_one grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION"
 install_one buf github.com/bufbuild/buf/cmd/buf "$BUF_VERSION"
+if ! command -v kubectl >/dev/null 2>&1; then
+  install_one kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION"
+fi
 
 case ":$PATH:" in
   *":$GOBIN:"*) ;;

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n credentialbroker/v1/broker.proto\x12\x13\x63redentialbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x0e\x43redentialInfo\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cobtained_via\x18\x06 \x01(\t\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x1c\x42uildAuthorizationURLRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\"y\n\x1d\x42uildAuthorizationURLResponse\x12\x19\n\x11\x61uthorization_url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x0f\x43ompleteRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"K\n\x10\x43ompleteResponse\x12\x37\n\ncredential\x18\x01 \x01(\x0b\x32#.credentialbroker.v1.CredentialInfo\"F\n\x0b\x44\x65nyRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x19\n\x11\x65rror_description\x18\x03 \x01(\t\"\x0e\n\x0c\x44\x65nyResponse\"3\n\x0eRefreshRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\"J\n\x0fRefreshResponse\x12\x37\n\ncredential\x18\x01 \x01(\x0b\x32#.credentialbroker.v1.CredentialInfo\"e\n\x0eResolveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\x15\n\rsubject_token\x18\x03 \x01(\t\x12\x19\n\x11min_valid_seconds\x18\x04 \x01(\r\"\xbc\x01\n\x0fResolveResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x14\n\x0cobtained_via\x18\x05 \x01(\t\x12\x13\n\x0bheader_name\x18\x06 \x01(\t\x12\x14\n\x0cheader_value\x18\x07 \x01(\t2\xe4\x03\n\x10\x43redentialBroker\x12~\n\x15\x42uildAuthorizationURL\x12\x31.credentialbroker.v1.BuildAuthorizationURLRequest\x1a\x32.credentialbroker.v1.BuildAuthorizationURLResponse\x12W\n\x08\x43omplete\x12$.credentialbroker.v1.CompleteRequest\x1a%.credentialbroker.v1.CompleteResponse\x12K\n\x04\x44\x65ny\x12 .credentialbroker.v1.DenyRequest\x1a!.credentialbroker.v1.DenyResponse\x12T\n\x07Refresh\x12#.credentialbroker.v1.RefreshRequest\x1a$.credentialbroker.v1.RefreshResponse\x12T\n\x07Resolve\x12#.credentialbroker.v1.ResolveRequest\x1a$.credentialbroker.v1.ResolveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n credentialbroker/v1/broker.proto\x12\x13\x63redentialbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x01\n\x0e\x43redentialInfo\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cobtained_via\x18\x06 \x01(\t\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x1c\x42uildAuthorizationURLRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\"y\n\x1d\x42uildAuthorizationURLResponse\x12\x19\n\x11\x61uthorization_url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x0f\x43ompleteRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0b\n\x03iss\x18\x04 \x01(\t\"K\n\x10\x43ompleteResponse\x12\x37\n\ncredential\x18\x01 \x01(\x0b\x32#.credentialbroker.v1.CredentialInfo\"F\n\x0b\x44\x65nyRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x19\n\x11\x65rror_description\x18\x03 \x01(\t\"\x0e\n\x0c\x44\x65nyResponse\"3\n\x0eRefreshRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\"J\n\x0fRefreshResponse\x12\x37\n\ncredential\x18\x01 \x01(\x0b\x32#.credentialbroker.v1.CredentialInfo\"e\n\x0eResolveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\x12\x15\n\rsubject_token\x18\x03 \x01(\t\x12\x19\n\x11min_valid_seconds\x18\x04 \x01(\r\"\xbc\x01\n\x0fResolveResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x12\n\ntoken_type\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x14\n\x0cobtained_via\x18\x05 \x01(\t\x12\x13\n\x0bheader_name\x18\x06 \x01(\t\x12\x14\n\x0cheader_value\x18\x07 \x01(\t\")\n\x16ListConnectionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xd6\x01\n\nConnection\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cobtained_via\x18\x06 \x01(\t\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x08 \x01(\t\"O\n\x17ListConnectionsResponse\x12\x34\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1f.credentialbroker.v1.Connection\"6\n\x11\x44isconnectRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08upstream\x18\x02 \x01(\t\"K\n\x0fTokenRevocation\x12\x17\n\x0ftoken_type_hint\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"`\n\x12\x44isconnectResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x39\n\x0brevocations\x18\x02 \x03(\x0b\x32$.credentialbroker.v1.TokenRevocation2\xb1\x05\n\x10\x43redentialBroker\x12~\n\x15\x42uildAuthorizationURL\x12\x31.credentialbroker.v1.BuildAuthorizationURLRequest\x1a\x32.credentialbroker.v1.BuildAuthorizationURLResponse\x12W\n\x08\x43omplete\x12$.credentialbroker.v1.CompleteRequest\x1a%.credentialbroker.v1.CompleteResponse\x12K\n\x04\x44\x65ny\x12 .credentialbroker.v1.DenyRequest\x1a!.credentialbroker.v1.DenyResponse\x12T\n\x07Refresh\x12#.credentialbroker.v1.RefreshRequest\x1a$.credentialbroker.v1.RefreshResponse\x12T\n\x07Resolve\x12#.credentialbroker.v1.ResolveRequest\x1a$.credentialbroker.v1.ResolveResponse\x12l\n\x0fListConnections\x12+.credentialbroker.v1.ListConnectionsRequest\x1a,.credentialbroker.v1.ListConnectionsResponse\x12]\n\nDisconnect\x12&.credentialbroker.v1.DisconnectRequest\x1a\'.credentialbroker.v1.DisconnectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,21 +39,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUILDAUTHORIZATIONURLRESPONSE']._serialized_start=365
   _globals['_BUILDAUTHORIZATIONURLRESPONSE']._serialized_end=486
   _globals['_COMPLETEREQUEST']._serialized_start=488
-  _globals['_COMPLETEREQUEST']._serialized_end=551
-  _globals['_COMPLETERESPONSE']._serialized_start=553
-  _globals['_COMPLETERESPONSE']._serialized_end=628
-  _globals['_DENYREQUEST']._serialized_start=630
-  _globals['_DENYREQUEST']._serialized_end=700
-  _globals['_DENYRESPONSE']._serialized_start=702
-  _globals['_DENYRESPONSE']._serialized_end=716
-  _globals['_REFRESHREQUEST']._serialized_start=718
-  _globals['_REFRESHREQUEST']._serialized_end=769
-  _globals['_REFRESHRESPONSE']._serialized_start=771
-  _globals['_REFRESHRESPONSE']._serialized_end=845
-  _globals['_RESOLVEREQUEST']._serialized_start=847
-  _globals['_RESOLVEREQUEST']._serialized_end=948
-  _globals['_RESOLVERESPONSE']._serialized_start=951
-  _globals['_RESOLVERESPONSE']._serialized_end=1139
-  _globals['_CREDENTIALBROKER']._serialized_start=1142
-  _globals['_CREDENTIALBROKER']._serialized_end=1626
+  _globals['_COMPLETEREQUEST']._serialized_end=564
+  _globals['_COMPLETERESPONSE']._serialized_start=566
+  _globals['_COMPLETERESPONSE']._serialized_end=641
+  _globals['_DENYREQUEST']._serialized_start=643
+  _globals['_DENYREQUEST']._serialized_end=713
+  _globals['_DENYRESPONSE']._serialized_start=715
+  _globals['_DENYRESPONSE']._serialized_end=729
+  _globals['_REFRESHREQUEST']._serialized_start=731
+  _globals['_REFRESHREQUEST']._serialized_end=782
+  _globals['_REFRESHRESPONSE']._serialized_start=784
+  _globals['_REFRESHRESPONSE']._serialized_end=858
+  _globals['_RESOLVEREQUEST']._serialized_start=860
+  _globals['_RESOLVEREQUEST']._serialized_end=961
+  _globals['_RESOLVERESPONSE']._serialized_start=964
+  _globals['_RESOLVERESPONSE']._serialized_end=1152
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1154
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1195
+  _globals['_CONNECTION']._serialized_start=1198
+  _globals['_CONNECTION']._serialized_end=1412
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1414
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1493
+  _globals['_DISCONNECTREQUEST']._serialized_start=1495
+  _globals['_DISCONNECTREQUEST']._serialized_end=1549
+  _globals['_TOKENREVOCATION']._serialized_start=1551
+  _globals['_TOKENREVOCATION']._serialized_end=1626
+  _globals['_DISCONNECTRESPONSE']._serialized_start=1628
+  _globals['_DISCONNECTRESPONSE']._serialized_end=1724
+  _globals['_CREDENTIALBROKER']._serialized_start=1727
+  _globals['_CREDENTIALBROKER']._serialized_end=2416
 # @@protoc_insertion_point(module_scope)

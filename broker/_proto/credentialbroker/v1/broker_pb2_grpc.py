@@ -60,6 +60,16 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/ListConnections',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListConnectionsRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListConnectionsResponse.FromString,
+                _registered_method=True)
+        self.Disconnect = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/Disconnect',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -101,6 +111,20 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConnections(self, request, context):
+        """ListConnections describes the user's credential for every configured upstream. Never a token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Disconnect(self, request, context):
+        """Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +152,16 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.Resolve,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ResolveRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ResolveResponse.SerializeToString,
+            ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.ListConnectionsRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.ListConnectionsResponse.SerializeToString,
+            ),
+            'Disconnect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Disconnect,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +300,60 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/Resolve',
             credentialbroker_dot_v1_dot_broker__pb2.ResolveRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/ListConnections',
+            credentialbroker_dot_v1_dot_broker__pb2.ListConnectionsRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.ListConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Disconnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/Disconnect',
+            credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -244,7 +244,9 @@ type CompleteRequest struct {
 	// The authorization code from the callback's query.
 	Code string `protobuf:"bytes,2,opt,name=code,proto3" json:"code,omitempty"`
 	// The user the calling application authenticated; must be the user who started the flow.
-	UserId        string `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	UserId string `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// The callback's iss parameter (RFC 9207), checked when the authorization server sends it.
+	Iss           string `protobuf:"bytes,4,opt,name=iss,proto3" json:"iss,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -296,6 +298,13 @@ func (x *CompleteRequest) GetCode() string {
 func (x *CompleteRequest) GetUserId() string {
 	if x != nil {
 		return x.UserId
+	}
+	return ""
+}
+
+func (x *CompleteRequest) GetIss() string {
+	if x != nil {
+		return x.Iss
 	}
 	return ""
 }
@@ -702,6 +711,369 @@ func (x *ResolveResponse) GetHeaderValue() string {
 	return ""
 }
 
+type ListConnectionsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListConnectionsRequest) Reset() {
+	*x = ListConnectionsRequest{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListConnectionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListConnectionsRequest) ProtoMessage() {}
+
+func (x *ListConnectionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListConnectionsRequest.ProtoReflect.Descriptor instead.
+func (*ListConnectionsRequest) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ListConnectionsRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+// Connection is the state of one user's credential for one upstream. It never carries a token.
+type Connection struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Upstream string                 `protobuf:"bytes,1,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	// "connected", "expired", "needs_reauth", "not_connected" or "unavailable".
+	Status string `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	// The upstream's auth mode: "oauth_connect", "token_exchange" or "entra_obo".
+	Mode   string   `protobuf:"bytes,3,opt,name=mode,proto3" json:"mode,omitempty"`
+	Scopes []string `protobuf:"bytes,4,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// Unset when not connected or when the expiry is not known.
+	ExpiresAt   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	ObtainedVia string                 `protobuf:"bytes,6,opt,name=obtained_via,json=obtainedVia,proto3" json:"obtained_via,omitempty"`
+	UpdatedAt   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// The class of the last refresh failure (e.g. "invalid_grant"), empty when none.
+	LastError     string `protobuf:"bytes,8,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Connection) Reset() {
+	*x = Connection{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Connection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Connection) ProtoMessage() {}
+
+func (x *Connection) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Connection.ProtoReflect.Descriptor instead.
+func (*Connection) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Connection) GetUpstream() string {
+	if x != nil {
+		return x.Upstream
+	}
+	return ""
+}
+
+func (x *Connection) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *Connection) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *Connection) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *Connection) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Connection) GetObtainedVia() string {
+	if x != nil {
+		return x.ObtainedVia
+	}
+	return ""
+}
+
+func (x *Connection) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *Connection) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+type ListConnectionsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Connections   []*Connection          `protobuf:"bytes,1,rep,name=connections,proto3" json:"connections,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListConnectionsResponse) Reset() {
+	*x = ListConnectionsResponse{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListConnectionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListConnectionsResponse) ProtoMessage() {}
+
+func (x *ListConnectionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListConnectionsResponse.ProtoReflect.Descriptor instead.
+func (*ListConnectionsResponse) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ListConnectionsResponse) GetConnections() []*Connection {
+	if x != nil {
+		return x.Connections
+	}
+	return nil
+}
+
+type DisconnectRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Upstream      string                 `protobuf:"bytes,2,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisconnectRequest) Reset() {
+	*x = DisconnectRequest{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisconnectRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisconnectRequest) ProtoMessage() {}
+
+func (x *DisconnectRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisconnectRequest.ProtoReflect.Descriptor instead.
+func (*DisconnectRequest) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *DisconnectRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *DisconnectRequest) GetUpstream() string {
+	if x != nil {
+		return x.Upstream
+	}
+	return ""
+}
+
+// TokenRevocation is the outcome of revoking one token (RFC 7009).
+type TokenRevocation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "refresh_token" or "access_token".
+	TokenTypeHint string `protobuf:"bytes,1,opt,name=token_type_hint,json=tokenTypeHint,proto3" json:"token_type_hint,omitempty"`
+	// "revoked", "not_supported" (no revocation endpoint), "failed" (the server refused or
+	// could not be reached) or "absent" (the credential held no such token).
+	Outcome string `protobuf:"bytes,2,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// Why it failed, e.g. "http_503" or "unreachable"; empty on success.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenRevocation) Reset() {
+	*x = TokenRevocation{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenRevocation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenRevocation) ProtoMessage() {}
+
+func (x *TokenRevocation) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenRevocation.ProtoReflect.Descriptor instead.
+func (*TokenRevocation) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *TokenRevocation) GetTokenTypeHint() string {
+	if x != nil {
+		return x.TokenTypeHint
+	}
+	return ""
+}
+
+func (x *TokenRevocation) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *TokenRevocation) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type DisconnectResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whether a stored credential existed (and was deleted).
+	Deleted       bool               `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	Revocations   []*TokenRevocation `protobuf:"bytes,2,rep,name=revocations,proto3" json:"revocations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisconnectResponse) Reset() {
+	*x = DisconnectResponse{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisconnectResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisconnectResponse) ProtoMessage() {}
+
+func (x *DisconnectResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisconnectResponse.ProtoReflect.Descriptor instead.
+func (*DisconnectResponse) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DisconnectResponse) GetDeleted() bool {
+	if x != nil {
+		return x.Deleted
+	}
+	return false
+}
+
+func (x *DisconnectResponse) GetRevocations() []*TokenRevocation {
+	if x != nil {
+		return x.Revocations
+	}
+	return nil
+}
+
 var File_credentialbroker_v1_broker_proto protoreflect.FileDescriptor
 
 const file_credentialbroker_v1_broker_proto_rawDesc = "" +
@@ -725,11 +1097,12 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\x11authorization_url\x18\x01 \x01(\tR\x10authorizationUrl\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x129\n" +
 	"\n" +
-	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"T\n" +
+	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"f\n" +
 	"\x0fCompleteRequest\x12\x14\n" +
 	"\x05state\x18\x01 \x01(\tR\x05state\x12\x12\n" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x17\n" +
-	"\auser_id\x18\x03 \x01(\tR\x06userId\"W\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x10\n" +
+	"\x03iss\x18\x04 \x01(\tR\x03iss\"W\n" +
 	"\x10CompleteResponse\x12C\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2#.credentialbroker.v1.CredentialInfoR\n" +
@@ -761,13 +1134,43 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\fobtained_via\x18\x05 \x01(\tR\vobtainedVia\x12\x1f\n" +
 	"\vheader_name\x18\x06 \x01(\tR\n" +
 	"headerName\x12!\n" +
-	"\fheader_value\x18\a \x01(\tR\vheaderValue2\xe4\x03\n" +
+	"\fheader_value\x18\a \x01(\tR\vheaderValue\"1\n" +
+	"\x16ListConnectionsRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\"\xa4\x02\n" +
+	"\n" +
+	"Connection\x12\x1a\n" +
+	"\bupstream\x18\x01 \x01(\tR\bupstream\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\x12\x12\n" +
+	"\x04mode\x18\x03 \x01(\tR\x04mode\x12\x16\n" +
+	"\x06scopes\x18\x04 \x03(\tR\x06scopes\x129\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12!\n" +
+	"\fobtained_via\x18\x06 \x01(\tR\vobtainedVia\x129\n" +
+	"\n" +
+	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\b \x01(\tR\tlastError\"\\\n" +
+	"\x17ListConnectionsResponse\x12A\n" +
+	"\vconnections\x18\x01 \x03(\v2\x1f.credentialbroker.v1.ConnectionR\vconnections\"H\n" +
+	"\x11DisconnectRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1a\n" +
+	"\bupstream\x18\x02 \x01(\tR\bupstream\"k\n" +
+	"\x0fTokenRevocation\x12&\n" +
+	"\x0ftoken_type_hint\x18\x01 \x01(\tR\rtokenTypeHint\x12\x18\n" +
+	"\aoutcome\x18\x02 \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"v\n" +
+	"\x12DisconnectResponse\x12\x18\n" +
+	"\adeleted\x18\x01 \x01(\bR\adeleted\x12F\n" +
+	"\vrevocations\x18\x02 \x03(\v2$.credentialbroker.v1.TokenRevocationR\vrevocations2\xb1\x05\n" +
 	"\x10CredentialBroker\x12~\n" +
 	"\x15BuildAuthorizationURL\x121.credentialbroker.v1.BuildAuthorizationURLRequest\x1a2.credentialbroker.v1.BuildAuthorizationURLResponse\x12W\n" +
 	"\bComplete\x12$.credentialbroker.v1.CompleteRequest\x1a%.credentialbroker.v1.CompleteResponse\x12K\n" +
 	"\x04Deny\x12 .credentialbroker.v1.DenyRequest\x1a!.credentialbroker.v1.DenyResponse\x12T\n" +
 	"\aRefresh\x12#.credentialbroker.v1.RefreshRequest\x1a$.credentialbroker.v1.RefreshResponse\x12T\n" +
-	"\aResolve\x12#.credentialbroker.v1.ResolveRequest\x1a$.credentialbroker.v1.ResolveResponseb\x06proto3"
+	"\aResolve\x12#.credentialbroker.v1.ResolveRequest\x1a$.credentialbroker.v1.ResolveResponse\x12l\n" +
+	"\x0fListConnections\x12+.credentialbroker.v1.ListConnectionsRequest\x1a,.credentialbroker.v1.ListConnectionsResponse\x12]\n" +
+	"\n" +
+	"Disconnect\x12&.credentialbroker.v1.DisconnectRequest\x1a'.credentialbroker.v1.DisconnectResponseb\x06proto3"
 
 var (
 	file_credentialbroker_v1_broker_proto_rawDescOnce sync.Once
@@ -781,7 +1184,7 @@ func file_credentialbroker_v1_broker_proto_rawDescGZIP() []byte {
 	return file_credentialbroker_v1_broker_proto_rawDescData
 }
 
-var file_credentialbroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_credentialbroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_credentialbroker_v1_broker_proto_goTypes = []any{
 	(*CredentialInfo)(nil),                // 0: credentialbroker.v1.CredentialInfo
 	(*BuildAuthorizationURLRequest)(nil),  // 1: credentialbroker.v1.BuildAuthorizationURLRequest
@@ -794,30 +1197,44 @@ var file_credentialbroker_v1_broker_proto_goTypes = []any{
 	(*RefreshResponse)(nil),               // 8: credentialbroker.v1.RefreshResponse
 	(*ResolveRequest)(nil),                // 9: credentialbroker.v1.ResolveRequest
 	(*ResolveResponse)(nil),               // 10: credentialbroker.v1.ResolveResponse
-	(*timestamppb.Timestamp)(nil),         // 11: google.protobuf.Timestamp
+	(*ListConnectionsRequest)(nil),        // 11: credentialbroker.v1.ListConnectionsRequest
+	(*Connection)(nil),                    // 12: credentialbroker.v1.Connection
+	(*ListConnectionsResponse)(nil),       // 13: credentialbroker.v1.ListConnectionsResponse
+	(*DisconnectRequest)(nil),             // 14: credentialbroker.v1.DisconnectRequest
+	(*TokenRevocation)(nil),               // 15: credentialbroker.v1.TokenRevocation
+	(*DisconnectResponse)(nil),            // 16: credentialbroker.v1.DisconnectResponse
+	(*timestamppb.Timestamp)(nil),         // 17: google.protobuf.Timestamp
 }
 var file_credentialbroker_v1_broker_proto_depIdxs = []int32{
-	11, // 0: credentialbroker.v1.CredentialInfo.expires_at:type_name -> google.protobuf.Timestamp
-	11, // 1: credentialbroker.v1.CredentialInfo.updated_at:type_name -> google.protobuf.Timestamp
-	11, // 2: credentialbroker.v1.BuildAuthorizationURLResponse.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 0: credentialbroker.v1.CredentialInfo.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 1: credentialbroker.v1.CredentialInfo.updated_at:type_name -> google.protobuf.Timestamp
+	17, // 2: credentialbroker.v1.BuildAuthorizationURLResponse.expires_at:type_name -> google.protobuf.Timestamp
 	0,  // 3: credentialbroker.v1.CompleteResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
 	0,  // 4: credentialbroker.v1.RefreshResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
-	11, // 5: credentialbroker.v1.ResolveResponse.expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 6: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:input_type -> credentialbroker.v1.BuildAuthorizationURLRequest
-	3,  // 7: credentialbroker.v1.CredentialBroker.Complete:input_type -> credentialbroker.v1.CompleteRequest
-	5,  // 8: credentialbroker.v1.CredentialBroker.Deny:input_type -> credentialbroker.v1.DenyRequest
-	7,  // 9: credentialbroker.v1.CredentialBroker.Refresh:input_type -> credentialbroker.v1.RefreshRequest
-	9,  // 10: credentialbroker.v1.CredentialBroker.Resolve:input_type -> credentialbroker.v1.ResolveRequest
-	2,  // 11: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:output_type -> credentialbroker.v1.BuildAuthorizationURLResponse
-	4,  // 12: credentialbroker.v1.CredentialBroker.Complete:output_type -> credentialbroker.v1.CompleteResponse
-	6,  // 13: credentialbroker.v1.CredentialBroker.Deny:output_type -> credentialbroker.v1.DenyResponse
-	8,  // 14: credentialbroker.v1.CredentialBroker.Refresh:output_type -> credentialbroker.v1.RefreshResponse
-	10, // 15: credentialbroker.v1.CredentialBroker.Resolve:output_type -> credentialbroker.v1.ResolveResponse
-	11, // [11:16] is the sub-list for method output_type
-	6,  // [6:11] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	17, // 5: credentialbroker.v1.ResolveResponse.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 6: credentialbroker.v1.Connection.expires_at:type_name -> google.protobuf.Timestamp
+	17, // 7: credentialbroker.v1.Connection.updated_at:type_name -> google.protobuf.Timestamp
+	12, // 8: credentialbroker.v1.ListConnectionsResponse.connections:type_name -> credentialbroker.v1.Connection
+	15, // 9: credentialbroker.v1.DisconnectResponse.revocations:type_name -> credentialbroker.v1.TokenRevocation
+	1,  // 10: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:input_type -> credentialbroker.v1.BuildAuthorizationURLRequest
+	3,  // 11: credentialbroker.v1.CredentialBroker.Complete:input_type -> credentialbroker.v1.CompleteRequest
+	5,  // 12: credentialbroker.v1.CredentialBroker.Deny:input_type -> credentialbroker.v1.DenyRequest
+	7,  // 13: credentialbroker.v1.CredentialBroker.Refresh:input_type -> credentialbroker.v1.RefreshRequest
+	9,  // 14: credentialbroker.v1.CredentialBroker.Resolve:input_type -> credentialbroker.v1.ResolveRequest
+	11, // 15: credentialbroker.v1.CredentialBroker.ListConnections:input_type -> credentialbroker.v1.ListConnectionsRequest
+	14, // 16: credentialbroker.v1.CredentialBroker.Disconnect:input_type -> credentialbroker.v1.DisconnectRequest
+	2,  // 17: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:output_type -> credentialbroker.v1.BuildAuthorizationURLResponse
+	4,  // 18: credentialbroker.v1.CredentialBroker.Complete:output_type -> credentialbroker.v1.CompleteResponse
+	6,  // 19: credentialbroker.v1.CredentialBroker.Deny:output_type -> credentialbroker.v1.DenyResponse
+	8,  // 20: credentialbroker.v1.CredentialBroker.Refresh:output_type -> credentialbroker.v1.RefreshResponse
+	10, // 21: credentialbroker.v1.CredentialBroker.Resolve:output_type -> credentialbroker.v1.ResolveResponse
+	13, // 22: credentialbroker.v1.CredentialBroker.ListConnections:output_type -> credentialbroker.v1.ListConnectionsResponse
+	16, // 23: credentialbroker.v1.CredentialBroker.Disconnect:output_type -> credentialbroker.v1.DisconnectResponse
+	17, // [17:24] is the sub-list for method output_type
+	10, // [10:17] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_credentialbroker_v1_broker_proto_init() }
@@ -831,7 +1248,7 @@ func file_credentialbroker_v1_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credentialbroker_v1_broker_proto_rawDesc), len(file_credentialbroker_v1_broker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,8 @@ const (
 	CredentialBroker_Deny_FullMethodName                  = "/credentialbroker.v1.CredentialBroker/Deny"
 	CredentialBroker_Refresh_FullMethodName               = "/credentialbroker.v1.CredentialBroker/Refresh"
 	CredentialBroker_Resolve_FullMethodName               = "/credentialbroker.v1.CredentialBroker/Resolve"
+	CredentialBroker_ListConnections_FullMethodName       = "/credentialbroker.v1.CredentialBroker/ListConnections"
+	CredentialBroker_Disconnect_FullMethodName            = "/credentialbroker.v1.CredentialBroker/Disconnect"
 )
 
 // CredentialBrokerClient is the client API for CredentialBroker service.
@@ -47,6 +49,10 @@ type CredentialBrokerClient interface {
 	Refresh(ctx context.Context, in *RefreshRequest, opts ...grpc.CallOption) (*RefreshResponse, error)
 	// Resolve returns a valid access token for (user, upstream), refreshing it first when needed.
 	Resolve(ctx context.Context, in *ResolveRequest, opts ...grpc.CallOption) (*ResolveResponse, error)
+	// ListConnections describes the user's credential for every configured upstream. Never a token.
+	ListConnections(ctx context.Context, in *ListConnectionsRequest, opts ...grpc.CallOption) (*ListConnectionsResponse, error)
+	// Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
+	Disconnect(ctx context.Context, in *DisconnectRequest, opts ...grpc.CallOption) (*DisconnectResponse, error)
 }
 
 type credentialBrokerClient struct {
@@ -107,6 +113,26 @@ func (c *credentialBrokerClient) Resolve(ctx context.Context, in *ResolveRequest
 	return out, nil
 }
 
+func (c *credentialBrokerClient) ListConnections(ctx context.Context, in *ListConnectionsRequest, opts ...grpc.CallOption) (*ListConnectionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListConnectionsResponse)
+	err := c.cc.Invoke(ctx, CredentialBroker_ListConnections_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *credentialBrokerClient) Disconnect(ctx context.Context, in *DisconnectRequest, opts ...grpc.CallOption) (*DisconnectResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DisconnectResponse)
+	err := c.cc.Invoke(ctx, CredentialBroker_Disconnect_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CredentialBrokerServer is the server API for CredentialBroker service.
 // All implementations must embed UnimplementedCredentialBrokerServer
 // for forward compatibility.
@@ -123,6 +149,10 @@ type CredentialBrokerServer interface {
 	Refresh(context.Context, *RefreshRequest) (*RefreshResponse, error)
 	// Resolve returns a valid access token for (user, upstream), refreshing it first when needed.
 	Resolve(context.Context, *ResolveRequest) (*ResolveResponse, error)
+	// ListConnections describes the user's credential for every configured upstream. Never a token.
+	ListConnections(context.Context, *ListConnectionsRequest) (*ListConnectionsResponse, error)
+	// Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
+	Disconnect(context.Context, *DisconnectRequest) (*DisconnectResponse, error)
 	mustEmbedUnimplementedCredentialBrokerServer()
 }
 
@@ -147,6 +177,12 @@ func (UnimplementedCredentialBrokerServer) Refresh(context.Context, *RefreshRequ
 }
 func (UnimplementedCredentialBrokerServer) Resolve(context.Context, *ResolveRequest) (*ResolveResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Resolve not implemented")
+}
+func (UnimplementedCredentialBrokerServer) ListConnections(context.Context, *ListConnectionsRequest) (*ListConnectionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListConnections not implemented")
+}
+func (UnimplementedCredentialBrokerServer) Disconnect(context.Context, *DisconnectRequest) (*DisconnectResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Disconnect not implemented")
 }
 func (UnimplementedCredentialBrokerServer) mustEmbedUnimplementedCredentialBrokerServer() {}
 func (UnimplementedCredentialBrokerServer) testEmbeddedByValue()                          {}
@@ -259,6 +295,42 @@ func _CredentialBroker_Resolve_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CredentialBroker_ListConnections_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListConnectionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CredentialBrokerServer).ListConnections(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CredentialBroker_ListConnections_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CredentialBrokerServer).ListConnections(ctx, req.(*ListConnectionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _CredentialBroker_Disconnect_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DisconnectRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CredentialBrokerServer).Disconnect(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CredentialBroker_Disconnect_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CredentialBrokerServer).Disconnect(ctx, req.(*DisconnectRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // CredentialBroker_ServiceDesc is the grpc.ServiceDesc for CredentialBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -285,6 +357,14 @@ var CredentialBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Resolve",
 			Handler:    _CredentialBroker_Resolve_Handler,
+		},
+		{
+			MethodName: "ListConnections",
+			Handler:    _CredentialBroker_ListConnections_Handler,
+		},
+		{
+			MethodName: "Disconnect",
+			Handler:    _CredentialBroker_Disconnect_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,172 @@
+"""Credentials obtained from the user's own token: RFC 8693 token exchange and Entra on-behalf-of.
+
+The result is cached per (user, upstream) in the credentials table, sealed like any other
+credential, with ``obtained_via`` set to the mode and no refresh token; it is served from there
+until it enters the refresh window. Concurrent callers share one exchange (single flight), a
+failed exchange is never retried within the same call and is never cached. The subject token is
+only ever put in the request body: it is not logged, stored, or put in an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from broker.audit import Auditor
+from broker.clock import Clock
+from broker.config import Mode, UpstreamConfig
+from broker.errors import DecryptionError, SubjectTokenRequired, TokenRequestRejected, UpstreamUnavailable
+from broker.logs import fields, get_logger
+from broker.models import Credential, CredentialStatus, ObtainedVia, Secrets
+from broker.oauth import rfc8693
+from broker.oauth.client import ClientCredentials, TokenEndpointClient
+from broker.oauth.rfc6749 import TokenResponse
+from broker.singleflight import SingleFlight
+from broker.vault import CredentialVault
+
+_OBTAINED_VIA = {Mode.TOKEN_EXCHANGE: ObtainedVia.TOKEN_EXCHANGE, Mode.ENTRA_OBO: ObtainedVia.ENTRA_OBO}
+
+
+class TokenExchanger:
+    """Resolves credentials for ``token_exchange`` and ``entra_obo`` upstreams."""
+
+    def __init__(
+        self,
+        vault: CredentialVault,
+        tokens: TokenEndpointClient,
+        clock: Clock,
+        logger: logging.Logger | None = None,
+        auditor: Auditor | None = None,
+    ) -> None:
+        self._vault = vault
+        self._audit = auditor or Auditor()
+        self._tokens = tokens
+        self._clock = clock
+        self._log = logger or get_logger()
+        self.flights: SingleFlight[Credential] = SingleFlight()
+        #: Exchanges actually sent to a token endpoint (for tests and metrics).
+        self.exchanges = 0
+
+    async def resolve(
+        self, user: str, upstream: UpstreamConfig, subject_token: str, floor: int, window: int
+    ) -> Credential:
+        """A credential valid for ``window`` seconds if one can be had; one valid for ``floor``
+        (the caller's own minimum) when no new exchange is possible."""
+        mode = upstream.auth_broker.mode
+        cached = self._load(user, upstream)
+        now = self._clock.now()
+        if cached is not None and cached.valid_for(now, window):
+            return cached
+        if not subject_token:
+            if cached is not None and cached.valid_for(now, floor):
+                return cached
+            raise SubjectTokenRequired(
+                f"subject_token: required for upstream {upstream.name!r} (mode {mode.value}): "
+                "there is no cached credential valid long enough; send the user's token"
+            )
+        try:
+            return await self.flights.run(
+                (user, upstream.key), lambda: self._exchange(user, upstream, subject_token, window)
+            )
+        except UpstreamUnavailable:
+            # The authorization server is down: a token still valid for what the caller asked
+            # for is better than an error.
+            if cached is not None and cached.valid_for(self._clock.now(), floor):
+                return cached
+            raise
+
+    def _load(self, user: str, upstream: UpstreamConfig) -> Credential | None:
+        try:
+            found = self._vault.get(user, upstream.key)
+        except DecryptionError:
+            self._log.error(
+                "stored credential failed to decrypt; it will be replaced by a new exchange",
+                extra=fields(user_id=user, upstream=upstream.name),
+            )
+            return None
+        if found is None:
+            return None
+        credential = found[0]
+        # A row from another mode (the upstream's mode changed) is never served.
+        if credential.obtained_via != _OBTAINED_VIA[upstream.auth_broker.mode].value:
+            return None
+        if credential.status is not CredentialStatus.CONNECTED:
+            return None
+        return credential
+
+    async def _exchange(
+        self, user: str, upstream: UpstreamConfig, subject_token: str, window: int
+    ) -> Credential:
+        """One exchange, inside the single flight for (user, upstream)."""
+        # Another caller (or replica) may have just stored a fresh one.
+        cached = self._load(user, upstream)
+        if cached is not None and cached.valid_for(self._clock.now(), window):
+            return cached
+        auth = upstream.auth_broker
+        if auth.mode is Mode.ENTRA_OBO:
+            form = rfc8693.entra_obo_form(assertion=subject_token, scopes=auth.scopes)
+        else:
+            form = rfc8693.token_exchange_form(
+                subject_token=subject_token,
+                subject_token_type=auth.subject_token_type,
+                requested_token_type=auth.requested_token_type,
+                audiences=auth.audiences(),
+                resources=auth.resources(),
+                scopes=auth.scopes,
+            )
+        secret = auth.client_secret.get_secret_value() if auth.client_secret else None
+        client = ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+        assert auth.token_endpoint is not None  # set in config or by discovery at start-up
+        self.exchanges += 1
+        try:
+            token = await self._tokens.request_token(auth.token_endpoint, form, client)
+            if auth.mode is Mode.TOKEN_EXCHANGE:
+                rfc8693.check_issued_token_type(token, auth.requested_token_type)
+        except (TokenRequestRejected, UpstreamUnavailable) as exc:
+            # exc.message holds only the HTTP status and an allow-listed OAuth error code.
+            self._log.warning(
+                "token exchange failed",
+                extra=fields(
+                    user_id=user,
+                    upstream=upstream.name,
+                    mode=auth.mode.value,
+                    error=exc.code,
+                    detail=exc.message,
+                ),
+            )
+            self._audit.record("exchange", "failure", user=user, upstream=upstream.name, reason=exc.code)
+            raise
+        now = self._clock.now()
+        credential = self._credential(user, upstream, token, now)
+        generation = await asyncio.to_thread(self._vault.save, credential, None, now)
+        self._log.info(
+            "token exchanged", extra=fields(user_id=user, upstream=upstream.name, mode=auth.mode.value)
+        )
+        self._audit.record("exchange", "success", user=user, upstream=upstream.name)
+        return Credential(
+            credential.user_id,
+            credential.upstream_key,
+            credential.secrets,
+            credential.token_type,
+            credential.scopes,
+            credential.expires_at,
+            credential.obtained_via,
+            credential.updated_at,
+            credential.status,
+            generation or 0,
+        )
+
+    @staticmethod
+    def _credential(user: str, upstream: UpstreamConfig, token: TokenResponse, now: float) -> Credential:
+        auth = upstream.auth_broker
+        return Credential(
+            user_id=user,
+            upstream_key=upstream.key,
+            # An exchanged credential is renewed by exchanging again, never with a refresh token.
+            secrets=Secrets(token.access_token, None),
+            token_type=token.token_type,
+            scopes=token.scope if token.scope is not None else auth.scopes,
+            expires_at=None if token.expires_in is None else now + token.expires_in,
+            obtained_via=_OBTAINED_VIA[auth.mode].value,
+            updated_at=now,
+        )

@@ -1,0 +1,160 @@
+"""Caller authentication and authorization, request ids, audit of refusals and RPC metrics.
+
+One server interceptor wraps every CredentialBroker handler. It needs the call's context
+(peer, metadata, TLS auth context), which ``handler_call_details`` lacks, so it wraps the
+handler's behaviour rather than deciding in ``intercept_service``. The health service is
+never guarded: Kubernetes gRPC probes send no metadata.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+
+from broker.audit import Auditor
+from broker.callers import CallContext, CallerPolicy, current_call, request_id
+from broker.errors import BrokerError
+from broker.rpc.status import to_status
+
+_GUARDED_PREFIX = "/credentialbroker.v1.CredentialBroker/"
+# Reflection needs a known caller when callers are configured, but not the SSRF-guard header:
+# it only describes the API, and `grpcurl ... grpc.health.v1.Health/Check` (which must work
+# without the header, like a probe) looks the health service up through reflection first.
+_REFLECTION_PREFIX = "/grpc.reflection."
+_SAN = "x509_subject_alternative_name"
+
+
+class RpcObserver(Protocol):
+    """Where RPC counts and latencies go (the metrics registry)."""
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None: ...
+
+
+def cert_identities(context: grpc.aio.ServicerContext) -> list[str]:
+    """The SAN URIs and DNS names of a verified client certificate (mutual TLS), else []."""
+    auth = context.auth_context() or {}
+    return [value.decode("utf-8", "replace") for value in auth.get(_SAN, [])]
+
+
+class CallerInterceptor(grpc.aio.ServerInterceptor):
+    """Identifies and authorizes the caller of each CredentialBroker RPC."""
+
+    def __init__(
+        self,
+        policy: CallerPolicy,
+        auditor: Auditor,
+        observer: RpcObserver | None = None,
+    ) -> None:
+        self._policy = policy
+        self._audit = auditor
+        self._observer = observer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        full = handler_call_details.method
+        if handler is not None and full.startswith(_REFLECTION_PREFIX) and handler.stream_stream:
+            return self._guard_reflection(handler, full)
+        if handler is None or not full.startswith(_GUARDED_PREFIX) or handler.unary_unary is None:
+            return handler
+        method = full.removeprefix(_GUARDED_PREFIX)
+        inner = handler.unary_unary
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                await self._admit(method, request, context)
+                return await inner(request, context)
+            except BaseException:
+                code = _code_name(context)
+                raise
+            finally:
+                if code == "OK":
+                    code = _code_name(context)
+                if self._observer is not None:
+                    self._observer.observe_rpc(method, code, time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _guard_reflection(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
+        inner = handler.stream_stream
+        method = full.rpartition("/")[2]
+
+        async def guarded(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._admit(method, None, context, rules=False, header=False)
+            async for response in inner(request_iterator, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _admit(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        *,
+        rules: bool = True,
+        header: bool = True,
+    ) -> None:
+        metadata = {
+            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
+        }
+        rid = request_id(metadata)
+        current_call.set(CallContext(rid, "", method))
+        upstream = getattr(request, "upstream", "") if hasattr(request, "DESCRIPTOR") else ""
+        user = getattr(request, "user_id", "") if hasattr(request, "DESCRIPTOR") else ""
+        caller_name = ""
+        try:
+            caller = self._policy.identify(
+                over_tcp=not context.peer().startswith("unix:"),
+                metadata=metadata,
+                cert_identities=cert_identities(context),
+                needs_header=header,
+            )
+            caller_name = caller.name
+            if rules:
+                self._policy.authorize(caller, method, upstream or None)
+        except BrokerError as exc:
+            self._audit.record(
+                "policy_denial",
+                "denied",
+                user=_short(user),
+                upstream=_short(upstream),
+                reason=exc.code,
+                caller=caller_name,
+            )
+            await context.abort_with_status(to_status(exc))
+        current_call.set(CallContext(rid, caller.name, method, who=caller))
+
+
+def _short(value: Any) -> str:
+    """A request field as it may appear in the audit trail: bounded printable text."""
+    text = value if isinstance(value, str) else ""
+    return text[:256] if text.isprintable() else ""
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    for member in grpc.StatusCode:
+        if member.value[0] == code:
+            return str(member.name)
+    return "UNKNOWN"

@@ -1,0 +1,175 @@
+"""Tampered or corrupt records fail closed: RECONNECT_REQUIRED, logged, counted, server serving."""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import Broker, error_info
+
+# Columns written with the sealed payload (a sealed copy is checked), the key id column, and the
+# status; user_id/upstream_key are bound through the associated data.
+BOUND = ("token_type", "scopes", "expires_at", "obtained_via", "updated_at", "status", "kek_id")
+# Lifecycle bookkeeping, never secret and not sealed: changing it cannot hand out a token.
+UNBOUND = ("generation", "created_at", "last_refresh_at", "last_error", "failure_count", "next_attempt_at")
+
+
+def _db(broker: Broker) -> sqlite3.Connection:
+    return sqlite3.connect(broker.db_path, isolation_level=None)
+
+
+def _get(broker: Broker, column: str, user: str = "alice") -> Any:
+    conn = _db(broker)
+    try:
+        return conn.execute(f"SELECT {column} FROM credentials WHERE user_id = ?", (user,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _set(broker: Broker, column: str, value: Any, user: str = "alice") -> None:
+    conn = _db(broker)
+    try:
+        conn.execute(f"UPDATE credentials SET {column} = ? WHERE user_id = ?", (value, user))
+    finally:
+        conn.close()
+
+
+def _flip(value: Any, position: int = 0) -> Any:
+    """The value with one byte flipped (a bit of one byte; numbers in their IEEE/int bytes)."""
+    if isinstance(value, bytes):
+        return value[:position] + bytes([value[position] ^ 0x01]) + value[position + 1 :]
+    if isinstance(value, str):
+        raw = value.encode()
+        return (raw[:position] + bytes([raw[position] ^ 0x01]) + raw[position + 1 :]).decode()
+    if isinstance(value, float):
+        raw = bytearray(struct.pack(">d", value))
+        raw[-1] ^= 0x01
+        return struct.unpack(">d", bytes(raw))[0]
+    if isinstance(value, int):
+        return value ^ 0x01
+    return 1.0  # NULL becomes a value
+
+
+async def _reconnect_required(broker: Broker, user: str = "alice") -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.resolve(user)
+    assert error_info(info.value).reason == "RECONNECT_REQUIRED"
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def _serving(broker: Broker) -> None:
+    health = health_pb2_grpc.HealthStub(broker.channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert (await broker.resolve("bob")).access_token  # another user is unaffected
+
+
+async def test_every_byte_of_the_sealed_column_fails_closed(broker: Broker) -> None:
+    await broker.connect("alice")
+    await broker.connect("bob")
+    good = await broker.resolve("alice")  # now cached in memory too
+    sealed = _get(broker, "sealed")
+    counted = broker.app.vault.decryption_failures
+    for position in range(len(sealed)):
+        _set(broker, "sealed", _flip(sealed, position))
+        await _reconnect_required(broker)
+    assert broker.app.vault.decryption_failures - counted == len(sealed)
+    _set(broker, "sealed", sealed)
+    assert (await broker.resolve("alice")).access_token == good.access_token
+    await _serving(broker)
+
+
+@pytest.mark.parametrize("column", BOUND)
+async def test_a_flipped_byte_in_a_bound_column_fails_closed(
+    broker: Broker, column: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await broker.connect("alice")
+    await broker.connect("bob")
+    await broker.resolve("alice")
+    original = _get(broker, column)
+    positions = range(len(original.encode())) if isinstance(original, str) else [0]
+    for position in positions:
+        _set(broker, column, _flip(original, position))
+        await _reconnect_required(broker)
+    assert any(r.getMessage() == "stored credential failed to decrypt" for r in caplog.records)
+    _set(broker, column, original)
+    assert (await broker.resolve("alice")).access_token
+    await _serving(broker)
+
+
+@pytest.mark.parametrize("column", UNBOUND)
+async def test_bookkeeping_columns_never_yield_another_token(broker: Broker, column: str) -> None:
+    await broker.connect("alice")
+    await broker.connect("bob")
+    mine = await broker.resolve("alice")
+    _set(broker, column, _flip(_get(broker, column)))
+    try:
+        got = await broker.resolve("alice")
+        assert got.access_token == mine.access_token
+    except grpc.aio.AioRpcError as exc:
+        assert error_info(exc).reason in ("RECONNECT_REQUIRED", "UPSTREAM_UNAVAILABLE")
+    await _serving(broker)
+
+
+async def test_ciphertext_moved_to_another_user_or_row(broker: Broker) -> None:
+    await broker.connect("alice")
+    await broker.connect("bob")
+    bob = await broker.resolve("bob")
+    alice_sealed = _get(broker, "sealed")
+    _set(broker, "sealed", _get(broker, "sealed", "bob"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        got = await broker.resolve("alice")
+        assert got.access_token != bob.access_token  # pragma: no cover - must not get here
+    assert error_info(info.value).reason == "RECONNECT_REQUIRED"
+    _set(broker, "sealed", alice_sealed)
+    # Renaming the row (the user id column) moves the record to a user it was not sealed for.
+    _set(broker, "user_id", "mallory")
+    with pytest.raises(grpc.aio.AioRpcError) as moved:
+        await broker.resolve("alice")
+    assert error_info(moved.value).reason == "NOT_CONNECTED"
+    await _reconnect_required(broker, "mallory")
+    await _serving(broker)
+
+
+async def test_truncated_records_and_unknown_key_ids(broker: Broker) -> None:
+    await broker.connect("alice")
+    await broker.connect("bob")
+    sealed = _get(broker, "sealed")
+    for length in (0, 1, 3, 4, 12, 70, 80, len(sealed) - 17, len(sealed) - 1):
+        _set(broker, "sealed", sealed[:length])
+        await _reconnect_required(broker)
+    kid = _get(broker, "kek_id")
+    unknown = "z" * len(kid)
+    _set(broker, "sealed", sealed.replace(kid.encode(), unknown.encode(), 1))
+    _set(broker, "kek_id", unknown)
+    await _reconnect_required(broker)
+    # A reconnect overwrites the broken record; nothing was deleted on the way.
+    await broker.connect("alice")
+    assert (await broker.resolve("alice")).access_token
+    await _serving(broker)
+
+
+async def test_a_corrupt_pending_flow_fails_closed_without_a_crash(broker: Broker) -> None:
+    started = await broker.start_flow("alice")
+    conn = _db(broker)
+    conn.execute("UPDATE pending_flows SET sealed = substr(sealed, 1, 50)")
+    conn.close()
+    import asyncio
+
+    from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+
+    callback = await asyncio.to_thread(broker.auth.authorize, started.authorization_url, "alice")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+        )
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == "a stored record could not be decrypted"
+    assert broker.app.vault.decryption_failures == 1
+    await broker.connect("bob")
+    await _serving(broker)
