@@ -165,6 +165,35 @@ class Broker:
         finally:
             conn.close()
 
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """``query`` with each row as a dict by column name (sealed bytes as ``bytes``)."""
+        store = self.app.config.store
+        if store.backend == "postgres":
+            import psycopg
+            from psycopg.rows import dict_row
+
+            assert store.dsn is not None
+            with psycopg.connect(store.dsn.get_secret_value(), autocommit=True, row_factory=dict_row) as pg:
+                cursor = pg.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                found = cursor.fetchall() if cursor.description else []
+                return [
+                    {k: bytes(v) if isinstance(v, memoryview) else v for k, v in r.items()} for r in found
+                ]
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            result = [dict(r) for r in conn.execute(sql, params).fetchall()]
+            conn.commit()
+            return result
+        finally:
+            conn.close()
+
+    def open_store(self) -> Any:
+        """A second store on the broker's database (another process or replica would open it)."""
+        from broker.store import open_store
+
+        return open_store(self.app.config.store)
+
 
 def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str, Any]:
     ab: dict[str, Any] = {
