@@ -60,6 +60,50 @@ def test_schema_version_table_and_newer_schema_refused(pg_dsn: str) -> None:
         PostgresStore(pg_dsn, pool_size=2)
 
 
+def test_migration_2_keeps_version_1_records_openable(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows a version-1 broker wrote open after migration 2: the vault binds schema number 1,
+    not the store's version, into the associated data (as the SQLite test checks)."""
+    from broker.store import postgres as postgres_store
+
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres_store, "SCHEMA_VERSION", 1)
+        PostgresStore(pg_dsn, pool_size=2).close()  # a version-1 database
+
+    class V1Store(PostgresStore):
+        """Writes the way the version-1 broker did (no migration-2 columns)."""
+
+        schema_version = 1
+
+        def _migrate(self) -> None:
+            pass
+
+        def save_credential(self, row: Any, expected_generation: int | None) -> int | None:
+            with self._write() as conn:
+                conn.execute(
+                    f"INSERT INTO credentials ({postgres_store._CRED_COLUMNS}) VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s)",
+                    (row.user_id, row.upstream_key, row.token_type, '["repo"]', row.expires_at,
+                     row.obtained_via, row.status, row.kek_id, row.sealed, row.created_at,
+                     row.updated_at, row.last_refresh_at, row.last_error, row.failure_count),
+                )  # fmt: skip
+            return 1
+
+    cipher = EnvelopeCipher(Keyring([new_key_entry("primary")]))
+    old = V1Store(pg_dsn, pool_size=2)
+    CredentialVault(old, cipher).save(_cred(), None, 1e9)
+    old.close()
+    upgraded = PostgresStore(pg_dsn, pool_size=2)
+    try:
+        found = CredentialVault(upgraded, cipher).get("alice", KEY)
+        assert found is not None and found[0].secrets.access_token == "at-1"
+        assert found[1].next_attempt_at is None
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT version FROM credential_broker_schema").fetchone() == (2,)
+        assert SCHEMA_VERSION == 2
+    finally:
+        upgraded.close()
+
+
 def test_replicas_see_one_world_and_cas_is_atomic_across_them(stores: tuple[PostgresStore, ...]) -> None:
     cipher = EnvelopeCipher(Keyring([new_key_entry("primary")]))
     vaults = [CredentialVault(s, cipher) for s in stores]
