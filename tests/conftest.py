@@ -71,7 +71,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     s = leakcheck.stats
     terminalreporter.write_line(
         f"leak check: {s['tests']:.0f} tests, {s['secrets']:.0f} secret checks, {s['texts']:.0f} log/error texts, "
-        f"{s['files']:.0f} database files ({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
+        f"{s['files']:.0f} database files and {s['pg_schemas']:.0f} PostgreSQL schemas "
+        f"({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
     )
     from tests.fuzz_stats import FUZZ_CASES
 

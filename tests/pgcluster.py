@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tests import leakcheck
 
 DSN_ENV = "CREDENTIAL_BROKER_TEST_PG_DSN"
 
@@ -110,4 +113,18 @@ def fresh_schema(dsn: str) -> Iterator[str]:
         yield make_conninfo(dsn, options=f"-c search_path={name}")
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
+            with suppress(psycopg.Error):  # the server may be down (restart tests): nothing to dump
+                leakcheck.add_database_dump(f"PostgreSQL schema {name}", dump_schema(conn, name))
             conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+def dump_schema(conn: Any, schema: str) -> bytes:
+    """Every value of every table in ``schema``: bytea raw, everything else as its text form."""
+    tables = conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+    ).fetchall()
+    out: list[bytes] = []
+    for (table,) in tables:
+        for row in conn.execute(f'SELECT * FROM {schema}."{table}"').fetchall():
+            out += [bytes(v) if isinstance(v, bytes | memoryview) else str(v).encode() for v in row]
+    return b"\x00".join(out)
