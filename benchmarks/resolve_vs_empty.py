@@ -1,24 +1,30 @@
 """Resolve on a cached credential vs an empty RPC, on the same server and transport.
 
 Starts benchmarks/server.py in a subprocess (so client and server do not share a GIL), then, for
-TCP loopback and the unix socket, at 1 and 32 concurrent callers, alternates rounds of the two
-calls and prints p50, p99 and calls/s for each and the ratios Resolve/Empty.
+each store backend (SQLite, PostgreSQL), TCP loopback and the unix socket, at 1, 32 and 256
+concurrent callers, alternates rounds of the two calls and prints p50, p99 and calls/s for each
+and the ratios Resolve/Empty.
 
-Targets (issue: core sidecar): Resolve p50 <= 1.25x the empty RPC's, throughput >= 0.8x.
+Targets: Resolve p50 <= 1.25x the empty RPC's, throughput >= 0.8x.
 
-    .venv/bin/python benchmarks/resolve_vs_empty.py [--seconds 2] [--rounds 3]
+    .venv/bin/python benchmarks/resolve_vs_empty.py [--seconds 1] [--rounds 2]
+        [--backend sqlite|postgres|both] [--dsn DSN] [--callers 1,32,256]
+
+PostgreSQL: --dsn, else $CREDENTIAL_BROKER_TEST_PG_DSN, else a throwaway cluster started from
+the local initdb/pg_ctl (a fresh schema each run).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -54,7 +60,23 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench_target(target: str, seconds: float, rounds: int) -> list[dict[str, object]]:
+@contextlib.contextmanager
+def bench_server(backend: str, dsn: str | None, users: int = 1) -> Iterator[dict[str, str]]:
+    """benchmarks/server.py in a subprocess; yields its addresses."""
+    command = [sys.executable, str(Path(__file__).with_name("server.py")), "--users", str(users)]
+    command += ["--backend", backend] + (["--dsn", dsn] if dsn else [])
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        yield json.loads(server.stdout.readline())
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def bench_target(
+    target: str, seconds: float, rounds: int, callers: Sequence[int] = (1, 32, 256)
+) -> list[dict[str, object]]:
     rows = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.CredentialBrokerStub(channel)
@@ -71,7 +93,7 @@ async def bench_target(target: str, seconds: float, rounds: int) -> list[dict[st
         assert answer.access_token == "access-0", "the benchmark credential did not resolve"
         await measure(nothing, 4, 0.5)  # warm up both paths
         await measure(resolve, 4, 0.5)
-        for concurrency in (1, 32):
+        for concurrency in callers:
             samples: dict[str, list[float]] = {"resolve": [], "empty": []}
             rates: dict[str, list[float]] = {"resolve": [], "empty": []}
             for _ in range(rounds):  # alternate so drift hits both alike
@@ -94,33 +116,40 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per cell")
+    parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default: see above)")
+    parser.add_argument("--callers", default="1,32,256", help="comma-separated concurrency levels")
     args = parser.parse_args()
-    server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("server.py"))], stdout=subprocess.PIPE, text=True
+    callers = [int(c) for c in args.callers.split(",")]
+    backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
+    print(
+        f"{'store':8} {'transport':9} {'callers':>7} {'empty p50':>10} {'resolve p50':>12} {'p50 x':>6} "
+        f"{'empty p99':>10} {'resolve p99':>12} {'empty/s':>8} {'resolve/s':>10} {'rate x':>7}"
     )
-    try:
-        assert server.stdout is not None
-        addresses = json.loads(server.stdout.readline())
-        print(
-            f"{'transport':9} {'callers':>7} {'empty p50':>10} {'resolve p50':>12} {'p50 x':>6} "
-            f"{'empty p99':>10} {'resolve p99':>12} {'empty/s':>8} {'resolve/s':>10} {'rate x':>7}"
-        )
-        ok = True
-        for transport in ("tcp", "unix"):
-            for row in asyncio.run(bench_target(addresses[transport], args.seconds, args.rounds)):
-                print(
-                    f"{transport:9} {row['concurrency']:>7} {row['empty_p50_us']:>8.0f}us {row['resolve_p50_us']:>10.0f}us "
-                    f"{row['p50_ratio']:>6.2f} {row['empty_p99_us']:>8.0f}us {row['resolve_p99_us']:>10.0f}us "
-                    f"{row['empty_rps']:>8.0f} {row['resolve_rps']:>10.0f} {row['rps_ratio']:>7.2f}"
-                )
-                ok &= row["p50_ratio"] <= 1.25 and row["rps_ratio"] >= 0.8  # type: ignore[operator]
-        print("targets (p50 <= 1.25x, rate >= 0.8x):", "met" if ok else "NOT met")
-        return 0
-    finally:
-        server.terminate()
-        server.wait(10)
+    ok = True
+    for backend in backends:
+        with contextlib.ExitStack() as stack:
+            dsn = None
+            if backend == "postgres":
+                from benchmarks.seeding import postgres_dsn
+
+                dsn = stack.enter_context(postgres_dsn(args.dsn))
+            addresses = stack.enter_context(bench_server(backend, dsn))
+            for transport in ("tcp", "unix"):
+                rows = asyncio.run(bench_target(addresses[transport], args.seconds, args.rounds, callers))
+                for row in rows:
+                    print(
+                        f"{backend:8} {transport:9} {row['concurrency']:>7} {row['empty_p50_us']:>8.0f}us "
+                        f"{row['resolve_p50_us']:>10.0f}us {row['p50_ratio']:>6.2f} {row['empty_p99_us']:>8.0f}us "
+                        f"{row['resolve_p99_us']:>10.0f}us {row['empty_rps']:>8.0f} {row['resolve_rps']:>10.0f} "
+                        f"{row['rps_ratio']:>7.2f}",
+                        flush=True,
+                    )
+                    ok &= row["p50_ratio"] <= 1.25 and row["rps_ratio"] >= 0.8  # type: ignore[operator]
+    print("targets (p50 <= 1.25x, rate >= 0.8x):", "met" if ok else "NOT met")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Benchmark server: the real broker plus an empty RPC on the same grpc server and listeners.
 
 Run by benchmarks/resolve_vs_empty.py in a subprocess; prints one JSON line with its addresses
-once serving. ``--users N`` seeds N connected users with long-lived credentials.
+once serving. ``--users N`` bulk-loads N connected users with long-lived credentials straight
+into the store; ``--backend postgres --dsn DSN`` uses PostgreSQL (the DSN's schema must be
+empty or hold a broker schema); ``--token-endpoint URL`` points the upstream at a real
+authorization server (for the coalescing benchmark).
 """
 
 from __future__ import annotations
@@ -9,19 +12,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.seeding import bulk_load
 from broker.app import build_app
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
 from broker.logs import configure
-from broker.models import Credential, Secrets
 
 EMPTY_METHOD = "/bench.Bench/Empty"
 
@@ -37,12 +42,19 @@ def _empty_handler() -> grpc.GenericRpcHandler:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=1)
+    parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--dsn", help="PostgreSQL DSN (backend postgres)")
+    parser.add_argument("--dir", help="folder for the keyring and SQLite file (default: a new temp dir)")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="cb-bench-"))
-    generate_keyring_file(tmp / "keyring.json")
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cb-bench-"))
+    if not (tmp / "keyring.json").exists():
+        generate_keyring_file(tmp / "keyring.json")
+    store: dict[str, object] = {"path": str(tmp / "broker.db")}
+    if args.backend == "postgres":
+        store = {"backend": "postgres", "dsn": args.dsn, "pool_size": 8}
     document = {
         "listen": ["127.0.0.1:0", f"unix://{tmp}/broker.sock"],
-        "store": {"path": str(tmp / "broker.db")},
+        "store": store,
         "keyring": {"file": str(tmp / "keyring.json")},
         "log": {"level": "error"},
         # Every Resolve writes an audit event, as in production; to a file so stdout stays quiet.
@@ -66,25 +78,20 @@ async def main() -> None:
     configure("text", "error")
     app = build_app(config, extra_handlers=[_empty_handler()])
     key = config.upstreams[0].key
-    now = time.time()
-    for i in range(args.users):
-        credential = Credential(
-            f"user-{i}",
-            key,
-            Secrets(f"access-{i}", f"refresh-{i}"),
-            "Bearer",
-            ("read",),
-            now + 86400,
-            "connect_flow",
-            now,
-        )
-        app.vault.save(credential, None, now)
+    loaded = 0.0
+    if args.users and app.store.get_credential("user-0", key) is None:
+        loaded = bulk_load(app.store, app.vault._cipher, key, args.users)
     await app.start()
-    print(json.dumps({"tcp": app.server.addresses[0], "unix": app.server.addresses[1]}), flush=True)
+    print(
+        json.dumps({"tcp": app.server.addresses[0], "unix": app.server.addresses[1], "load_seconds": loaded}),
+        flush=True,
+    )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await app.stop(grace=1)
+    if not args.dir:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
 from broker.service import BrokerService
-from broker.store import SqliteStore
+from broker.store import CredentialStore, open_store
 from broker.vault import CredentialVault
 
 
@@ -38,7 +38,7 @@ class App:
     """A wired broker: start it, then stop it."""
 
     config: BrokerConfig
-    store: SqliteStore
+    store: CredentialStore
     vault: CredentialVault
     tokens: TokenEndpointClient
     service: BrokerService
@@ -74,6 +74,7 @@ def build_app(
     transport: httpx.AsyncBaseTransport | None = None,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     logger: logging.Logger | None = None,
+    reuse_port: bool = False,
     audit_sinks: Sequence[AuditSink] | None = None,
 ) -> App:
     """Build every part from the config. Raises ConfigError, KeyringError, StoreError or OSError.
@@ -93,14 +94,15 @@ def build_app(
     keyring = source.load()
     # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
     cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
-    store = SqliteStore(config.store.path)
+    store = open_store(config.store)
     try:
         vault = CredentialVault(
             timed_store(store, metrics), cipher, read_cache_seconds=config.read_cache_seconds
         )
         problem = vault.check_keyring_opens_store(keyring.ids())
         if problem is not None:
-            raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {config.store.path})")
+            where = config.store.path if config.store.backend == "sqlite" else "postgres"
+            raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {where})")
         endpoints: dict[str, str] = {}
         for upstream in config.upstreams:
             if upstream.auth_broker.token_endpoint is not None:
@@ -136,6 +138,7 @@ def build_app(
             config.listeners(),
             health_listen=config.health_listen,
             extra_handlers=extra_handlers,
+            reuse_port=reuse_port,
             tls=config.tls,
             interceptors=(interceptor,),
         )

@@ -14,7 +14,7 @@ import yaml
 
 from broker.config import BrokerConfig, check_listen_address, load_config, load_config_file
 from broker.crypto import generate_keyring_file
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.logs import configure, fields
 
 # The embedded default: a local SQLite file, a dev keyring generated on first start, and one
@@ -43,20 +43,22 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[BrokerC
     return load_config(yaml.safe_load(DEFAULT_CONFIG), environ=environ, base_dir=Path.cwd()), True
 
 
-async def _serve(config: BrokerConfig, embedded: bool) -> int:
+async def _serve(config: BrokerConfig, embedded: bool, *, reuse_port: bool = False) -> int:
     from broker.app import build_app  # grpc is imported only when serving
 
     log = configure(config.log.format, config.log.level)
-    if embedded:
+    if embedded and not reuse_port:
         if not config.keyring.file.exists():
             generate_keyring_file(config.keyring.file)
             log.warning("generated a development keyring", extra=fields(path=str(config.keyring.file)))
         log.warning("running on the embedded development config; pass --config for real use")
-    app = build_app(config, logger=log)
+    app = build_app(config, logger=log, reuse_port=reuse_port)
     await app.start()
     log.info(
         "serving",
-        extra=fields(addresses=",".join(app.server.addresses), upstreams=len(config.upstreams)),
+        extra=fields(
+            addresses=",".join(app.server.addresses), upstreams=len(config.upstreams), pid=os.getpid()
+        ),
     )
     if app.metrics_address is not None:
         log.info("serving metrics", extra=fields(address=f"http://{app.metrics_address}/metrics"))
@@ -81,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDRESS",
         help="listen here instead (host:port or unix:///path; repeatable)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the TCP port (SO_REUSEPORT); default: config 'workers' or 1",
     )
 
     keys = commands.add_parser("keys", help="manage the keyring").add_subparsers(
@@ -128,6 +136,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 for address in args.listen:
                     check_listen_address(address)
                 config = config.model_copy(update={"listen": tuple(args.listen)})
+            if args.workers is not None:
+                if not 1 <= args.workers <= 64:
+                    raise ConfigError("--workers: must be between 1 and 64")
+                config = config.model_copy(update={"workers": args.workers})
+            if config.workers > 1:
+                from broker.workers import serve_workers
+
+                return serve_workers(config, embedded, _serve)
             return asyncio.run(_serve(config, embedded))
         if args.command == "keys" and args.keys_command == "generate":
             keyring = generate_keyring_file(Path(args.output))
@@ -157,9 +173,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def _keys(args: argparse.Namespace, config: BrokerConfig) -> int:
     from broker.crypto import FileKeySource
     from broker.keys import KeyRotation
-    from broker.store import SqliteStore
+    from broker.store import open_store
 
-    store = SqliteStore(config.store.path)
+    store = open_store(config.store)
     try:
         rotation = KeyRotation(FileKeySource(config.keyring.file), store)
         command = args.keys_command

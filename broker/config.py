@@ -110,8 +110,18 @@ class UpstreamConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: Path = Path("credential-broker-data/broker.db")
+    # PostgreSQL: exactly one of dsn, dsn_file, dsn_env; the password may also come separately.
+    dsn: SecretStr | None = None
+    dsn_file: Path | None = None
+    dsn_env: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    pool_size: int = Field(default=10, ge=1, le=200)
+    # Bound on waiting for another process's refresh lease on the same credential (then the
+    # waiter re-reads once more and fails UNAVAILABLE); also capped by the lease itself.
+    lock_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
 
 
 class KeyringConfig(_Strict):
@@ -261,6 +271,7 @@ class BrokerConfig(_Strict):
 
     listen: tuple[str | ListenerConfig, ...] = (DEFAULT_LISTEN,)
     health_listen: str | None = None
+    workers: int = Field(default=1, ge=1, le=64)
     tls: TlsConfig | None = None
     # The SSRF guard header x-credential-broker-request: true, required on "tcp" listeners
     # (the default), on every listener ("always") or never. Never for the health service.
@@ -408,6 +419,57 @@ def _resolve_secret(
     return auth.model_copy(update={"client_secret": SecretStr(secret)})
 
 
+def _read_secret_file(path: Path, base_dir: Path, where: str) -> str:
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path} ({exc.strerror})") from None
+
+
+def _read_secret_env(name: str, environ: Mapping[str, str], where: str) -> str:
+    if name not in environ:
+        raise ConfigError(f"{where}: environment variable {name} is not set")
+    return environ[name]
+
+
+def _resolve_store(store: StoreConfig, environ: Mapping[str, str], base_dir: Path) -> StoreConfig:
+    """Read the PostgreSQL DSN (and optionally its password) from where the config says."""
+    sources = [k for k in ("dsn", "dsn_file", "dsn_env") if getattr(store, k) is not None]
+    passwords = [k for k in ("password_file", "password_env") if getattr(store, k) is not None]
+    if store.backend == "sqlite":
+        if sources or passwords:
+            raise ConfigError(f"store.{(sources + passwords)[0]}: only for backend postgres")
+        return store
+    if len(sources) != 1:
+        raise ConfigError("store.dsn: backend postgres needs exactly one of dsn, dsn_file, dsn_env")
+    if len(passwords) > 1:
+        raise ConfigError("store.password_file: set only one of password_file, password_env")
+    if store.dsn_file is not None:
+        dsn = _read_secret_file(store.dsn_file, base_dir, "store.dsn_file")
+    elif store.dsn_env is not None:
+        dsn = _read_secret_env(store.dsn_env, environ, "store.dsn_env")
+    else:
+        assert store.dsn is not None
+        dsn = store.dsn.get_secret_value()
+    if not dsn:
+        raise ConfigError(f"store.{sources[0]}: the DSN is empty")
+    password: str | None = None
+    if store.password_file is not None:
+        password = _read_secret_file(store.password_file, base_dir, "store.password_file")
+    elif store.password_env is not None:
+        password = _read_secret_env(store.password_env, environ, "store.password_env")
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo  # only for backend postgres
+
+    try:
+        conninfo_to_dict(dsn)
+        if password is not None:
+            dsn = make_conninfo(dsn, password=password)
+    except Exception:  # psycopg.ProgrammingError; its text may quote the DSN
+        raise ConfigError(f"store.{sources[0]}: not a valid PostgreSQL connection string") from None
+    return store.model_copy(update={"dsn": SecretStr(dsn)})
+
+
 def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
     where = f"upstreams[{index}].auth_broker"
     auth = upstream.auth_broker
@@ -453,6 +515,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
     def rooted(path: Path) -> Path:
         return path if path.is_absolute() else base_dir / path
 
+    store = _resolve_store(config.store, environ, base_dir)
     _check_operations(config)
     tls = config.tls
     if tls is not None:
@@ -471,7 +534,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
             "tls": tls,
             "audit": audit,
             "upstreams": tuple(upstreams),
-            "store": config.store.model_copy(update={"path": rooted(config.store.path)}),
+            "store": store.model_copy(update={"path": rooted(store.path)}),
             "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
         }
     )

@@ -284,7 +284,9 @@ class BrokerService:
         immediate transaction) means a refresh token is presented at most once: a process that
         does not get the lease waits for the holder's result and uses it."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._lease_seconds + 1.0
+        # The wait for another process's lease is bounded (store.lock_timeout_seconds); every poll
+        # re-reads the row, so a waiter that gives up has just re-checked for a fresh credential.
+        give_up = loop.time() + min(self._lease_seconds + 1.0, self._config.store.lock_timeout_seconds)
         first_generation: int | None = None
         raced = False
         while True:
@@ -332,6 +334,10 @@ class BrokerService:
                 first_generation = None
                 continue
             if loop.time() > give_up:
+                self._log.warning(
+                    "timed out waiting for another process's refresh",
+                    extra=fields(user_id=user, upstream=upstream.name),
+                )
                 raise UpstreamUnavailable("another broker process is refreshing this credential; try again")
             await asyncio.sleep(_LEASE_POLL_SECONDS)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from broker.logs import LOGGER_NAME
 from tests import leakcheck
 from tests.authserver import INSTANCES, AuthServer, Client
 from tests.idp import IdentityProvider
+from tests.pgcluster import DSN_ENV, PgCluster, fresh_schema, start_cluster
 
 UPSTREAM = "gh"
 UPSTREAM_URL = "https://api.gh.test"
@@ -68,7 +71,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     s = leakcheck.stats
     terminalreporter.write_line(
         f"leak check: {s['tests']:.0f} tests, {s['secrets']:.0f} secret checks, {s['texts']:.0f} log/error texts, "
-        f"{s['files']:.0f} database files ({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
+        f"{s['files']:.0f} database files and {s['pg_schemas']:.0f} PostgreSQL schemas "
+        f"({int(s['bytes']) // 1024} KiB) searched in {s['seconds']:.1f} s"
     )
     from tests.fuzz_stats import FUZZ_CASES
 
@@ -135,7 +139,61 @@ class Broker:
         return await self.stub.Resolve(pb.ResolveRequest(user_id=user, upstream=upstream, **kw))
 
     def db_bytes(self) -> bytes:
+        if self.app.config.store.backend == "postgres":
+            # Every stored value, text and raw bytea alike, as the database holds it.
+            out = []
+            for table in ("credentials", "pending_flows"):
+                for row in self.query(f"SELECT * FROM {table}"):
+                    out += [v if isinstance(v, bytes) else str(v).encode() for v in row]
+            return b"\x00".join(out)
         return b"".join(p.read_bytes() for p in self.db_path.parent.glob(self.db_path.name + "*"))
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run SQL (``?`` placeholders) straight against the broker's database, either backend."""
+        store = self.app.config.store
+        if store.backend == "postgres":
+            import psycopg
+
+            assert store.dsn is not None
+            with psycopg.connect(store.dsn.get_secret_value(), autocommit=True) as pg:
+                cursor = pg.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                return cursor.fetchall() if cursor.description else []
+        conn = sqlite3.connect(self.db_path)
+        try:
+            rows = conn.execute(sql, params).fetchall()
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """``query`` with each row as a dict by column name (sealed bytes as ``bytes``)."""
+        store = self.app.config.store
+        if store.backend == "postgres":
+            import psycopg
+            from psycopg.rows import dict_row
+
+            assert store.dsn is not None
+            with psycopg.connect(store.dsn.get_secret_value(), autocommit=True, row_factory=dict_row) as pg:
+                cursor = pg.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+                found = cursor.fetchall() if cursor.description else []
+                return [
+                    {k: bytes(v) if isinstance(v, memoryview) else v for k, v in r.items()} for r in found
+                ]
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            result = [dict(r) for r in conn.execute(sql, params).fetchall()]
+            conn.commit()
+            return result
+        finally:
+            conn.close()
+
+    def open_store(self) -> Any:
+        """A second store on the broker's database (another process or replica would open it)."""
+        from broker.store import open_store
+
+        return open_store(self.app.config.store)
 
 
 def upstream_doc(auth: AuthServer, client: Client, **overrides: Any) -> dict[str, Any]:
@@ -173,8 +231,66 @@ class SyncRequestHeader(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return continuation(details._replace(metadata=metadata), request)
 
 
+def _pg_unavailable(reason: str) -> None:
+    """In CI (or with a DSN given) a missing PostgreSQL is a failure; locally a skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get(DSN_ENV):
+        pytest.fail(f"PostgreSQL is required here: {reason}")
+    pytest.skip(f"PostgreSQL not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway cluster this test session owns (it may be stopped and restarted)."""
+    cluster, reason = start_cluster()
+    if cluster is None:
+        _pg_unavailable(reason)
+    assert cluster is not None
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn(request: pytest.FixtureRequest) -> str:
+    """The PostgreSQL server for tests: $CREDENTIAL_BROKER_TEST_PG_DSN, else our own cluster."""
+    dsn = os.environ.get(DSN_ENV)
+    if not dsn:
+        return str(request.getfixturevalue("pg_cluster").dsn)
+    import psycopg
+
+    try:
+        psycopg.connect(dsn, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        _pg_unavailable(f"{DSN_ENV} is set but the server does not answer ({type(exc).__name__})")
+    return dsn
+
+
 @pytest.fixture
-async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[BrokerFactory]:
+def pg_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """A DSN for this test alone: its own empty schema on the test server."""
+    with fresh_schema(pg_server_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def store_backend() -> str:
+    """The store the ``make_broker`` brokers use; modules parametrize it to run on both."""
+    return "sqlite"
+
+
+@pytest.fixture
+def store_doc(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``store`` config section of the ``make_broker`` brokers (one database per test)."""
+    if store_backend == "postgres":
+        return {"backend": "postgres", "dsn": request.getfixturevalue("pg_dsn")}
+    return {"path": str(tmp_path / "data" / "broker.db")}
+
+
+@pytest.fixture
+async def make_broker(
+    tmp_path: Path, auth_server: AuthServer, store_doc: dict[str, Any]
+) -> AsyncIterator[BrokerFactory]:
     """Build and start brokers; every one is stopped at the end of the test."""
     started: list[Broker] = []
     keyring = tmp_path / "keyring.json"
@@ -191,7 +307,7 @@ async def make_broker(tmp_path: Path, auth_server: AuthServer) -> AsyncIterator[
         client = client or auth_server.new_client(auth_method=auth_method, redirect_uri=REDIRECT_URI)
         document: dict[str, Any] = {
             "listen": ["127.0.0.1:0", f"unix://{tmp_path}/broker.sock"],
-            "store": {"path": str(tmp_path / "data" / "broker.db")},
+            "store": store_doc,
             "keyring": {"file": str(keyring)},
             "upstreams": upstreams if upstreams is not None else [upstream_doc(auth_server, client)],
             **settings,

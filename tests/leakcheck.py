@@ -6,7 +6,9 @@ under the test's directories, and anything a test adds with :func:`add_secret`. 
 record the broker's logger emitted (message and structured fields), every error status the
 servicer returned (message and ErrorInfo metadata, except the ready ``authorization_url``, which
 carries a state by design), text a test observed (subprocess logs, CLI output), and the raw
-bytes of every SQLite file (main, -wal, -shm) under the test's directories.
+bytes of every SQLite file (main, -wal, -shm) under the test's directories, and every value of
+every table in the test's PostgreSQL schema (dumped before the schema is dropped, see
+:func:`add_database_dump`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ _lock = threading.Lock()
 _texts: list[tuple[str, str]] = []
 _secrets: set[str] = set()
 _paths: set[Path] = set()
-stats: dict[str, float] = {"tests": 0, "secrets": 0, "texts": 0, "files": 0, "bytes": 0, "seconds": 0.0}
+_dumps: list[tuple[str, bytes]] = []
+stats: dict[str, float] = {
+    "tests": 0, "secrets": 0, "texts": 0, "files": 0, "bytes": 0, "pg_schemas": 0, "seconds": 0.0,
+}  # fmt: skip
 
 MIN_SECRET_LENGTH = 8  # shorter values would match by chance
 
@@ -63,6 +68,12 @@ def add_path(path: Path) -> None:
         _paths.add(path)
 
 
+def add_database_dump(name: str, data: bytes) -> None:
+    """Every value a database holds for the current test (PostgreSQL: one schema's tables)."""
+    with _lock:
+        _dumps.append((name, data))
+
+
 def _keyring_secrets(directory: Path) -> Iterable[str]:
     for candidate in directory.rglob("*.json"):
         try:
@@ -85,6 +96,7 @@ def check(directories: Iterable[Path], server_secrets: Iterable[str]) -> list[st
         secrets = {s for s in (*_secrets, *server_secrets) if len(s) >= MIN_SECRET_LENGTH}
         texts = list(_texts)
         dirs = set(directories) | _paths
+        dumps = list(_dumps)
     for directory in dirs:
         secrets.update(s for s in _keyring_secrets(directory) if len(s) >= MIN_SECRET_LENGTH)
     found: list[str] = []
@@ -102,6 +114,10 @@ def check(directories: Iterable[Path], server_secrets: Iterable[str]) -> list[st
             files += 1
             size += len(data)
             found += [f"{path.name}: a secret in the raw file ({len(s)} bytes)" for s in encoded if s in data]
+    for name, data in dumps:
+        size += len(data)
+        found += [f"{name}: a secret in a stored value ({len(s)} bytes)" for s in encoded if s in data]
+    stats["pg_schemas"] += len(dumps)
     stats["tests"] += 1
     stats["secrets"] += len(secrets)
     stats["texts"] += len(texts)
@@ -127,3 +143,4 @@ def reset() -> None:
         _texts.clear()
         _secrets.clear()
         _paths.clear()
+        _dumps.clear()

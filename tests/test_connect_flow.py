@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from urllib.parse import parse_qs, urlsplit
 
 import grpc
@@ -14,12 +13,14 @@ from tests.authserver import AuthServer
 from tests.conftest import REDIRECT_URI, UPSTREAM, Broker, BrokerFactory, error_info, upstream_doc
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both store backends."""
+    return str(request.param)
+
+
 def _rows(broker: Broker, table: str = "credentials") -> int:
-    conn = sqlite3.connect(broker.db_path)
-    try:
-        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-    finally:
-        conn.close()
+    return int(broker.query(f"SELECT COUNT(*) FROM {table}")[0][0])
 
 
 async def test_authorization_url_carries_pkce_and_config(

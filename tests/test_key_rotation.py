@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from pathlib import Path
 
@@ -25,15 +24,17 @@ from tests.brokerproc import run_cli, write_config
 from tests.conftest import UPSTREAM, Broker, BrokerFactory
 
 
-def _rows(db: Path) -> list[tuple[str, str, bytes]]:
-    conn = sqlite3.connect(db)
-    try:
-        return [
-            (str(u), str(k), bytes(s))
-            for u, k, s in conn.execute("SELECT user_id, kek_id, sealed FROM credentials ORDER BY user_id")
-        ]
-    finally:
-        conn.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The rotation tests run on both store backends (the CLI with a postgres config too)."""
+    return str(request.param)
+
+
+def _rows(broker: Broker) -> list[tuple[str, str, bytes]]:
+    return [
+        (str(r["user_id"]), str(r["kek_id"]), bytes(r["sealed"]))
+        for r in broker.rows("SELECT user_id, kek_id, sealed FROM credentials ORDER BY user_id")
+    ]
 
 
 def _status(config: Path) -> dict[str, tuple[str, int]]:
@@ -59,10 +60,10 @@ async def test_keys_cli_full_rotation(broker: Broker) -> None:
     run_cli("keys", "promote", new, "--config", str(config))
     refused = run_cli("keys", "retire", old, "--config", str(config), check=False)
     assert refused.returncode == 2 and "still wraps 4 record(s)" in refused.stderr
-    before = _rows(broker.db_path)
+    before = _rows(broker)
     done = run_cli("keys", "rewrap", "--config", str(config), "--batch-size", "2").stdout
     assert "re-wrapped 4 record(s)" in done and "in 2 batch(es)" in done
-    after = _rows(broker.db_path)
+    after = _rows(broker)
     for (user, kid_before, sealed_before), (_, kid_after, sealed_after) in zip(before, after, strict=True):
         assert (kid_before, kid_after) == (old, new), user
         assert key_id_of(sealed_after) == new
@@ -100,15 +101,12 @@ async def test_rewrap_skips_a_record_rewritten_meanwhile_and_reports_unopenable(
     await broker.connect("alice")
     await broker.connect("bob")
     source = FileKeySource(broker.app.config.keyring.file)
-    store = SqliteStore(broker.db_path)
+    store = broker.open_store()
     try:
         rotation = KeyRotation(source, store)
         rotation.promote(rotation.add())
         # bob's row is corrupted on disk: it cannot be re-wrapped, and is reported.
-        conn = sqlite3.connect(broker.db_path)
-        conn.execute("UPDATE credentials SET sealed = substr(sealed, 1, 90) WHERE user_id = 'bob'")
-        conn.commit()
-        conn.close()
+        broker.query("UPDATE credentials SET sealed = substr(sealed, 1, 90) WHERE user_id = 'bob'")
         batch = store.sealed_records(0, 10, source.load().primary_id)
         alice = next(r for r in batch if r.user_id == "alice")
         # alice is refreshed by the server between the scan and the write: the CAS skips her.
@@ -171,7 +169,7 @@ async def test_rotation_under_steady_resolve_load_has_zero_failed_calls(make_bro
         await asyncio.gather(*workers)
     assert failures == []
     assert calls["resolve"] > 100 and calls["refresh"] > 10
-    assert {kid for _, kid, _ in _rows(broker.db_path)} == {new}
+    assert {kid for _, kid, _ in _rows(broker)} == {new}
     # A fresh process with the rotated keyring (the old key is gone) opens every record.
     fresh = build_app(
         load_config(broker.document, environ={}, base_dir=broker.tmp).model_copy(
@@ -204,6 +202,6 @@ async def test_start_up_with_a_keyring_that_opens_nothing_says_so(broker: Broker
     FileKeySource(other).save(Keyring([KeyEntry(real.primary_id, "primary", 0.0, entry.material)]))
     with pytest.raises(KeyringError, match="not the keyring the store was written with"):
         build_app(load_config(document, environ={}, base_dir=tmp_path))
-    vault = CredentialVault(SqliteStore(broker.db_path), EnvelopeCipher(real))
+    vault = CredentialVault(broker.open_store(), EnvelopeCipher(real))
     assert vault.get("alice", broker.app.config.upstreams[0].key) is not None
     vault.store.close()

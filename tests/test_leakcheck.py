@@ -27,3 +27,18 @@ def test_leak_check_finds_planted_secrets(tmp_path: Path) -> None:
     assert all(secret not in f for f in found)
     leakcheck.reset()
     db.unlink()
+
+
+def test_leak_check_finds_a_secret_in_a_postgresql_schema(pg_server_dsn: str) -> None:
+    import psycopg
+
+    from tests.pgcluster import fresh_schema
+
+    secret = "rt_" + "planted-in-postgres-value"
+    with fresh_schema(pg_server_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE credentials (v text, b bytea)")
+        conn.execute("INSERT INTO credentials VALUES ('clear', %s)", (b"\x00raw " + secret.encode(),))
+    found = leakcheck.check([], [secret])  # the schema was dumped before it was dropped
+    assert any(f.startswith("PostgreSQL schema t_") for f in found), found
+    assert all(secret not in f for f in found)
+    leakcheck.reset()

@@ -3,7 +3,6 @@ invalid_grant race check. Nothing is deleted because of an error."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import grpc
@@ -13,21 +12,20 @@ from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.crypto import EnvelopeCipher, FileKeySource
 from broker.lifecycle import BACKOFF_CAP_SECONDS, backoff_seconds
 from broker.models import Credential, Secrets
-from broker.store import SqliteStore
 from broker.vault import CredentialVault
 from tests import leakcheck
 from tests.authserver import RecordedRequest
 from tests.conftest import UPSTREAM, Broker, BrokerFactory, error_info
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both store backends."""
+    return str(request.param)
+
+
 def _row(broker: Broker, user: str = "alice") -> dict[str, Any]:
-    conn = sqlite3.connect(broker.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        found = conn.execute("SELECT * FROM credentials WHERE user_id = ?", (user,)).fetchone()
-        return dict(found)
-    finally:
-        conn.close()
+    return broker.rows("SELECT * FROM credentials WHERE user_id = ?", (user,))[0]
 
 
 async def _refresh(broker: Broker, user: str = "alice") -> pb.RefreshResponse:
@@ -119,7 +117,7 @@ async def test_invalid_grant_after_a_concurrent_reconnect_is_a_race_not_a_revoca
         if request.form.get("grant_type") != ["refresh_token"]:
             return
         broker.auth.before_token_response = None
-        store = SqliteStore(broker.db_path)
+        store = broker.open_store()
         try:
             now = broker.clock.now()
             credential = Credential("alice", key, fresh, "Bearer", ("repo",), now + 3600, "connect_flow", now)

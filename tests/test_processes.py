@@ -1,4 +1,5 @@
-"""Real server processes sharing one SQLite file: one refresh for a stampede, and kill -9 safety."""
+"""Real server processes sharing one store: one refresh for a stampede (SQLite and PostgreSQL),
+and kill -9 safety (SQLite's file integrity)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import grpc
+import pytest
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -27,6 +29,7 @@ async def _connect(stub: pb_grpc.CredentialBrokerStub, auth: AuthServer, user: s
     await stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user))
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite", "postgres"])
 async def test_two_processes_200_resolves_on_a_stale_credential_make_one_refresh(
     broker: Broker, tmp_path: Path
 ) -> None:

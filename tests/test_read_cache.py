@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import grpc
 import pytest
@@ -12,14 +11,21 @@ from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from tests.conftest import UPSTREAM, BrokerFactory, error_info
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both store backends."""
+    return str(request.param)
+
+
 async def test_a_write_by_another_process_is_seen_within_the_window(make_broker: BrokerFactory) -> None:
     broker = await make_broker(read_cache_seconds=0.3)
     await broker.connect("alice")
     await broker.resolve("alice")
-    conn = sqlite3.connect(broker.db_path)  # another process deletes the row
-    conn.execute("DELETE FROM credentials WHERE user_id = 'alice'")
-    conn.commit()
-    conn.close()
+    other = broker.open_store()  # another process (or replica) deletes the row
+    try:
+        assert other.delete_credential("alice", broker.app.config.upstreams[0].key)
+    finally:
+        other.close()
     await asyncio.sleep(0.35)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await broker.resolve("alice")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import grpc
 import pytest
@@ -13,12 +12,14 @@ from tests.authserver import AuthServer
 from tests.conftest import UPSTREAM, Broker, BrokerFactory, error_info, upstream_doc
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both store backends."""
+    return str(request.param)
+
+
 def _status(broker: Broker, user: str = "alice") -> str:
-    conn = sqlite3.connect(broker.db_path)
-    try:
-        return str(conn.execute("SELECT status FROM credentials WHERE user_id=?", (user,)).fetchone()[0])
-    finally:
-        conn.close()
+    return str(broker.query("SELECT status FROM credentials WHERE user_id=?", (user,))[0][0])
 
 
 async def test_cached_credential_is_served_without_a_token_request(broker: Broker) -> None:

@@ -1,4 +1,5 @@
-"""SQLite store and vault: schema, file mode, CAS, pending flow bounds, no plaintext on disk."""
+"""Store and vault on both backends (SQLite, PostgreSQL): CAS, pending flow bounds, no plaintext;
+plus SQLite's own schema, WAL and file mode."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sqlite3
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,11 +20,49 @@ from broker.store import SCHEMA_VERSION, SqliteStore
 from broker.vault import CredentialVault
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = SqliteStore(tmp_path / "data" / "broker.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "postgres":
+        from broker.store.postgres import PostgresStore
+
+        s: Any = PostgresStore(request.getfixturevalue("pg_dsn"), pool_size=4)
+    else:
+        s = SqliteStore(tmp_path / "data" / "broker.db")
     yield s
     s.close()
+
+
+sqlite_only = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
+def _raw(store: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """SQL straight against the backend's database (``?`` placeholders)."""
+    if isinstance(store, SqliteStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            rows = conn.execute(sql, params).fetchall()
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+    import psycopg
+
+    with psycopg.connect(store._dsn, autocommit=True) as conn:
+        cursor = conn.execute(sql.replace("?", "%s"), params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def _raw_bytes(store: Any) -> bytes:
+    """Every byte the backend stores: SQLite's files, or every value in PostgreSQL's tables."""
+    if isinstance(store, SqliteStore):
+        return b"".join(p.read_bytes() for p in store.path.parent.iterdir() if p.name.startswith("broker.db"))
+    out = [
+        v if isinstance(v, bytes) else str(v).encode()
+        for table in ("credentials", "pending_flows")
+        for row in _raw(store, f"SELECT * FROM {table}")
+        for v in row
+    ]
+    return b"\x00".join(out)
 
 
 @pytest.fixture
@@ -36,6 +76,7 @@ def _cred(user: str = "alice", access: str = "at-1", refresh: str | None = "rt-1
     )
 
 
+@sqlite_only
 def test_schema_version_wal_and_mode(store: SqliteStore) -> None:
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -44,6 +85,7 @@ def test_schema_version_wal_and_mode(store: SqliteStore) -> None:
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
 
 
+@sqlite_only
 def test_reopen_keeps_data_and_refuses_newer_schema(
     tmp_path: Path, vault: CredentialVault, store: SqliteStore
 ) -> None:
@@ -96,11 +138,8 @@ def test_cas_is_atomic_across_threads(vault: CredentialVault) -> None:
 def test_row_swap_between_users_fails_to_open(vault: CredentialVault, store: SqliteStore) -> None:
     vault.save(_cred("alice", "alice-token"), None, 1e9)
     vault.save(_cred("bob", "bob-token"), None, 1e9)
-    conn = sqlite3.connect(store.path)
-    alice = conn.execute("SELECT sealed FROM credentials WHERE user_id='alice'").fetchone()[0]
-    conn.execute("UPDATE credentials SET sealed=?, generation=generation+1 WHERE user_id='bob'", (alice,))
-    conn.commit()
-    conn.close()
+    alice = _raw(store, "SELECT sealed FROM credentials WHERE user_id='alice'")[0][0]
+    _raw(store, "UPDATE credentials SET sealed=?, generation=generation+1 WHERE user_id='bob'", (alice,))
     with pytest.raises(DecryptionError):
         vault.get("bob", "gh_0011223344556677")
 
@@ -116,9 +155,7 @@ def test_pending_flows_are_single_use_and_bounded(vault: CredentialVault, store:
     assert vault.take_flow("other") is not None
     # expired flows are purged when a new one is added
     vault.add_flow(PendingFlow("late", "carol", "gh_k", "v", 800.0, 1400.0), 5, 800.0)
-    conn = sqlite3.connect(store.path)
-    assert conn.execute("SELECT COUNT(*) FROM pending_flows").fetchone()[0] == 1
-    conn.close()
+    assert _raw(store, "SELECT COUNT(*) FROM pending_flows")[0][0] == 1
 
 
 def test_no_plaintext_in_database_files(vault: CredentialVault, store: SqliteStore) -> None:
@@ -126,7 +163,7 @@ def test_no_plaintext_in_database_files(vault: CredentialVault, store: SqliteSto
     vault.save(_cred(access=secrets[0], refresh=secrets[1]), None, 1e9)
     verifier = f"verifier-{os.urandom(8).hex()}"
     vault.add_flow(PendingFlow("h", "alice", "gh_k", verifier, 1.0, 1e10), 5, 1.0)
-    raw = b"".join(p.read_bytes() for p in store.path.parent.iterdir() if p.name.startswith("broker.db"))
+    raw = _raw_bytes(store)
     for secret in [*secrets, verifier]:
         assert secret.encode() not in raw
     assert b"alice" in raw  # the clear metadata is there, so the grep is looking at the right bytes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import struct
 from typing import Any
 
@@ -19,6 +18,12 @@ BOUND = ("token_type", "scopes", "expires_at", "obtained_via", "updated_at", "st
 UNBOUND = ("generation", "created_at", "last_refresh_at", "last_error", "failure_count", "next_attempt_at")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both store backends."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def broker(make_broker: BrokerFactory) -> Broker:
     """These tests change the database behind the broker's back, as another process would, so
@@ -26,24 +31,13 @@ async def broker(make_broker: BrokerFactory) -> Broker:
     return await make_broker(read_cache_seconds=0)
 
 
-def _db(broker: Broker) -> sqlite3.Connection:
-    return sqlite3.connect(broker.db_path, isolation_level=None)
-
-
 def _get(broker: Broker, column: str, user: str = "alice") -> Any:
-    conn = _db(broker)
-    try:
-        return conn.execute(f"SELECT {column} FROM credentials WHERE user_id = ?", (user,)).fetchone()[0]
-    finally:
-        conn.close()
+    value = broker.rows(f"SELECT {column} FROM credentials WHERE user_id = ?", (user,))[0][column]
+    return value
 
 
 def _set(broker: Broker, column: str, value: Any, user: str = "alice") -> None:
-    conn = _db(broker)
-    try:
-        conn.execute(f"UPDATE credentials SET {column} = ? WHERE user_id = ?", (value, user))
-    finally:
-        conn.close()
+    broker.query(f"UPDATE credentials SET {column} = ? WHERE user_id = ?", (value, user))
 
 
 def _flip(value: Any, position: int = 0) -> Any:
@@ -163,9 +157,7 @@ async def test_truncated_records_and_unknown_key_ids(broker: Broker) -> None:
 
 async def test_a_corrupt_pending_flow_fails_closed_without_a_crash(broker: Broker) -> None:
     started = await broker.start_flow("alice")
-    conn = _db(broker)
-    conn.execute("UPDATE pending_flows SET sealed = substr(sealed, 1, 50)")
-    conn.close()
+    broker.query("UPDATE pending_flows SET sealed = substr(sealed, 1, 50)")
     import asyncio
 
     from broker._proto.credentialbroker.v1 import broker_pb2 as pb

@@ -47,12 +47,15 @@ class BrokerServer:
         *,
         health_listen: str | None = None,
         extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+        reuse_port: bool = False,
         tls: TlsConfig | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        # SO_REUSEPORT only for worker processes sharing a port (serve --workers N); otherwise a
+        # second broker on a taken port must fail to bind rather than silently share it.
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         self._credentials = _server_credentials(tls) if tls is not None else None
         self._server = grpc.aio.server(options=options, interceptors=tuple(interceptors))

@@ -96,6 +96,9 @@ class CredentialStore(Protocol):
 
     def delete_credential(self, user_id: str, upstream_key: str) -> bool: ...
 
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
+
     def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
         """Insert a flow, drop expired ones, and keep at most ``max_per_user`` live flows for
         (user, upstream), dropping the oldest."""

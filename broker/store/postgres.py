@@ -1,0 +1,505 @@
+"""PostgreSQL backend: the same rows and sealed records as SQLite, shared by every replica.
+
+psycopg 3 with its (synchronous) connection pool; connections run in autocommit mode so a read
+is one round trip, and writes open an explicit transaction. The schema is versioned by the
+one-row table ``credential_broker_schema``; migrations run under a transaction-scoped advisory
+lock so two replicas starting together do not race.
+
+Atomicity across replicas:
+- ``save_credential`` with an expected generation is one ``UPDATE ... WHERE generation = %s``:
+  under READ COMMITTED a concurrent writer waits for the row lock, then re-checks the WHERE on
+  the committed row and matches nothing, so exactly one compare-and-swap wins.
+- ``claim_refresh`` (the refresh lease, the same as SQLite's) is one ``UPDATE ... WHERE
+  generation = %s AND <no live lease>``: a concurrent claimer waits for the row lock, re-checks
+  the WHERE on the committed row and matches nothing, so exactly one process holds the lease.
+
+Errors: every psycopg/pool error becomes a StoreError (UNAVAILABLE) here, once. Messages carry
+the error class and SQLSTATE, never the DSN or its password. After a connection failure, reads
+stop waiting for the pool for a short while (they run on the event loop) and fail fast until a
+connection comes back; the pool reconnects in the background by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from broker.errors import DecryptionError, StoreError
+from broker.store.base import CredentialRow, PendingFlowRow, SealedRecord
+
+# Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
+SCHEMA_VERSION = 2
+_MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
+_READ_WAIT_SECONDS = 1.0  # pool wait for a read on the event loop when the database is healthy
+_SUSPECT_SECONDS = 2.0  # after a connection failure, reads fail fast for this long
+_SUSPECT_READ_WAIT_SECONDS = 0.02
+_WRITE_WAIT_SECONDS = 5.0
+_RECONNECT_TIMEOUT_SECONDS = 2.0  # a pool slot gives up and is re-grown on demand after this
+
+_CRED_COLUMNS = (
+    "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
+    "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
+)
+# Read with next_attempt_at (migration 2); a save writes _CRED_COLUMNS and sets the migration-2
+# columns to NULL, like SQLite's INSERT OR REPLACE: it resets the backoff and releases the lease.
+_CRED_SELECT = _CRED_COLUMNS + ", next_attempt_at"
+_CLEAR_LIFECYCLE = "next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL"
+_FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
+
+_MIGRATION_1 = (
+    """CREATE TABLE credentials (
+        user_id text NOT NULL,
+        upstream_key text NOT NULL,
+        token_type text,
+        scopes text,
+        expires_at double precision,
+        obtained_via text,
+        status text NOT NULL,
+        generation bigint NOT NULL,
+        kek_id text NOT NULL,
+        sealed bytea NOT NULL,
+        created_at double precision,
+        updated_at double precision,
+        last_refresh_at double precision,
+        last_error text,
+        failure_count integer,
+        PRIMARY KEY (user_id, upstream_key)
+    )""",
+    "CREATE INDEX credentials_kek_id ON credentials (kek_id)",
+    """CREATE TABLE pending_flows (
+        state_hash text PRIMARY KEY,
+        user_id text NOT NULL,
+        upstream_key text NOT NULL,
+        created_at double precision NOT NULL,
+        expires_at double precision NOT NULL,
+        kek_id text NOT NULL,
+        sealed bytea NOT NULL,
+        seq bigint GENERATED ALWAYS AS IDENTITY
+    )""",
+    "CREATE INDEX pending_flows_user ON pending_flows (user_id, upstream_key, created_at)",
+    "CREATE INDEX pending_flows_expires ON pending_flows (expires_at)",
+)
+
+# SQLite's migration 2: when to retry after a transient failure, and the refresh lease. Plus
+# ``seq``, the stable scan position key rotation pages through (SQLite uses its rowid).
+_MIGRATION_2 = (
+    "ALTER TABLE credentials ADD COLUMN next_attempt_at double precision",
+    "ALTER TABLE credentials ADD COLUMN lease_owner text",
+    "ALTER TABLE credentials ADD COLUMN lease_until double precision",
+    "ALTER TABLE credentials ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY",
+    "CREATE UNIQUE INDEX credentials_seq ON credentials (seq)",
+    "CREATE UNIQUE INDEX pending_flows_seq ON pending_flows (seq)",
+)
+
+# Each migration is a list of statements run in one transaction; index i is version i + 1.
+MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2]
+
+
+def _cred(row: Sequence[Any]) -> CredentialRow:
+    try:
+        return _cred_fields(row)
+    except (ValueError, TypeError, OverflowError):
+        # A clear column that does not parse (hand edit): the record fails closed with the same
+        # error as a record whose ciphertext does not open (as in SQLite).
+        raise DecryptionError() from None
+
+
+def _cred_fields(row: Sequence[Any]) -> CredentialRow:
+    (
+        user,
+        key,
+        token_type,
+        scopes,
+        expires,
+        via,
+        status,
+        gen,
+        kid,
+        sealed,
+        created,
+        updated,
+        last_refresh,
+        last_error,
+        failures,
+        *rest,
+    ) = row
+    next_attempt = rest[0] if rest else None
+    scope_list = json.loads(str(scopes))
+    if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
+        raise ValueError("scopes")
+    return CredentialRow(
+        user_id=str(user),
+        upstream_key=str(key),
+        token_type=str(token_type),
+        scopes=tuple(scope_list),
+        expires_at=None if expires is None else float(expires),
+        obtained_via=str(via),
+        status=str(status),
+        generation=int(gen),
+        kek_id=str(kid),
+        sealed=bytes(sealed),
+        created_at=float(created),
+        updated_at=float(updated),
+        last_refresh_at=None if last_refresh is None else float(last_refresh),
+        last_error=None if last_error is None else str(last_error),
+        failure_count=int(failures or 0),
+        next_attempt_at=None if next_attempt is None else float(next_attempt),
+    )
+
+
+def _flow(row: Sequence[Any]) -> PendingFlowRow:
+    state_hash, user, key, created, expires, kid, sealed = row
+    return PendingFlowRow(
+        str(state_hash), str(user), str(key), float(created), float(expires), str(kid), bytes(sealed)
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """A safe description of a database error: its class and SQLSTATE, never the DSN."""
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return "no database connection available (the database may be unreachable)"
+    if isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) is None:
+        return "the database is unreachable or the connection was lost"
+    state = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
+
+
+class PostgresStore:
+    """Credentials and pending flows in PostgreSQL, shared by every replica."""
+
+    schema_version = SCHEMA_VERSION
+
+    def __init__(self, dsn: str, *, pool_size: int = 10, name: str = "credential-broker") -> None:
+        self._dsn = dsn
+        self._suspect_until = 0.0
+        self._lock = threading.Lock()
+        self.pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True, "application_name": name},
+            configure=self._configure,
+            reconnect_timeout=_RECONNECT_TIMEOUT_SECONDS,
+            name=name,
+            open=False,
+        )
+        try:
+            self.pool.open(wait=True, timeout=_WRITE_WAIT_SECONDS)
+            self._migrate()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            self.pool.close()
+            raise StoreError(f"cannot open the PostgreSQL store: {describe(exc)}") from None
+        except BaseException:
+            self.pool.close()
+            raise
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        # Bound every wait on a row or advisory lock, and every statement.
+        conn.execute("SET lock_timeout = '5s'")
+        conn.execute("SET statement_timeout = '30s'")
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
+            self._suspect_until = time.monotonic() + _SUSPECT_SECONDS
+
+    @contextmanager
+    def _connection(self, wait: float) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection(timeout=wait) as conn:
+            yield conn
+
+    def _read(self, query: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        """Run a read; a connection that turns out broken (database restarted) is retried once."""
+        suspect = time.monotonic() < self._suspect_until
+        wait = _SUSPECT_READ_WAIT_SECONDS if suspect else _READ_WAIT_SECONDS
+        for attempt in (1, 2):
+            try:
+                with self._connection(wait) as conn:
+                    rows = conn.execute(query, params).fetchall()
+                self._suspect_until = 0.0
+                return rows
+            except psycopg.OperationalError as exc:
+                self._failed(exc)
+                if attempt == 2 or getattr(exc, "sqlstate", None) is not None:
+                    raise StoreError(f"store read failed: {describe(exc)}") from None
+                wait = _SUSPECT_READ_WAIT_SECONDS
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                self._failed(exc)
+                raise StoreError(f"store read failed: {describe(exc)}") from None
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._connection(_WRITE_WAIT_SECONDS) as conn, conn.transaction():
+                yield conn
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            self._failed(exc)
+            raise StoreError(f"store write failed: {describe(exc)}") from None
+
+    def _migrate(self) -> None:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS credential_broker_schema (version integer NOT NULL)")
+            found = conn.execute("SELECT version FROM credential_broker_schema").fetchone()
+            version = 0 if found is None else int(found[0])
+            if found is None:
+                conn.execute("INSERT INTO credential_broker_schema (version) VALUES (0)")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the PostgreSQL store has schema version {version}, newer than this broker's "
+                    f"{SCHEMA_VERSION}; upgrade the broker"
+                )
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[number - 1]:
+                    conn.execute(sql.SQL(statement))  # constant DDL from MIGRATIONS
+                conn.execute("UPDATE credential_broker_schema SET version = %s", (number,))
+
+    # -- credentials ---------------------------------------------------------------------
+
+    def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
+        rows = self._read(
+            f"SELECT {_CRED_SELECT} FROM credentials WHERE user_id = %s AND upstream_key = %s",
+            (user_id, upstream_key),
+        )
+        return _cred(rows[0]) if rows else None
+
+    def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
+        values = (
+            row.token_type,
+            json.dumps(list(row.scopes)),
+            row.expires_at,
+            row.obtained_via,
+            row.status,
+            row.kek_id,
+            row.sealed,
+            row.updated_at,
+            row.last_refresh_at,
+            row.last_error,
+            row.failure_count,
+        )
+        with self._write() as conn:
+            if expected_generation is not None:
+                found = conn.execute(
+                    "UPDATE credentials SET token_type = %s, scopes = %s, expires_at = %s, "
+                    "obtained_via = %s, status = %s, kek_id = %s, sealed = %s, updated_at = %s, "
+                    "last_refresh_at = %s, last_error = %s, failure_count = %s, "
+                    f"generation = generation + 1, {_CLEAR_LIFECYCLE} "
+                    "WHERE user_id = %s AND upstream_key = %s AND generation = %s RETURNING generation",
+                    (*values, row.user_id, row.upstream_key, expected_generation),
+                ).fetchone()
+            else:
+                found = conn.execute(
+                    f"INSERT INTO credentials ({_CRED_COLUMNS}) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (user_id, upstream_key) DO UPDATE SET "
+                    "token_type = EXCLUDED.token_type, scopes = EXCLUDED.scopes, "
+                    "expires_at = EXCLUDED.expires_at, obtained_via = EXCLUDED.obtained_via, "
+                    "status = EXCLUDED.status, kek_id = EXCLUDED.kek_id, sealed = EXCLUDED.sealed, "
+                    "updated_at = EXCLUDED.updated_at, last_refresh_at = EXCLUDED.last_refresh_at, "
+                    "last_error = EXCLUDED.last_error, failure_count = EXCLUDED.failure_count, "
+                    f"generation = credentials.generation + 1, {_CLEAR_LIFECYCLE} RETURNING generation",
+                    (
+                        row.user_id,
+                        row.upstream_key,
+                        row.token_type,
+                        json.dumps(list(row.scopes)),
+                        row.expires_at,
+                        row.obtained_via,
+                        row.status,
+                        row.kek_id,
+                        row.sealed,
+                        row.created_at,
+                        row.updated_at,
+                        row.last_refresh_at,
+                        row.last_error,
+                        row.failure_count,
+                    ),
+                ).fetchone()
+            return None if found is None else int(found[0])
+
+    def record_failure(
+        self,
+        user_id: str,
+        upstream_key: str,
+        status: str,
+        error_class: str,
+        generation: int,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE credentials SET status = %s, last_error = %s, "
+                "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = %s, "
+                "lease_owner = NULL, lease_until = NULL "
+                "WHERE user_id = %s AND upstream_key = %s AND generation = %s",
+                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
+            )
+
+    def claim_refresh(
+        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+    ) -> bool:
+        # One statement: a concurrent claimer blocks on the row lock, then re-evaluates the WHERE
+        # on the committed row (READ COMMITTED), finds the live lease and matches nothing.
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE credentials SET status = 'refreshing', lease_owner = %s, lease_until = %s "
+                "WHERE user_id = %s AND upstream_key = %s AND generation = %s "
+                "AND status != 'needs_reauth' "
+                "AND (lease_until IS NULL OR lease_until <= %s OR lease_owner = %s)",
+                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
+            )
+            return cursor.rowcount == 1
+
+    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM credentials WHERE user_id = %s AND upstream_key = %s", (user_id, upstream_key)
+            )
+            return cursor.rowcount > 0
+
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
+        rows = self._read(
+            "SELECT s, COUNT(*) FROM (SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL "
+            "AND expires_at <= %s THEN 'expired' ELSE status END AS s FROM credentials) AS c GROUP BY s",
+            (now,),
+        )
+        return {str(status): int(count) for status, count in rows}
+
+    def bulk_insert_credentials(self, rows: Sequence[CredentialRow]) -> None:
+        """Load many new rows in one transaction with COPY (benchmarks, imports)."""
+        with (
+            self._write() as conn,
+            conn.cursor().copy(f"COPY credentials ({_CRED_COLUMNS}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(
+                    (
+                        row.user_id,
+                        row.upstream_key,
+                        row.token_type,
+                        json.dumps(list(row.scopes)),
+                        row.expires_at,
+                        row.obtained_via,
+                        row.status,
+                        max(row.generation, 1),
+                        row.kek_id,
+                        row.sealed,
+                        row.created_at,
+                        row.updated_at,
+                        row.last_refresh_at,
+                        row.last_error,
+                        row.failure_count,
+                    )
+                )
+
+    # -- pending flows -------------------------------------------------------------------
+
+    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM pending_flows WHERE expires_at <= %s", (now,))
+            conn.execute(
+                f"INSERT INTO pending_flows ({_FLOW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (
+                    row.state_hash,
+                    row.user_id,
+                    row.upstream_key,
+                    row.created_at,
+                    row.expires_at,
+                    row.kek_id,
+                    row.sealed,
+                ),
+            )
+            conn.execute(
+                "DELETE FROM pending_flows WHERE user_id = %s AND upstream_key = %s AND state_hash "
+                "NOT IN (SELECT state_hash FROM pending_flows WHERE user_id = %s AND upstream_key = %s "
+                "ORDER BY created_at DESC, seq DESC LIMIT %s)",
+                (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
+            )
+
+    def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
+        with self._write() as conn:
+            found = conn.execute(
+                f"DELETE FROM pending_flows WHERE state_hash = %s RETURNING {_FLOW_COLUMNS}", (state_hash,)
+            ).fetchone()
+            return None if found is None else _flow(found)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
+        rows = self._read(
+            "SELECT kek_id, SUM(n) FROM (SELECT kek_id, COUNT(*) AS n FROM credentials GROUP BY kek_id "
+            "UNION ALL SELECT kek_id, COUNT(*) FROM pending_flows GROUP BY kek_id) AS used "
+            "GROUP BY kek_id ORDER BY 2 DESC LIMIT %s",
+            (limit,),
+        )
+        return [(str(k), int(n)) for k, n in rows]
+
+    def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
+        creds: list[CredentialRow | PendingFlowRow] = [
+            _cred(r)
+            for r in self._read(
+                f"SELECT {_CRED_SELECT} FROM credentials WHERE kek_id = %s LIMIT %s", (kek_id, limit)
+            )
+        ]
+        flows = [
+            _flow(r)
+            for r in self._read(
+                f"SELECT {_FLOW_COLUMNS} FROM pending_flows WHERE kek_id = %s LIMIT %s", (kek_id, limit)
+            )
+        ]
+        return creds + flows
+
+    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
+        # One position space over both tables, as in SQLite: credentials take even positions
+        # (seq * 2), flows odd ones (seq * 2 + 1), so a single cursor pages through both.
+        rows = self._read(
+            "SELECT * FROM ("
+            "SELECT seq * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, generation, "
+            "sealed FROM credentials WHERE kek_id != %s AND seq * 2 > %s "
+            "UNION ALL "
+            "SELECT seq * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
+            "FROM pending_flows WHERE kek_id != %s AND seq * 2 + 1 > %s"
+            ") AS r ORDER BY pos LIMIT %s",
+            (skip_kek_id, after_position, skip_kek_id, after_position, limit),
+        )
+        return [
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
+            for pos, t, u, k, kid, g, sealed in rows
+        ]
+
+    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
+        for record, _, _ in updates:
+            if record.table not in ("credentials", "pending_flows"):
+                raise ValueError(f"unknown table {record.table!r}")
+        written = 0
+        with self._write() as conn:
+            for record, kek_id, sealed in updates:
+                if record.table == "credentials":
+                    cursor = conn.execute(
+                        "UPDATE credentials SET kek_id = %s, sealed = %s WHERE user_id = %s AND "
+                        "upstream_key = %s AND kek_id = %s AND generation = %s",
+                        (kek_id, sealed, record.user_id, record.record_key, record.kek_id, record.generation),
+                    )
+                else:
+                    cursor = conn.execute(
+                        "UPDATE pending_flows SET kek_id = %s, sealed = %s WHERE state_hash = %s AND "
+                        "user_id = %s AND kek_id = %s AND sealed = %s",
+                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
+                    )
+                written += cursor.rowcount
+        return written
+
+    def close(self) -> None:
+        self.pool.close()
