@@ -17,49 +17,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.crypto import EnvelopeCipher
-from broker.crypto.envelope import RecordContext
+from broker.models import Credential, Secrets
 from broker.store.base import CredentialRow
 from broker.store.sqlite import SqliteStore
+from broker.vault import CredentialVault
 
 BATCH = 20_000
 
 
 def sealed_rows(
-    cipher: EnvelopeCipher, schema_version: int, upstream_key: str, start: int, stop: int, now: float
+    vault: CredentialVault, upstream_key: str, start: int, stop: int, now: float
 ) -> list[CredentialRow]:
-    rows = []
-    for i in range(start, stop):
-        user = f"user-{i}"
-        payload = json.dumps({"access_token": f"access-{i}", "refresh_token": f"refresh-{i}"}).encode()
-        sealed = cipher.seal(payload, RecordContext(schema_version, "credentials", user, upstream_key))
-        rows.append(
-            CredentialRow(
-                user,
+    """Rows for user-<start> .. user-<stop-1>, sealed by the vault itself."""
+    return [
+        vault.seal_credential(
+            Credential(
+                f"user-{i}",
                 upstream_key,
+                Secrets(f"access-{i}", f"refresh-{i}"),
                 "Bearer",
                 ("read",),
                 now + 86400,
                 "connect_flow",
-                "connected",
-                1,
-                cipher.primary_key_id,
-                sealed,
                 now,
-                now,
-                now,
-            )
+            ),
+            now,
         )
-    return rows
+        for i in range(start, stop)
+    ]
 
 
-def bulk_load(store: object, cipher: EnvelopeCipher, upstream_key: str, users: int) -> float:
+def bulk_load(store: object, vault: CredentialVault, upstream_key: str, users: int) -> float:
     """Insert ``users`` credentials (user-0 ...); returns the seconds it took."""
     started = time.perf_counter()
     now = time.time()
-    version = store.schema_version  # type: ignore[attr-defined]
     for start in range(0, users, BATCH):
-        rows = sealed_rows(cipher, version, upstream_key, start, min(users, start + BATCH), now)
+        rows = sealed_rows(vault, upstream_key, start, min(users, start + BATCH), now)
         if isinstance(store, SqliteStore):
             conn = sqlite3.connect(store.path)
             with conn:

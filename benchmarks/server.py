@@ -80,7 +80,7 @@ async def main() -> None:
     key = config.upstreams[0].key
     loaded = 0.0
     if args.users and app.store.get_credential("user-0", key) is None:
-        loaded = bulk_load(app.store, app.vault._cipher, key, args.users)
+        loaded = bulk_load(app.store, app.vault, key, args.users)
     await app.start()
     print(
         json.dumps({"tcp": app.server.addresses[0], "unix": app.server.addresses[1], "load_seconds": loaded}),

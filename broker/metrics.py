@@ -63,12 +63,18 @@ class BrokerMetrics:
             registry=r,
         )
         self._server: Any = None
+        # (method, code) -> the bound children: labels() takes a lock and hashes every call.
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     # -- sources ------------------------------------------------------------------------
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.rpc_requests.labels(method, code).inc()
-        self.rpc_duration.labels(method, code).observe(seconds)
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (self.rpc_requests.labels(method, code), self.rpc_duration.labels(method, code))
+            self._rpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def emit(self, event: AuditEvent) -> None:
         if event.action == "refresh" and event.outcome == "failure":

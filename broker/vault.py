@@ -175,6 +175,10 @@ class CredentialVault:
 
     def save(self, credential: Credential, expected_generation: int | None, now: float) -> int | None:
         """Seal and write; with ``expected_generation`` only if nobody wrote since (CAS)."""
+        return self.store.save_credential(self.seal_credential(credential, now), expected_generation)
+
+    def seal_credential(self, credential: Credential, now: float) -> CredentialRow:
+        """The store row for ``credential``: its secrets (and a copy of its clear columns) sealed."""
         context = self._context(_CREDENTIALS, credential.user_id, credential.upstream_key)
         payload: dict[str, object] = {"access_token": credential.secrets.access_token}
         if credential.secrets.refresh_token is not None:
@@ -187,7 +191,7 @@ class CredentialVault:
             credential.updated_at,
         )
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
-        row = CredentialRow(
+        return CredentialRow(
             user_id=credential.user_id,
             upstream_key=credential.upstream_key,
             token_type=credential.token_type,
@@ -202,7 +206,6 @@ class CredentialVault:
             updated_at=credential.updated_at,
             last_refresh_at=now,
         )
-        return self.store.save_credential(row, expected_generation)
 
     def forget(self, user_id: str, upstream_key: str) -> None:
         self._cache.pop((user_id, upstream_key), None)

@@ -1,0 +1,52 @@
+"""The benchmark scripts still run (tiny budgets). Their figures are not checked here: speed is
+measured by running them, not asserted in the test suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_resolve_vs_empty_runs_and_prints_ratios() -> None:
+    out = _run(
+        "benchmarks/resolve_vs_empty.py",
+        "--seconds",
+        "0.2",
+        "--rounds",
+        "1",
+        "--callers",
+        "1",
+        "--backend",
+        "sqlite",
+    )
+    rows = [line.split() for line in out.splitlines() if line.startswith("sqlite ")]
+    assert {row[1] for row in rows} == {"tcp", "unix"}
+    assert all(float(row[5]) > 0 for row in rows)  # the p50 ratio column
+    assert "targets (p50 <= 1.25x, rate >= 0.8x):" in out
+
+
+def test_suite_runs_with_small_sizes() -> None:
+    out = _run(
+        "benchmarks/suite.py",
+        "store-size",
+        "coalescing",
+        "memory",
+        "--large",
+        "3000",
+        "--seconds",
+        "0.3",
+        "--memory-users",
+        "300",
+    )
+    assert "store-size" in out and "coalescing" in out and "memory" in out
