@@ -120,6 +120,8 @@ def _serve_config(tmp: Path, port: int, store: dict[str, Any], token_endpoint: s
         "store": store,
         "keyring": {"file": str(tmp / "keyring.json")},
         "log": {"level": "error"},
+        # An audit event per Resolve, as in production; appended to a file so stdout stays quiet.
+        "audit": {"output": "file", "path": str(tmp / f"audit-{port}.jsonl")},
         "upstreams": [
             {
                 "name": "bench",

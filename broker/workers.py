@@ -62,7 +62,17 @@ def worker_configs(config: BrokerConfig, tcp: list[ListenerConfig]) -> list[Brok
     # health_listen and metrics.listen are single endpoints: worker 0 serves them.
     metrics = config.metrics.model_copy(update={"listen": None})
     rest = config.model_copy(update={"listen": tuple(tcp), "health_listen": None, "metrics": metrics})
-    return [first] + [rest] * (config.workers - 1)
+    configs = [first] + [rest] * (config.workers - 1)
+    if config.audit.output == "file" and config.audit.path is not None:
+        # Each worker rotates its own audit file: worker N > 0 appends to "<path>.w<N>".
+        path = config.audit.path
+        configs = [configs[0]] + [
+            c.model_copy(
+                update={"audit": c.audit.model_copy(update={"path": path.with_name(f"{path.name}.w{n}")})}
+            )
+            for n, c in enumerate(configs[1:], start=1)
+        ]
+    return configs
 
 
 def _run_worker(config: BrokerConfig, embedded: bool, serve: Serve) -> int:

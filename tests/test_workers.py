@@ -159,3 +159,23 @@ def test_workers_need_a_tcp_address(tmp_path: Path, auth_server: AuthServer) -> 
     text = config.read_text().replace("- 127.0.0.1:0\n", "")
     config.write_text(text)
     assert main(["serve", "--config", str(config)]) == 2
+
+
+def test_each_worker_gets_its_own_audit_file(tmp_path: Path) -> None:
+    """Rotation renames files, so two processes must never rotate the same one."""
+    from broker.config import load_config
+    from broker.workers import worker_configs
+
+    config = load_config(
+        {
+            "keyring": {"file": "k.json"},
+            "workers": 3,
+            "listen": ["127.0.0.1:0"],
+            "audit": {"output": "file", "path": "audit/audit.jsonl"},
+        },
+        environ={},
+        base_dir=tmp_path,
+    )
+    paths = [c.audit.path for c in worker_configs(config, list(config.listeners()))]
+    base = tmp_path / "audit" / "audit.jsonl"
+    assert paths == [base, base.with_name("audit.jsonl.w1"), base.with_name("audit.jsonl.w2")]
