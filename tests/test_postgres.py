@@ -21,6 +21,7 @@ from broker.crypto import EnvelopeCipher
 from broker.crypto.keyring import Keyring, new_key_entry
 from broker.errors import ConfigError, StoreError
 from broker.models import Credential, PendingFlow, Secrets
+from broker.store.base import CRED_COLUMNS
 from broker.store.postgres import SCHEMA_VERSION, PostgresStore
 from broker.vault import CredentialVault
 from tests.conftest import Broker, BrokerFactory, error_info
@@ -80,7 +81,7 @@ def test_migration_2_keeps_version_1_records_openable(pg_dsn: str, monkeypatch: 
         def save_credential(self, row: Any, expected_generation: int | None) -> int | None:
             with self._write() as conn:
                 conn.execute(
-                    f"INSERT INTO credentials ({postgres_store._CRED_COLUMNS}) VALUES "
+                    f"INSERT INTO credentials ({CRED_COLUMNS}) VALUES "
                     "(%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s)",
                     (row.user_id, row.upstream_key, row.token_type, '["repo"]', row.expires_at,
                      row.obtained_via, row.status, row.kek_id, row.sealed, row.created_at,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from broker.errors import DecryptionError
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,62 @@ class SealedRecord:
 
     def __repr__(self) -> str:
         return f"SealedRecord(table={self.table!r}, position={self.position}, kek_id={self.kek_id!r})"
+
+
+# The columns both backends read and write, in the order the row parsers below expect.
+CRED_COLUMNS = (
+    "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
+    "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
+)
+# Read with next_attempt_at (migration 2); a save writes CRED_COLUMNS only, which resets the
+# backoff and releases the refresh lease.
+CRED_SELECT = CRED_COLUMNS + ", next_attempt_at"
+FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
+
+
+def credential_from_row(row: Sequence[Any]) -> CredentialRow:
+    """A CredentialRow from a CRED_SELECT (or CRED_COLUMNS) row. A clear column that does not
+    parse (a hand edit, a corrupt file) fails closed with the one DecryptionError, as a record
+    whose ciphertext does not open."""
+    try:
+        return _credential_fields(row)
+    except (ValueError, TypeError, OverflowError):
+        raise DecryptionError() from None
+
+
+def _credential_fields(row: Sequence[Any]) -> CredentialRow:
+    (user, key, token_type, scopes, expires, via, status, gen, kid, sealed, created, updated,
+     last_refresh, last_error, failures, *rest) = row  # fmt: skip
+    next_attempt = rest[0] if rest else None
+    scope_list = json.loads(str(scopes))
+    if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
+        raise ValueError("scopes")
+    return CredentialRow(
+        user_id=str(user),
+        upstream_key=str(key),
+        token_type=str(token_type),
+        scopes=tuple(scope_list),
+        expires_at=None if expires is None else float(expires),
+        obtained_via=str(via),
+        status=str(status),
+        generation=int(gen),
+        kek_id=str(kid),
+        sealed=bytes(sealed),
+        created_at=float(created),
+        updated_at=float(updated),
+        last_refresh_at=None if last_refresh is None else float(last_refresh),
+        last_error=None if last_error is None else str(last_error),
+        failure_count=int(failures or 0),
+        next_attempt_at=None if next_attempt is None else float(next_attempt),
+    )
+
+
+def flow_from_row(row: Sequence[Any]) -> PendingFlowRow:
+    """A PendingFlowRow from a FLOW_COLUMNS row."""
+    state_hash, user, key, created, expires, kid, sealed = row
+    return PendingFlowRow(
+        str(state_hash), str(user), str(key), float(created), float(expires), str(kid), bytes(sealed)
+    )
 
 
 class CredentialStore(Protocol):

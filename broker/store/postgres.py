@@ -32,8 +32,17 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 
-from broker.errors import DecryptionError, StoreError
-from broker.store.base import CredentialRow, PendingFlowRow, SealedRecord
+from broker.errors import StoreError
+from broker.store.base import (
+    CRED_COLUMNS,
+    CRED_SELECT,
+    FLOW_COLUMNS,
+    CredentialRow,
+    PendingFlowRow,
+    SealedRecord,
+    credential_from_row,
+    flow_from_row,
+)
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
 SCHEMA_VERSION = 2
@@ -44,15 +53,7 @@ _SUSPECT_READ_WAIT_SECONDS = 0.02
 _WRITE_WAIT_SECONDS = 5.0
 _RECONNECT_TIMEOUT_SECONDS = 2.0  # a pool slot gives up and is re-grown on demand after this
 
-_CRED_COLUMNS = (
-    "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
-    "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
-)
-# Read with next_attempt_at (migration 2); a save writes _CRED_COLUMNS and sets the migration-2
-# columns to NULL, like SQLite's INSERT OR REPLACE: it resets the backoff and releases the lease.
-_CRED_SELECT = _CRED_COLUMNS + ", next_attempt_at"
 _CLEAR_LIFECYCLE = "next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL"
-_FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
 
 _MIGRATION_1 = (
     """CREATE TABLE credentials (
@@ -101,65 +102,6 @@ _MIGRATION_2 = (
 
 # Each migration is a list of statements run in one transaction; index i is version i + 1.
 MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2]
-
-
-def _cred(row: Sequence[Any]) -> CredentialRow:
-    try:
-        return _cred_fields(row)
-    except (ValueError, TypeError, OverflowError):
-        # A clear column that does not parse (hand edit): the record fails closed with the same
-        # error as a record whose ciphertext does not open (as in SQLite).
-        raise DecryptionError() from None
-
-
-def _cred_fields(row: Sequence[Any]) -> CredentialRow:
-    (
-        user,
-        key,
-        token_type,
-        scopes,
-        expires,
-        via,
-        status,
-        gen,
-        kid,
-        sealed,
-        created,
-        updated,
-        last_refresh,
-        last_error,
-        failures,
-        *rest,
-    ) = row
-    next_attempt = rest[0] if rest else None
-    scope_list = json.loads(str(scopes))
-    if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
-        raise ValueError("scopes")
-    return CredentialRow(
-        user_id=str(user),
-        upstream_key=str(key),
-        token_type=str(token_type),
-        scopes=tuple(scope_list),
-        expires_at=None if expires is None else float(expires),
-        obtained_via=str(via),
-        status=str(status),
-        generation=int(gen),
-        kek_id=str(kid),
-        sealed=bytes(sealed),
-        created_at=float(created),
-        updated_at=float(updated),
-        last_refresh_at=None if last_refresh is None else float(last_refresh),
-        last_error=None if last_error is None else str(last_error),
-        failure_count=int(failures or 0),
-        next_attempt_at=None if next_attempt is None else float(next_attempt),
-    )
-
-
-def _flow(row: Sequence[Any]) -> PendingFlowRow:
-    state_hash, user, key, created, expires, kid, sealed = row
-    return PendingFlowRow(
-        str(state_hash), str(user), str(key), float(created), float(expires), str(kid), bytes(sealed)
-    )
 
 
 def describe(exc: BaseException) -> str:
@@ -269,10 +211,10 @@ class PostgresStore:
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
         rows = self._read(
-            f"SELECT {_CRED_SELECT} FROM credentials WHERE user_id = %s AND upstream_key = %s",
+            f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = %s AND upstream_key = %s",
             (user_id, upstream_key),
         )
-        return _cred(rows[0]) if rows else None
+        return credential_from_row(rows[0]) if rows else None
 
     def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
         values = (
@@ -300,7 +242,7 @@ class PostgresStore:
                 ).fetchone()
             else:
                 found = conn.execute(
-                    f"INSERT INTO credentials ({_CRED_COLUMNS}) "
+                    f"INSERT INTO credentials ({CRED_COLUMNS}) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (user_id, upstream_key) DO UPDATE SET "
                     "token_type = EXCLUDED.token_type, scopes = EXCLUDED.scopes, "
@@ -381,7 +323,7 @@ class PostgresStore:
         """Load many new rows in one transaction with COPY (benchmarks, imports)."""
         with (
             self._write() as conn,
-            conn.cursor().copy(f"COPY credentials ({_CRED_COLUMNS}) FROM STDIN") as copy,
+            conn.cursor().copy(f"COPY credentials ({CRED_COLUMNS}) FROM STDIN") as copy,
         ):
             for row in rows:
                 copy.write_row(
@@ -410,7 +352,7 @@ class PostgresStore:
         with self._write() as conn:
             conn.execute("DELETE FROM pending_flows WHERE expires_at <= %s", (now,))
             conn.execute(
-                f"INSERT INTO pending_flows ({_FLOW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (
                     row.state_hash,
                     row.user_id,
@@ -431,9 +373,9 @@ class PostgresStore:
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         with self._write() as conn:
             found = conn.execute(
-                f"DELETE FROM pending_flows WHERE state_hash = %s RETURNING {_FLOW_COLUMNS}", (state_hash,)
+                f"DELETE FROM pending_flows WHERE state_hash = %s RETURNING {FLOW_COLUMNS}", (state_hash,)
             ).fetchone()
-            return None if found is None else _flow(found)
+            return None if found is None else flow_from_row(found)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -448,15 +390,15 @@ class PostgresStore:
 
     def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
         creds: list[CredentialRow | PendingFlowRow] = [
-            _cred(r)
+            credential_from_row(r)
             for r in self._read(
-                f"SELECT {_CRED_SELECT} FROM credentials WHERE kek_id = %s LIMIT %s", (kek_id, limit)
+                f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = %s LIMIT %s", (kek_id, limit)
             )
         ]
         flows = [
-            _flow(r)
+            flow_from_row(r)
             for r in self._read(
-                f"SELECT {_FLOW_COLUMNS} FROM pending_flows WHERE kek_id = %s LIMIT %s", (kek_id, limit)
+                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = %s LIMIT %s", (kek_id, limit)
             )
         ]
         return creds + flows

@@ -19,20 +19,20 @@ from typing import Any
 
 import sqlite_utils
 
-from broker.errors import DecryptionError, StoreError
-from broker.store.base import CredentialRow, PendingFlowRow, SealedRecord
+from broker.errors import StoreError
+from broker.store.base import (
+    CRED_COLUMNS,
+    CRED_SELECT,
+    FLOW_COLUMNS,
+    CredentialRow,
+    PendingFlowRow,
+    SealedRecord,
+    credential_from_row,
+    flow_from_row,
+)
 
 SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 5000
-
-_CRED_COLUMNS = (
-    "user_id, upstream_key, token_type, scopes, expires_at, obtained_via, status, generation, "
-    "kek_id, sealed, created_at, updated_at, last_refresh_at, last_error, failure_count"
-)
-# Read with next_attempt_at (migration 2); written columns stay _CRED_COLUMNS, so a save (an
-# INSERT OR REPLACE) resets the backoff and releases the refresh lease.
-_CRED_SELECT = _CRED_COLUMNS + ", next_attempt_at"
-_FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
 
 
 def _migrate_1(db: sqlite_utils.Database) -> None:
@@ -85,71 +85,6 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
-
-
-def _cred(row: tuple[Any, ...]) -> CredentialRow:
-    try:
-        return _cred_fields(row)
-    except (ValueError, TypeError, OverflowError):
-        # A clear column that does not parse (corrupt file, hand edit): the record fails closed
-        # with the same error as a record whose ciphertext does not open.
-        raise DecryptionError() from None
-
-
-def _cred_fields(row: tuple[Any, ...]) -> CredentialRow:
-    (
-        user,
-        key,
-        token_type,
-        scopes,
-        expires,
-        via,
-        status,
-        gen,
-        kid,
-        sealed,
-        created,
-        updated,
-        last_refresh,
-        last_error,
-        failures,
-        *rest,
-    ) = row
-    next_attempt = rest[0] if rest else None
-    scope_list = json.loads(str(scopes))
-    if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
-        raise ValueError("scopes")
-    return CredentialRow(
-        user_id=str(user),
-        upstream_key=str(key),
-        token_type=str(token_type),
-        scopes=tuple(scope_list),
-        expires_at=None if expires is None else float(expires),
-        obtained_via=str(via),
-        status=str(status),
-        generation=int(gen),
-        kek_id=str(kid),
-        sealed=bytes(sealed),
-        created_at=float(created),
-        updated_at=float(updated),
-        last_refresh_at=None if last_refresh is None else float(last_refresh),
-        last_error=None if last_error is None else str(last_error),
-        failure_count=int(failures or 0),
-        next_attempt_at=None if next_attempt is None else float(next_attempt),
-    )
-
-
-def _flow(row: tuple[Any, ...]) -> PendingFlowRow:
-    state_hash, user, key, created, expires, kid, sealed = row
-    return PendingFlowRow(
-        str(state_hash),
-        str(user),
-        str(key),
-        float(created),
-        float(expires),
-        str(kid),
-        bytes(sealed),
-    )
 
 
 class SqliteStore:
@@ -230,10 +165,10 @@ class SqliteStore:
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
         rows = self._read(
-            f"SELECT {_CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?",
+            f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?",
             (user_id, upstream_key),
         )
-        return _cred(rows[0]) if rows else None
+        return credential_from_row(rows[0]) if rows else None
 
     def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
         with self._write() as conn:
@@ -246,7 +181,7 @@ class SqliteStore:
             generation = (current[0] if current else 0) + 1
             created = current[1] if current else row.created_at
             conn.execute(
-                f"INSERT OR REPLACE INTO credentials ({_CRED_COLUMNS}) "
+                f"INSERT OR REPLACE INTO credentials ({CRED_COLUMNS}) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.user_id,
@@ -321,7 +256,7 @@ class SqliteStore:
         with self._write() as conn:
             conn.execute("DELETE FROM pending_flows WHERE expires_at <= ?", (now,))
             conn.execute(
-                f"INSERT INTO pending_flows ({_FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.state_hash,
                     row.user_id,
@@ -342,12 +277,12 @@ class SqliteStore:
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         with self._write() as conn:
             found = conn.execute(
-                f"SELECT {_FLOW_COLUMNS} FROM pending_flows WHERE state_hash = ?", (state_hash,)
+                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE state_hash = ?", (state_hash,)
             ).fetchone()
             if found is None:
                 return None
             conn.execute("DELETE FROM pending_flows WHERE state_hash = ?", (state_hash,))
-            return _flow(found)
+            return flow_from_row(found)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -401,15 +336,15 @@ class SqliteStore:
 
     def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
         creds: list[CredentialRow | PendingFlowRow] = [
-            _cred(r)
+            credential_from_row(r)
             for r in self._read(
-                f"SELECT {_CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?", (kek_id, limit)
+                f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?", (kek_id, limit)
             )
         ]
         flows = [
-            _flow(r)
+            flow_from_row(r)
             for r in self._read(
-                f"SELECT {_FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?",
+                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?",
                 (kek_id, limit),
             )
         ]
