@@ -59,20 +59,24 @@ class AuditEvent:
     detail: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        out: dict[str, object] = {
-            "action": self.action,
-            "outcome": self.outcome,
-            "user": self.user,
-            "upstream": self.upstream,
-            "method": self.method,
-            "caller": self.caller,
-            "reason": self.reason,
-            "request_id": self.request_id,
-            "time": _iso(self.time),
-        }
+        # Built by hand (this runs on every Resolve); every value goes through _quote.
+        line = (
+            f'{{"action":{_quote(self.action)},"outcome":{_quote(self.outcome)},'
+            f'"user":{_quote(self.user)},"upstream":{_quote(self.upstream)},'
+            f'"method":{_quote(self.method)},"caller":{_quote(self.caller)},'
+            f'"reason":{_quote(self.reason)},"request_id":{_quote(self.request_id)},'
+            f'"time":"{_iso(self.time)}"'
+        )
         if self.detail:
-            out["detail"] = self.detail
-        return _ENCODER.encode(out)
+            line += f',"detail":{_ENCODER.encode(self.detail)}'
+        return line + "}"
+
+
+def _quote(value: str) -> str:
+    """A JSON string literal; plain printable ASCII without quotes or backslashes as is."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return _ENCODER.encode(value)
 
 
 class AuditSink(Protocol):

@@ -9,6 +9,8 @@ import json
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.audit import AuditEvent, RotatingFileSink
 from tests.authserver import AuthServer
@@ -186,3 +188,22 @@ async def test_metrics_endpoint_is_scraped_over_http(make_broker: BrokerFactory)
 
 async def test_metrics_are_off_by_default(broker: Broker) -> None:
     assert broker.app.metrics_address is None
+
+
+@pytest.mark.parametrize("text", ["plain", 'quo"te', "back\\slash", "ünïcode", "new\nline", "</script>", ""])
+def test_audit_lines_are_json_whatever_the_field_holds(text: str) -> None:
+    event = AuditEvent(
+        "inject", "failure", user=text, upstream=text, reason=text, detail={"k": text}, time=2.25
+    )
+    assert json.loads(event.to_json()) == {
+        "action": "inject",
+        "outcome": "failure",
+        "user": text,
+        "upstream": text,
+        "method": "",
+        "caller": "",
+        "reason": text,
+        "request_id": "",
+        "time": "1970-01-01T00:00:02.250Z",
+        "detail": {"k": text},
+    }

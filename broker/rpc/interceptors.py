@@ -51,6 +51,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         self._policy = policy
         self._audit = auditor
         self._observer = observer
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -63,6 +64,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             return self._guard_reflection(handler, full)
         if handler is None or not full.startswith(_GUARDED_PREFIX) or handler.unary_unary is None:
             return handler
+        cached = self._wrapped.get(full)
+        if cached is not None and cached[0] is handler:
+            return cached[1]  # one wrapper per method, not one per call
         method = full.removeprefix(_GUARDED_PREFIX)
         inner = handler.unary_unary
 
@@ -81,11 +85,13 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 if self._observer is not None:
                     self._observer.observe_rpc(method, code, time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[full] = (handler, wrapped)
+        return wrapped
 
     def _guard_reflection(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
         inner = handler.stream_stream
