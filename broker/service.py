@@ -155,11 +155,7 @@ class BrokerService:
         validation.code(code)
         user = validation.user_id(user_id)
         # Consumed on first use, whatever happens next.
-        try:
-            flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
-        except DecryptionError:
-            self._log.error("pending flow failed to decrypt", extra=fields(user_id=user))
-            raise
+        flow = await self._take_flow(state)
         if flow is None or flow.expires_at <= self._clock.now():
             raise FlowNotFound("the state is unknown, expired or already used; start a new flow")
         upstream = self._by_key.get(flow.upstream_key)
@@ -188,12 +184,21 @@ class BrokerService:
         self._log.info("connected", extra=fields(user_id=user, upstream=upstream.name))
         return self._info(credential, upstream)
 
+    async def _take_flow(self, state: str) -> PendingFlow | None:
+        """Remove and return the flow of ``state``; consumed on first use, whatever happens next.
+        A flow whose record does not open is gone too: the user starts a new one."""
+        try:
+            return await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        except DecryptionError:
+            self._log.error("pending flow failed to decrypt; dropped")
+            return None
+
     async def deny(self, state: str, error: str, error_description: str) -> None:
         """The user refused (or the server failed) the authorization: drop the flow."""
         validation.state(state)
         code = validation.oauth_error(error)
         validation.error_description(error_description)  # checked, never logged or stored
-        flow = await asyncio.to_thread(self._vault.take_flow, rfc7636.state_hash(state))
+        flow = await self._take_flow(state)
         if flow is not None:
             upstream = self._by_key.get(flow.upstream_key)
             self._log.info(

@@ -167,8 +167,10 @@ async def test_a_corrupt_pending_flow_fails_closed_without_a_crash(broker: Broke
         await broker.stub.Complete(
             pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
         )
-    assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert info.value.details() == "a stored record could not be decrypted"
+    # The flow is gone: the user is told to start a new one (nothing else can help them).
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(info.value).reason == "FLOW_NOT_FOUND"
     assert broker.app.vault.decryption_failures == 1
+    assert broker.rows("SELECT * FROM pending_flows WHERE user_id = 'alice'") == []
     await broker.connect("bob")
     await _serving(broker)
