@@ -35,14 +35,13 @@ from psycopg import sql
 from broker.errors import StoreError
 from broker.store.base import (
     CRED_COLUMNS,
-    CRED_SELECT,
     FLOW_COLUMNS,
     CredentialRow,
     PendingFlowRow,
     SealedRecord,
-    credential_from_row,
     flow_from_row,
 )
+from broker.store.sql import SharedQueries
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
 SCHEMA_VERSION = 2
@@ -114,10 +113,11 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
 
 
-class PostgresStore:
+class PostgresStore(SharedQueries):
     """Credentials and pending flows in PostgreSQL, shared by every replica."""
 
     schema_version = SCHEMA_VERSION
+    PLACEHOLDER = "%s"
 
     def __init__(self, dsn: str, *, pool_size: int = 10, name: str = "credential-broker") -> None:
         self._dsn = dsn
@@ -209,13 +209,6 @@ class PostgresStore:
 
     # -- credentials ---------------------------------------------------------------------
 
-    def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
-        rows = self._read(
-            f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = %s AND upstream_key = %s",
-            (user_id, upstream_key),
-        )
-        return credential_from_row(rows[0]) if rows else None
-
     def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
         values = (
             row.token_type,
@@ -269,55 +262,6 @@ class PostgresStore:
                     ),
                 ).fetchone()
             return None if found is None else int(found[0])
-
-    def record_failure(
-        self,
-        user_id: str,
-        upstream_key: str,
-        status: str,
-        error_class: str,
-        generation: int,
-        next_attempt_at: float | None = None,
-    ) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE credentials SET status = %s, last_error = %s, "
-                "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = %s, "
-                "lease_owner = NULL, lease_until = NULL "
-                "WHERE user_id = %s AND upstream_key = %s AND generation = %s",
-                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
-            )
-
-    def claim_refresh(
-        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
-    ) -> bool:
-        # One statement: a concurrent claimer blocks on the row lock, then re-evaluates the WHERE
-        # on the committed row (READ COMMITTED), finds the live lease and matches nothing.
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE credentials SET status = 'refreshing', lease_owner = %s, lease_until = %s "
-                "WHERE user_id = %s AND upstream_key = %s AND generation = %s "
-                "AND status != 'needs_reauth' "
-                "AND (lease_until IS NULL OR lease_until <= %s OR lease_owner = %s)",
-                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
-            )
-            return cursor.rowcount == 1
-
-    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
-        with self._write() as conn:
-            cursor = conn.execute(
-                "DELETE FROM credentials WHERE user_id = %s AND upstream_key = %s", (user_id, upstream_key)
-            )
-            return cursor.rowcount > 0
-
-    def count_credentials(self, now: float) -> dict[str, int]:
-        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
-        rows = self._read(
-            "SELECT s, COUNT(*) FROM (SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL "
-            "AND expires_at <= %s THEN 'expired' ELSE status END AS s FROM credentials) AS c GROUP BY s",
-            (now,),
-        )
-        return {str(status): int(count) for status, count in rows}
 
     def bulk_insert_credentials(self, rows: Sequence[CredentialRow]) -> None:
         """Load many new rows in one transaction with COPY (benchmarks, imports)."""
@@ -378,30 +322,6 @@ class PostgresStore:
             return None if found is None else flow_from_row(found)
 
     # -- keys ----------------------------------------------------------------------------
-
-    def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
-        rows = self._read(
-            "SELECT kek_id, SUM(n) FROM (SELECT kek_id, COUNT(*) AS n FROM credentials GROUP BY kek_id "
-            "UNION ALL SELECT kek_id, COUNT(*) FROM pending_flows GROUP BY kek_id) AS used "
-            "GROUP BY kek_id ORDER BY 2 DESC LIMIT %s",
-            (limit,),
-        )
-        return [(str(k), int(n)) for k, n in rows]
-
-    def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
-        creds: list[CredentialRow | PendingFlowRow] = [
-            credential_from_row(r)
-            for r in self._read(
-                f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = %s LIMIT %s", (kek_id, limit)
-            )
-        ]
-        flows = [
-            flow_from_row(r)
-            for r in self._read(
-                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = %s LIMIT %s", (kek_id, limit)
-            )
-        ]
-        return creds + flows
 
     def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
         # One position space over both tables, as in SQLite: credentials take even positions

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,13 @@ import sqlite_utils
 from broker.errors import StoreError
 from broker.store.base import (
     CRED_COLUMNS,
-    CRED_SELECT,
     FLOW_COLUMNS,
     CredentialRow,
     PendingFlowRow,
     SealedRecord,
-    credential_from_row,
     flow_from_row,
 )
+from broker.store.sql import SharedQueries
 
 SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 5000
@@ -87,7 +86,7 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
 
 
-class SqliteStore:
+class SqliteStore(SharedQueries):
     """The default store: a local SQLite file."""
 
     schema_version = SCHEMA_VERSION
@@ -136,7 +135,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {_describe(exc)}") from exc
 
-    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+    def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         try:
             return self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -162,13 +161,6 @@ class SqliteStore:
             raise
 
     # -- credentials ---------------------------------------------------------------------
-
-    def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
-        rows = self._read(
-            f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?",
-            (user_id, upstream_key),
-        )
-        return credential_from_row(rows[0]) if rows else None
 
     def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
         with self._write() as conn:
@@ -202,53 +194,6 @@ class SqliteStore:
                 ),
             )
             return int(generation)
-
-    def record_failure(
-        self,
-        user_id: str,
-        upstream_key: str,
-        status: str,
-        error_class: str,
-        generation: int,
-        next_attempt_at: float | None = None,
-    ) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE credentials SET status = ?, last_error = ?, "
-                "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = ?, "
-                "lease_owner = NULL, lease_until = NULL "
-                "WHERE user_id = ? AND upstream_key = ? AND generation = ?",
-                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
-            )
-
-    def claim_refresh(
-        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
-    ) -> bool:
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = ? "
-                "WHERE user_id = ? AND upstream_key = ? AND generation = ? AND status != 'needs_reauth' "
-                "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?)",
-                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
-            )
-            return cursor.rowcount == 1
-
-    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
-        with self._write() as conn:
-            cursor = conn.execute(
-                "DELETE FROM credentials WHERE user_id = ? AND upstream_key = ?",
-                (user_id, upstream_key),
-            )
-            return cursor.rowcount > 0
-
-    def count_credentials(self, now: float) -> dict[str, int]:
-        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
-        rows = self._read(
-            "SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL AND expires_at <= ? "
-            "THEN 'expired' ELSE status END AS s, COUNT(*) FROM credentials GROUP BY s",
-            (now,),
-        )
-        return {str(status): int(count) for status, count in rows}
 
     # -- pending flows -------------------------------------------------------------------
 
@@ -285,15 +230,6 @@ class SqliteStore:
             return flow_from_row(found)
 
     # -- keys ----------------------------------------------------------------------------
-
-    def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
-        rows = self._read(
-            "SELECT kek_id, SUM(n) FROM (SELECT kek_id, COUNT(*) AS n FROM credentials GROUP BY kek_id "
-            "UNION ALL SELECT kek_id, COUNT(*) FROM pending_flows GROUP BY kek_id) "
-            "GROUP BY kek_id ORDER BY 2 DESC LIMIT ?",
-            (limit,),
-        )
-        return [(str(k), int(n)) for k, n in rows]
 
     def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
         # One rowid space per table: credentials take even positions, flows odd ones, so a single
@@ -333,22 +269,6 @@ class SqliteStore:
                     raise ValueError(f"unknown table {record.table!r}")
                 written += cursor.rowcount
         return written
-
-    def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
-        creds: list[CredentialRow | PendingFlowRow] = [
-            credential_from_row(r)
-            for r in self._read(
-                f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?", (kek_id, limit)
-            )
-        ]
-        flows = [
-            flow_from_row(r)
-            for r in self._read(
-                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?",
-                (kek_id, limit),
-            )
-        ]
-        return creds + flows
 
     def close(self) -> None:
         with self._lock:

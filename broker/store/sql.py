@@ -1,0 +1,130 @@
+"""Statements the SQL backends run alike, written once with ``?`` placeholders.
+
+Each backend supplies its connection handling (``_read``, ``_write``) and its placeholder style
+(``PLACEHOLDER``: ``?`` for SQLite, ``%s`` for psycopg); everything else here is shared, so a
+change to the store contract's semantics is made in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from broker.store.base import (
+    CRED_SELECT,
+    FLOW_COLUMNS,
+    CredentialRow,
+    PendingFlowRow,
+    credential_from_row,
+    flow_from_row,
+)
+
+
+class SharedQueries:
+    """The backend-neutral part of a SQL store."""
+
+    PLACEHOLDER = "?"
+
+    def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    @classmethod
+    @functools.cache
+    def _q(cls, sql: str) -> str:
+        """``sql`` in this backend's placeholder style."""
+        return sql if cls.PLACEHOLDER == "?" else sql.replace("?", cls.PLACEHOLDER)
+
+    def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
+        rows = self._read(
+            self._q(f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?"),
+            (user_id, upstream_key),
+        )
+        return credential_from_row(rows[0]) if rows else None
+
+    def record_failure(
+        self,
+        user_id: str,
+        upstream_key: str,
+        status: str,
+        error_class: str,
+        generation: int,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                self._q(
+                    "UPDATE credentials SET status = ?, last_error = ?, "
+                    "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = ?, "
+                    "lease_owner = NULL, lease_until = NULL "
+                    "WHERE user_id = ? AND upstream_key = ? AND generation = ?"
+                ),
+                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
+            )
+
+    def claim_refresh(
+        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+    ) -> bool:
+        # One statement. PostgreSQL: a concurrent claimer blocks on the row lock, then re-evaluates
+        # the WHERE on the committed row (READ COMMITTED) and matches nothing; SQLite: the write
+        # transaction is BEGIN IMMEDIATE, so claims are serialized.
+        with self._write() as conn:
+            cursor = conn.execute(
+                self._q(
+                    "UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = ? "
+                    "WHERE user_id = ? AND upstream_key = ? AND generation = ? "
+                    "AND status != 'needs_reauth' "
+                    "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?)"
+                ),
+                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                self._q("DELETE FROM credentials WHERE user_id = ? AND upstream_key = ?"),
+                (user_id, upstream_key),
+            )
+            return bool(cursor.rowcount > 0)
+
+    def count_credentials(self, now: float) -> dict[str, int]:
+        """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
+        rows = self._read(
+            self._q(
+                "SELECT s, COUNT(*) FROM (SELECT CASE WHEN status = 'connected' AND expires_at IS NOT NULL "
+                "AND expires_at <= ? THEN 'expired' ELSE status END AS s FROM credentials) AS c GROUP BY s"
+            ),
+            (now,),
+        )
+        return {str(status): int(count) for status, count in rows}
+
+    def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
+        rows = self._read(
+            self._q(
+                "SELECT kek_id, SUM(n) FROM (SELECT kek_id, COUNT(*) AS n FROM credentials GROUP BY kek_id "
+                "UNION ALL SELECT kek_id, COUNT(*) FROM pending_flows GROUP BY kek_id) AS used "
+                "GROUP BY kek_id ORDER BY 2 DESC LIMIT ?"
+            ),
+            (limit,),
+        )
+        return [(str(k), int(n)) for k, n in rows]
+
+    def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]:
+        creds: list[CredentialRow | PendingFlowRow] = [
+            credential_from_row(r)
+            for r in self._read(
+                self._q(f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
+            )
+        ]
+        flows = [
+            flow_from_row(r)
+            for r in self._read(
+                self._q(f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
+            )
+        ]
+        return creds + flows
