@@ -118,6 +118,7 @@ class PostgresStore(SharedQueries):
 
     schema_version = SCHEMA_VERSION
     PLACEHOLDER = "%s"
+    INSERT_ORDER = "seq"
 
     def __init__(self, dsn: str, *, pool_size: int = 10, name: str = "credential-broker") -> None:
         self._dsn = dsn
@@ -291,28 +292,6 @@ class PostgresStore(SharedQueries):
                 )
 
     # -- pending flows -------------------------------------------------------------------
-
-    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
-        with self._write() as conn:
-            conn.execute("DELETE FROM pending_flows WHERE expires_at <= %s", (now,))
-            conn.execute(
-                f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (
-                    row.state_hash,
-                    row.user_id,
-                    row.upstream_key,
-                    row.created_at,
-                    row.expires_at,
-                    row.kek_id,
-                    row.sealed,
-                ),
-            )
-            conn.execute(
-                "DELETE FROM pending_flows WHERE user_id = %s AND upstream_key = %s AND state_hash "
-                "NOT IN (SELECT state_hash FROM pending_flows WHERE user_id = %s AND upstream_key = %s "
-                "ORDER BY created_at DESC, seq DESC LIMIT %s)",
-                (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
-            )
 
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         with self._write() as conn:

@@ -26,6 +26,8 @@ class SharedQueries:
     """The backend-neutral part of a SQL store."""
 
     PLACEHOLDER = "?"
+    # The column that orders rows by insertion (the tie-break between flows of the same instant).
+    INSERT_ORDER = "rowid"
 
     def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         raise NotImplementedError
@@ -128,3 +130,27 @@ class SharedQueries:
             )
         ]
         return creds + flows
+
+    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(self._q("DELETE FROM pending_flows WHERE expires_at <= ?"), (now,))
+            conn.execute(
+                self._q(f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                (
+                    row.state_hash,
+                    row.user_id,
+                    row.upstream_key,
+                    row.created_at,
+                    row.expires_at,
+                    row.kek_id,
+                    row.sealed,
+                ),
+            )
+            conn.execute(
+                self._q(
+                    "DELETE FROM pending_flows WHERE user_id = ? AND upstream_key = ? AND state_hash "
+                    "NOT IN (SELECT state_hash FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
+                    f"ORDER BY created_at DESC, {self.INSERT_ORDER} DESC LIMIT ?)"
+                ),
+                (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
+            )

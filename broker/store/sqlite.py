@@ -90,6 +90,7 @@ class SqliteStore(SharedQueries):
     """The default store: a local SQLite file."""
 
     schema_version = SCHEMA_VERSION
+    INSERT_ORDER = "rowid"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -196,28 +197,6 @@ class SqliteStore(SharedQueries):
             return int(generation)
 
     # -- pending flows -------------------------------------------------------------------
-
-    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
-        with self._write() as conn:
-            conn.execute("DELETE FROM pending_flows WHERE expires_at <= ?", (now,))
-            conn.execute(
-                f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    row.state_hash,
-                    row.user_id,
-                    row.upstream_key,
-                    row.created_at,
-                    row.expires_at,
-                    row.kek_id,
-                    row.sealed,
-                ),
-            )
-            conn.execute(
-                "DELETE FROM pending_flows WHERE user_id = ? AND upstream_key = ? AND state_hash "
-                "NOT IN (SELECT state_hash FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
-                "ORDER BY created_at DESC, rowid DESC LIMIT ?)",
-                (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
-            )
 
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         with self._write() as conn:
