@@ -130,7 +130,12 @@ def build_app(
         metrics.watch_single_flight(lambda: service.flights.coalesced)
         metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
         methods = pb_methods()
-        interceptor = CallerInterceptor(CallerPolicy(config, methods), auditor, metrics)
+        interceptor = CallerInterceptor(
+            CallerPolicy(config, methods),
+            auditor,
+            metrics,
+            mutual_tls=config.tls is not None and config.tls.client_ca_file is not None,
+        )
         server = BrokerServer(
             CredentialBrokerServicer(
                 service, logger, UserAuthenticator(identity), auditor=auditor, connections=connections

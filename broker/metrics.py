@@ -8,11 +8,13 @@ outcome class, error code, store operation): never a user id, never a token.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker.audit import AuditEvent
@@ -30,19 +32,8 @@ class BrokerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.rpc_requests = Counter(
-            f"{PREFIX}_rpc_requests",
-            "RPCs handled, by method and status code",
-            ["method", "code"],
-            registry=r,
-        )
-        self.rpc_duration = Histogram(
-            f"{PREFIX}_rpc_duration_seconds",
-            "RPC latency, by method and status code",
-            ["method", "code"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=r,
-        )
+        self.rpc = _RpcStats()
+        r.register(self.rpc)
         self.token_requests = Counter(
             f"{PREFIX}_token_requests",
             "Token-endpoint calls, by upstream, grant type and outcome class",
@@ -63,18 +54,16 @@ class BrokerMetrics:
             registry=r,
         )
         self._server: Any = None
-        # (method, code) -> the bound children: labels() takes a lock and hashes every call.
-        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     # -- sources ------------------------------------------------------------------------
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        children = self._rpc_children.get((method, code))
-        if children is None:
-            children = (self.rpc_requests.labels(method, code), self.rpc_duration.labels(method, code))
-            self._rpc_children[(method, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        stats = self.rpc.by_label.get((method, code))
+        if stats is None:
+            stats = self.rpc.by_label[(method, code)] = [0.0] * (len(RPC_BUCKETS) + 2)
+        # [bucket counts..., the +Inf bucket, sum of seconds]; the count is the sum of buckets.
+        stats[bisect_left(RPC_BUCKETS, seconds)] += 1
+        stats[-1] += seconds
 
     def emit(self, event: AuditEvent) -> None:
         if event.action == "refresh" and event.outcome == "failure":
@@ -100,6 +89,43 @@ class BrokerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class _RpcStats(Collector):
+    """RPC counts and latencies by (method, code), kept as plain numbers.
+
+    This is on every RPC's path: prometheus-client's Counter and Histogram take a lock and
+    update several values per observation, so the broker counts into a list per label pair
+    and builds the two families only when scraped. Observations come from the event loop's
+    thread alone; a scrape (another thread) reads a list that may be one observation behind."""
+
+    def __init__(self) -> None:
+        self.by_label: dict[tuple[str, str], list[float]] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}_rpc_requests", "RPCs handled, by method and status code", labels=["method", "code"]
+        )
+        duration = HistogramMetricFamily(
+            f"{PREFIX}_rpc_duration_seconds",
+            "RPC latency, by method and status code",
+            labels=["method", "code"],
+        )
+        for (method, code), stats in sorted(self.by_label.items()):
+            snapshot = list(stats)
+            cumulative = list(accumulate(snapshot[:-1]))
+            buckets = [
+                (str(float(bound)), count)
+                for bound, count in zip(RPC_BUCKETS, cumulative[:-1], strict=True)
+            ]
+            buckets.append(("+Inf", cumulative[-1]))
+            requests.add_metric([method, code], cumulative[-1])
+            duration.add_metric([method, code], buckets, sum_value=snapshot[-1])
+        yield requests
+        yield duration
 
 
 class _Coalesced(Collector):

@@ -147,6 +147,8 @@ class PolicyEnforcer:
     def __init__(self, policy: Policy, logger: logging.Logger | None = None) -> None:
         self.policy = policy
         self._log = logger or get_logger()
+        #: The default policy: nothing to ask, so Resolve skips building a request for it.
+        self.allows_all = type(policy) is AllowAll
 
     async def check(self, request: PolicyRequest) -> None:
         try:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import grpc
 
 from broker.audit import Auditor
-from broker.callers import CallContext, CallerPolicy, current_call, request_id
+from broker.callers import CallContext, Caller, CallerPolicy, current_call, request_id
 from broker.errors import BrokerError
 from broker.rpc.status import to_status
 
@@ -47,10 +47,14 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         policy: CallerPolicy,
         auditor: Auditor,
         observer: RpcObserver | None = None,
+        *,
+        mutual_tls: bool = False,
     ) -> None:
         self._policy = policy
         self._audit = auditor
         self._observer = observer
+        # Only mutual TLS yields client certificate identities; otherwise skip asking for them.
+        self._mutual_tls = mutual_tls
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -70,20 +74,21 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         method = full.removeprefix(_GUARDED_PREFIX)
         inner = handler.unary_unary
 
+        observer = self._observer
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            code = "OK"
             try:
                 await self._admit(method, request, context)
-                return await inner(request, context)
+                response = await inner(request, context)
             except BaseException:
-                code = _code_name(context)
+                if observer is not None:
+                    observer.observe_rpc(method, _code_name(context), time.perf_counter() - started)
                 raise
-            finally:
-                if code == "OK":
-                    code = _code_name(context)
-                if self._observer is not None:
-                    self._observer.observe_rpc(method, code, time.perf_counter() - started)
+            # The servicer answers every error by raising (abort_with_status): a return is OK.
+            if observer is not None:
+                observer.observe_rpc(method, "OK", time.perf_counter() - started)
+            return response
 
         wrapped = grpc.unary_unary_rpc_method_handler(
             guarded,
@@ -121,31 +126,33 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
         rid = request_id(metadata)
-        current_call.set(CallContext(rid, "", method))
-        upstream = getattr(request, "upstream", "") if hasattr(request, "DESCRIPTOR") else ""
-        user = getattr(request, "user_id", "") if hasattr(request, "DESCRIPTOR") else ""
-        caller_name = ""
+        caller: Caller | None = None
         try:
             caller = self._policy.identify(
                 over_tcp=not context.peer().startswith("unix:"),
                 metadata=metadata,
-                cert_identities=cert_identities(context),
+                cert_identities=cert_identities(context) if self._mutual_tls else (),
                 needs_header=header,
             )
-            caller_name = caller.name
             if rules:
-                self._policy.authorize(caller, method, upstream or None)
+                is_message = hasattr(request, "DESCRIPTOR")
+                self._policy.authorize(
+                    caller, method, getattr(request, "upstream", "") if is_message else None
+                )
+            current_call.set(CallContext(rid, caller.name, method, who=caller))
         except BrokerError as exc:
+            name = caller.name if caller is not None else ""
+            current_call.set(CallContext(rid, name, method))
+            is_message = hasattr(request, "DESCRIPTOR")
             self._audit.record(
                 "policy_denial",
                 "denied",
-                user=_short(user),
-                upstream=_short(upstream),
+                user=_short(getattr(request, "user_id", "") if is_message else ""),
+                upstream=_short(getattr(request, "upstream", "") if is_message else ""),
                 reason=exc.code,
-                caller=caller_name,
+                caller=name,
             )
             await context.abort_with_status(to_status(exc))
-        current_call.set(CallContext(rid, caller.name, method, who=caller))
 
 
 def _short(value: Any) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import math
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -22,15 +23,12 @@ from broker.models import CredentialInfo
 from broker.rpc.status import internal_status, to_status
 from broker.service import BrokerService
 
-T = TypeVar("T")
-
 
 def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     if seconds is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1_000_000_000))
-    return stamp
+    whole = math.floor(seconds)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1_000_000_000))
 
 
 def _info(info: CredentialInfo) -> pb.CredentialInfo:
@@ -93,45 +91,36 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 authorization = value
         return await self._users.authenticate(user_id, subject_token, authorization)
 
-    async def _call(
-        self,
-        context: grpc.aio.ServicerContext,
-        request: object,
-        method: str,
-        work: Callable[[], Awaitable[T]],
-    ) -> T:
-        try:
-            if isinstance(request, MalformedRequest):
-                raise InvalidArgument(f"request: not a valid {request.type_name} message")
-            result = await work()
-            _audit(self._audit, method, request, "success", "", result)
-            return result
-        except BrokerError as exc:
+    def _check(self, request: object) -> None:
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgument(f"request: not a valid {request.type_name} message")
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext, method: str, request: object, exc: Exception
+    ) -> NoReturn:
+        """Audit the failure and answer it: a BrokerError through the status table, anything else
+        as INTERNAL (a foreign exception's message may carry anything: only its type is logged)."""
+        if isinstance(exc, BrokerError):
             _audit(self._audit, method, request, "failure", exc.code, None)
             await context.abort_with_status(to_status(exc))
-        except Exception as exc:
-            # The message of a foreign exception may carry anything; log its type only.
-            self._log.error("unexpected error", extra=fields(method=method, error=type(exc).__name__))
-            _audit(self._audit, method, request, "failure", "INTERNAL", None)
-            await context.abort_with_status(internal_status())
+        self._log.error("unexpected error", extra=fields(method=method, error=type(exc).__name__))
+        _audit(self._audit, method, request, "failure", "INTERNAL", None)
+        await context.abort_with_status(internal_status())
         raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
 
-    @staticmethod
-    async def _after(first: Awaitable[VerifiedUser], then: Callable[[VerifiedUser], Awaitable[T]]) -> T:
-        return await then(await first)
+    # Each RPC: check, verify the user, do the work, audit, answer. Kept flat (no closures or
+    # helper coroutines) because Resolve runs this on every call.
 
     async def BuildAuthorizationURL(
         self, request: pb.BuildAuthorizationURLRequest, context: grpc.aio.ServicerContext
     ) -> pb.BuildAuthorizationURLResponse:
-        result = await self._call(
-            context,
-            request,
-            "BuildAuthorizationURL",
-            lambda: self._after(
-                self._user(context, request.user_id),
-                lambda _: self._service.build_authorization_url(request.user_id, request.upstream),
-            ),
-        )
+        try:
+            self._check(request)
+            await self._user(context, request.user_id)
+            result = await self._service.build_authorization_url(request.user_id, request.upstream)
+        except Exception as exc:
+            await self._fail(context, "BuildAuthorizationURL", request, exc)
+        _audit(self._audit, "BuildAuthorizationURL", request, "success", "", result)
         return pb.BuildAuthorizationURLResponse(
             authorization_url=result.authorization_url,
             state=result.state,
@@ -141,59 +130,53 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     async def Complete(
         self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompleteResponse:
-        info = await self._call(
-            context,
-            request,
-            "Complete",
-            lambda: self._after(
-                self._user(context, request.user_id),
-                lambda _: self._service.complete(request.state, request.code, request.user_id, request.iss),
-            ),
-        )
+        try:
+            self._check(request)
+            await self._user(context, request.user_id)
+            info = await self._service.complete(request.state, request.code, request.user_id, request.iss)
+        except Exception as exc:
+            await self._fail(context, "Complete", request, exc)
+        _audit(self._audit, "Complete", request, "success", "", info)
         return pb.CompleteResponse(credential=_info(info))
 
     async def Deny(self, request: pb.DenyRequest, context: grpc.aio.ServicerContext) -> pb.DenyResponse:
-        await self._call(
-            context,
-            request,
-            "Deny",
-            lambda: self._service.deny(request.state, request.error, request.error_description),
-        )
+        try:
+            self._check(request)
+            await self._service.deny(request.state, request.error, request.error_description)
+        except Exception as exc:
+            await self._fail(context, "Deny", request, exc)
+        _audit(self._audit, "Deny", request, "success", "", None)
         return pb.DenyResponse()
 
     async def Refresh(
         self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext
     ) -> pb.RefreshResponse:
-        info = await self._call(
-            context,
-            request,
-            "Refresh",
-            lambda: self._after(
-                self._user(context, request.user_id),
-                lambda _: self._service.refresh(request.user_id, request.upstream),
-            ),
-        )
+        try:
+            self._check(request)
+            await self._user(context, request.user_id)
+            info = await self._service.refresh(request.user_id, request.upstream)
+        except Exception as exc:
+            await self._fail(context, "Refresh", request, exc)
+        _audit(self._audit, "Refresh", request, "success", "", info)
         return pb.RefreshResponse(credential=_info(info))
 
     async def Resolve(
         self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveResponse:
-        result = await self._call(
-            context,
-            request,
-            "Resolve",
-            lambda: self._after(
-                self._user(context, request.user_id, request.subject_token),
-                lambda user: self._service.resolve(
-                    request.user_id, request.upstream, user.token, request.min_valid_seconds, user.claims
-                ),
-            ),
-        )
+        try:
+            self._check(request)
+            user = await self._user(context, request.user_id, request.subject_token)
+            result = await self._service.resolve(
+                request.user_id, request.upstream, user.token, request.min_valid_seconds, user.claims
+            )
+        except Exception as exc:
+            await self._fail(context, "Resolve", request, exc)
+        _audit(self._audit, "Resolve", request, "success", "", result)
         return pb.ResolveResponse(
             access_token=result.access_token,
             token_type=result.token_type,
             expires_at=_timestamp(result.expires_at),
-            scopes=list(result.scopes),
+            scopes=result.scopes,
             obtained_via=result.obtained_via,
             header_name=result.header_name,
             header_value=result.header_value,
@@ -204,31 +187,27 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> pb.ListConnectionsResponse:
         call = current_call.get()
         who = call.who if call is not None else None
-        connections = await self._call(
-            context,
-            request,
-            "ListConnections",
-            lambda: self._after(
-                self._user(context, request.user_id),
-                lambda _: self._manager().list_connections(
-                    request.user_id, who.may_use if who else lambda _: True
-                ),
-            ),
-        )
+        try:
+            self._check(request)
+            await self._user(context, request.user_id)
+            connections = await self._manager().list_connections(
+                request.user_id, who.may_use if who else lambda _: True
+            )
+        except Exception as exc:
+            await self._fail(context, "ListConnections", request, exc)
+        _audit(self._audit, "ListConnections", request, "success", "", connections)
         return pb.ListConnectionsResponse(connections=[_connection(c) for c in connections])
 
     async def Disconnect(
         self, request: pb.DisconnectRequest, context: grpc.aio.ServicerContext
     ) -> pb.DisconnectResponse:
-        result = await self._call(
-            context,
-            request,
-            "Disconnect",
-            lambda: self._after(
-                self._user(context, request.user_id),
-                lambda _: self._manager().disconnect(request.user_id, request.upstream),
-            ),
-        )
+        try:
+            self._check(request)
+            await self._user(context, request.user_id)
+            result = await self._manager().disconnect(request.user_id, request.upstream)
+        except Exception as exc:
+            await self._fail(context, "Disconnect", request, exc)
+        _audit(self._audit, "Disconnect", request, "success", "", result)
         return pb.DisconnectResponse(
             deleted=result.deleted,
             revocations=[
