@@ -2,12 +2,12 @@
 
 Starts benchmarks/server.py in a subprocess (so client and server do not share a GIL), then, for
 each store backend (SQLite, PostgreSQL), TCP loopback and the unix socket, at 1, 32 and 256
-concurrent callers, alternates rounds of the two calls and prints p50, p99 and calls/s for each
-and the ratios Resolve/Empty.
+concurrent callers, measures the two calls in paired rounds (ABBA order) and prints p50, p99 and
+calls/s for each, and the ratios Resolve/Empty: the median of the rounds' ratios.
 
 Targets: Resolve p50 <= 1.25x the empty RPC's, throughput >= 0.8x.
 
-    .venv/bin/python benchmarks/resolve_vs_empty.py [--seconds 1] [--rounds 2]
+    .venv/bin/python benchmarks/resolve_vs_empty.py [--seconds 1] [--rounds 6]
         [--backend sqlite|postgres|both] [--dsn DSN] [--callers 1,32,256]
 
 PostgreSQL: --dsn, else $CREDENTIAL_BROKER_TEST_PG_DSN, else a throwaway cluster started from
@@ -96,18 +96,26 @@ async def bench_target(
         for concurrency in callers:
             samples: dict[str, list[float]] = {"resolve": [], "empty": []}
             rates: dict[str, list[float]] = {"resolve": [], "empty": []}
-            for _ in range(rounds):  # alternate so drift hits both alike
-                for name, fn in (("empty", nothing), ("resolve", resolve)):
-                    lat, rate = await measure(fn, concurrency, seconds)
-                    samples[name] += lat
-                    rates[name].append(rate)
+            p50_ratios: list[float] = []
+            rate_ratios: list[float] = []
+            for round_ in range(rounds):
+                # Paired rounds, in ABBA order so drift hits both calls alike; a cell's ratio is
+                # the median of its rounds' ratios (robust to a noisy round on a shared machine).
+                order = (("empty", nothing), ("resolve", resolve))
+                measured: dict[str, tuple[list[float], float]] = {}
+                for name, fn in order if round_ % 2 == 0 else order[::-1]:
+                    measured[name] = await measure(fn, concurrency, seconds)
+                    samples[name] += measured[name][0]
+                    rates[name].append(measured[name][1])
+                p50_ratios.append(pct(measured["resolve"][0], 0.5) / pct(measured["empty"][0], 0.5))
+                rate_ratios.append(measured["resolve"][1] / measured["empty"][1])
             row: dict[str, object] = {"concurrency": concurrency}
             for name in ("empty", "resolve"):
                 row[f"{name}_p50_us"] = pct(samples[name], 0.5) * 1e6
                 row[f"{name}_p99_us"] = pct(samples[name], 0.99) * 1e6
                 row[f"{name}_rps"] = statistics.median(rates[name])
-            row["p50_ratio"] = row["resolve_p50_us"] / row["empty_p50_us"]  # type: ignore[operator]
-            row["rps_ratio"] = row["resolve_rps"] / row["empty_rps"]  # type: ignore[operator]
+            row["p50_ratio"] = statistics.median(p50_ratios)
+            row["rps_ratio"] = statistics.median(rate_ratios)
             rows.append(row)
     return rows
 
@@ -117,7 +125,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per cell")
+    parser.add_argument("--rounds", type=int, default=6, help="paired rounds per cell")
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: see above)")
     parser.add_argument("--callers", default="1,32,256", help="comma-separated concurrency levels")

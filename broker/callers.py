@@ -30,7 +30,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every call, and frozen costs more
 class Caller:
     """An identified caller and its rules (None: no rules, everything allowed)."""
 
@@ -44,7 +44,7 @@ class Caller:
         return self.rules is None or "*" in self.rules.upstreams or upstream in self.rules.upstreams
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every call, and frozen costs more
 class CallContext:
     """What the audit trail knows about the call in progress."""
 
@@ -58,6 +58,8 @@ current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVa
     "credential_broker_call", default=None
 )
 
+
+_ANONYMOUS = Caller(ANONYMOUS)
 
 # Generated request ids: a random per-process prefix and a counter. They need to be unique, not
 # secret, and a counter costs nothing on every call.
@@ -127,7 +129,7 @@ class CallerPolicy:
             if found is not None:
                 return Caller(found.name, found)
         if not self._callers:
-            return Caller(cert_identities[0] if cert_identities else ANONYMOUS)
+            return Caller(cert_identities[0]) if cert_identities else _ANONYMOUS
         if cert_identities:
             raise CallerNotPermitted("the client certificate's identity is not an allowed caller")
         raise CallerUnauthenticated(

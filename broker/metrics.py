@@ -118,8 +118,7 @@ class _RpcStats(Collector):
             snapshot = list(stats)
             cumulative = list(accumulate(snapshot[:-1]))
             buckets = [
-                (str(float(bound)), count)
-                for bound, count in zip(RPC_BUCKETS, cumulative[:-1], strict=True)
+                (str(float(bound)), count) for bound, count in zip(RPC_BUCKETS, cumulative[:-1], strict=True)
             ]
             buckets.append(("+Inf", cumulative[-1]))
             requests.add_metric([method, code], cumulative[-1])

@@ -84,7 +84,7 @@ class CredentialInfo:
     updated_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every call, and frozen costs more
 class ResolvedCredential:
     """What Resolve hands out: the access token and how to send it."""
 

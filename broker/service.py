@@ -92,8 +92,9 @@ class BrokerService:
     # -- lookup --------------------------------------------------------------------------
 
     def _upstream(self, name: str) -> UpstreamConfig:
-        found = self._by_name.get(validation.upstream(name))
+        found = self._by_name.get(name)  # a configured name is valid: check only the others
         if found is None:
+            validation.upstream(name)
             raise UnknownUpstream(f"upstream {name!r} is not configured")
         return found
 

@@ -8,6 +8,8 @@ never guarded: Kubernetes gRPC probes send no metadata.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -25,6 +27,14 @@ _GUARDED_PREFIX = "/credentialbroker.v1.CredentialBroker/"
 # without the header, like a probe) looks the health service up through reflection first.
 _REFLECTION_PREFIX = "/grpc.reflection."
 _SAN = "x509_subject_alternative_name"
+
+# The call's metadata as gRPC decoded it for intercept_service, passed on to the wrapped handler:
+# asking the servicer context decodes it again, which was a tenth of Resolve's own cost. gRPC
+# runs both in the call's task; the task is stored with it and checked, so metadata can never
+# cross to another call (a mismatch falls back to the context).
+_decoded: contextvars.ContextVar[tuple[object, Any]] = contextvars.ContextVar(
+    "credential_broker_metadata", default=(None, None)
+)
 
 
 class RpcObserver(Protocol):
@@ -65,9 +75,11 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         full = handler_call_details.method
         if handler is not None and full.startswith(_REFLECTION_PREFIX) and handler.stream_stream:
+            _decoded.set((asyncio.current_task(), handler_call_details.invocation_metadata))
             return self._guard_reflection(handler, full)
         if handler is None or not full.startswith(_GUARDED_PREFIX) or handler.unary_unary is None:
             return handler
+        _decoded.set((asyncio.current_task(), handler_call_details.invocation_metadata))
         cached = self._wrapped.get(full)
         if cached is not None and cached[0] is handler:
             return cached[1]  # one wrapper per method, not one per call
@@ -122,9 +134,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         rules: bool = True,
         header: bool = True,
     ) -> None:
-        metadata = {
-            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
-        }
+        decoded = _decoded.get()
+        pairs = decoded[1] if decoded[0] is asyncio.current_task() else context.invocation_metadata()
+        metadata = {key: value for key, value in (pairs or ()) if isinstance(value, str)}
         rid = request_id(metadata)
         caller: Caller | None = None
         try:
