@@ -211,6 +211,7 @@ def _clean(value: str) -> str:
 
 
 _second_cache: tuple[int, str] = (-1, "")
+_MILLIS = [f".{n:03d}Z" for n in range(1000)]
 
 
 def _iso(seconds: float) -> str:
@@ -221,4 +222,4 @@ def _iso(seconds: float) -> str:
     if cached_whole != whole:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         _second_cache = (whole, prefix)
-    return f"{prefix}.{int((seconds - whole) * 1000):03d}Z"
+    return prefix + _MILLIS[int((seconds - whole) * 1000)]
