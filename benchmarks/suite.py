@@ -194,7 +194,7 @@ def workers(args: argparse.Namespace) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     ratio = rates[2] / rates[1]
     print(f"workers: calls/s 2 workers / 1 = {ratio:.2f}  (target >= 1.6; {os.cpu_count()} cores, shared)")
-    return ratio >= 1.6
+    return bool(ratio >= 1.6)
 
 
 # -- 4. coalescing --------------------------------------------------------------------------------

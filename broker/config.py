@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -104,8 +105,8 @@ class UpstreamConfig(_Strict):
     url: str
     auth_broker: AuthBrokerConfig
 
-    @property
-    def key(self) -> str:
+    @cached_property
+    def key(self) -> str:  # looked up on every Resolve: hash once
         return upstream_key(self.name, self.url)
 
 
