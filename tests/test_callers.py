@@ -3,6 +3,7 @@ rules, unix socket modes and ownership, and the loopback-unless-TLS rule."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -156,6 +157,51 @@ async def test_caller_tokens_and_rules(make_broker: BrokerFactory, auth_server: 
     assert denials[2].caller == "web" and denials[2].upstream == "other"
     text = repr(broker.extra["audit"].events)
     assert tokens["web"] not in text and tokens["reporter"] not in text
+
+
+async def test_concurrent_calls_of_different_callers_keep_their_own_metadata(
+    make_broker: BrokerFactory, auth_server: AuthServer
+) -> None:
+    """The interceptor hands each call the metadata gRPC decoded for it: 200 interleaved calls of
+    two callers with different rights, and a request id per call, never see each other's."""
+    tokens = {"web": os.urandom(24).hex(), "reporter": os.urandom(24).hex()}
+    client = auth_server.new_client(redirect_uri="https://app.test/callback")
+    other = upstream_doc(auth_server, client) | {"name": "other", "url": "https://other.test"}
+    broker = await make_broker(
+        client=client,
+        upstreams=[upstream_doc(auth_server, client), other],
+        callers=_callers(auth_server, tokens),
+    )
+    web = [("x-credential-broker-caller-token", tokens["web"])]
+    started = await broker.stub.BuildAuthorizationURL(
+        pb.BuildAuthorizationURLRequest(user_id="alice", upstream=UPSTREAM), metadata=web
+    )
+    callback = await asyncio.to_thread(auth_server.authorize, started.authorization_url, "alice")
+    await broker.stub.Complete(
+        pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice"), metadata=web
+    )
+    request = pb.ResolveRequest(user_id="alice", upstream=UPSTREAM)
+
+    async def call(i: int) -> str:
+        who = "web" if i % 2 == 0 else "reporter"
+        metadata = [("x-credential-broker-caller-token", tokens[who]), ("x-request-id", f"call-{i}")]
+        try:
+            await broker.stub.Resolve(request, metadata=metadata)
+            return f"{who}:ok"
+        except grpc.aio.AioRpcError as exc:
+            return f"{who}:{error_info(exc).reason}"
+
+    answers = await asyncio.gather(*(call(i) for i in range(200)))
+    assert answers == ["web:ok" if i % 2 == 0 else "reporter:CALLER_NOT_PERMITTED" for i in range(200)]
+    seen = {
+        (e.request_id, e.caller, e.action)
+        for e in broker.extra["audit"].events
+        if e.request_id.startswith("call-")
+    }
+    assert seen == {
+        (f"call-{i}", "web" if i % 2 == 0 else "reporter", "inject" if i % 2 == 0 else "policy_denial")
+        for i in range(200)
+    }
 
 
 def _tls_setup(tmp: Path) -> tuple[TestCA, dict[str, Any]]:
