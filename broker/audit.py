@@ -106,17 +106,22 @@ class Auditor:
     ) -> None:
         assert action in ACTIONS, action
         call = current_call.get()
+        # The common case (short printable values) without a call to _clean.
+        if len(user) > MAX_FIELD or not user.isprintable():
+            user = _clean(user)
+        if len(upstream) > MAX_FIELD or not upstream.isprintable():
+            upstream = _clean(upstream)
         event = AuditEvent(
             action=action,
             outcome=outcome,
-            user=_clean(user),
-            upstream=_clean(upstream),
+            user=user,
+            upstream=upstream,
             method=method or (call.method if call else ""),
             caller=caller or (call.caller if call else ""),
             reason=reason,
             request_id=call.request_id if call else "",
             time=self._now(),
-            detail=dict(detail or {}),
+            detail=dict(detail) if detail else {},
         )
         for sink in self._sinks:
             sink.emit(event)
@@ -204,8 +209,6 @@ def sink_from_config(config: AuditConfig) -> AuditSink | None:
 
 def _clean(value: str) -> str:
     """Request fields reach the trail unvalidated on failures: keep them short and printable."""
-    if len(value) <= MAX_FIELD and value.isprintable():
-        return value
     value = value[:MAX_FIELD]
     return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")[:MAX_FIELD]
 

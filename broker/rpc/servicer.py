@@ -43,6 +43,9 @@ def _info(info: CredentialInfo) -> pb.CredentialInfo:
     )
 
 
+ANSWER_CACHE_SIZE = 1024
+
+
 class MalformedRequest:
     """Stands in for a request whose bytes did not parse, so the servicer can answer
     INVALID_ARGUMENT instead of gRPC's generic UNKNOWN."""
@@ -78,6 +81,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self._users = authenticator or UserAuthenticator()
         self._audit = auditor or Auditor()
         self._connections = connections
+        self._answers: dict[tuple[object, ...], pb.ResolveResponse] = {}
 
     async def _user(
         self, context: grpc.aio.ServicerContext, user_id: str, subject_token: str = ""
@@ -175,15 +179,31 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         except Exception as exc:
             await self._fail(context, "Resolve", request, exc)
         self._audit.record("inject", "success", user=request.user_id, upstream=request.upstream)
-        return pb.ResolveResponse(
-            access_token=result.access_token,
-            token_type=result.token_type,
-            expires_at=_timestamp(result.expires_at),
-            scopes=result.scopes,
-            obtained_via=result.obtained_via,
-            header_name=result.header_name,
-            header_value=result.header_value,
+        # A credential answered from the read cache gives the same values call after call: the
+        # message is built once per distinct answer (by every field it holds) and reused.
+        key = (
+            result.access_token,
+            result.token_type,
+            result.expires_at,
+            result.scopes,
+            result.obtained_via,
+            result.header_name,
+            result.header_value,
         )
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) >= ANSWER_CACHE_SIZE:
+                self._answers.clear()
+            answer = self._answers[key] = pb.ResolveResponse(
+                access_token=result.access_token,
+                token_type=result.token_type,
+                expires_at=_timestamp(result.expires_at),
+                scopes=result.scopes,
+                obtained_via=result.obtained_via,
+                header_name=result.header_name,
+                header_value=result.header_value,
+            )
+        return answer
 
     async def ListConnections(
         self, request: pb.ListConnectionsRequest, context: grpc.aio.ServicerContext
