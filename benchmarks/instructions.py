@@ -2,9 +2,9 @@
 
 Runs benchmarks/server.py under valgrind's callgrind (user-space instructions, all threads),
 switches counting on only around a burst of N calls of one kind (callgrind_control), and
-prints instructions per call for each and the ratio. Unlike timings, the count repeats to
-about 0.5% whatever else the machine is doing, so it shows what a change to the Resolve path
-costs. It leaves out kernel time (system calls, context switches), which both calls share.
+prints instructions per call for each and the ratio. Unlike timings, on a quiet machine the
+count repeats to about 0.5%, so it shows what a change to the Resolve path costs (heavy work
+running beside it makes gRPC's threads wake more often and adds a few percent to both). It leaves out kernel time (system calls, context switches), which both calls share.
 
     .venv/bin/python benchmarks/instructions.py [--calls 1000] [--callers 8]
 
