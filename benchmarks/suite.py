@@ -8,6 +8,10 @@
 
     .venv/bin/python benchmarks/suite.py [store-size|workers|coalescing|memory ...]
         [--large 1000000] [--seconds 3] [--memory-users 100000] [--backend sqlite|postgres]
+        [--go-loadgen]
+
+workers drives the load from Python client processes, or with --go-loadgen from
+benchmarks/loadgen (Go, built here with `go build`), which leaves more of the cores to the broker.
 
 The default run takes a few minutes on 2 cores. Figures on a shared machine are noisy.
 """
@@ -170,6 +174,12 @@ def cli_broker(config: Path, workers: int) -> Iterator[str]:
 def workers(args: argparse.Namespace) -> bool:
     tmp = Path(tempfile.mkdtemp(prefix="cb-bench-workers-"))
     users = 1000
+    loadgen = None
+    if args.go_loadgen:  # benchmarks/loadgen, built with the local Go toolchain
+        loadgen = tmp / "loadgen"
+        subprocess.run(
+            ["go", "build", "-o", str(loadgen), "."], cwd=Path(__file__).with_name("loadgen"), check=True
+        )
     with bench_server("--dir", str(tmp), "--users", str(users)):
         pass  # seeds tmp/broker.db and tmp/keyring.json
     rates = {}
@@ -178,15 +188,30 @@ def workers(args: argparse.Namespace) -> bool:
             tmp, _free_port(), {"path": str(tmp / "broker.db")}, "https://as.bench.test/token"
         )
         with cli_broker(config, count) as target:
+            if loadgen is not None:
+                # A first second to warm up: connections, and every worker's read cache.
+                subprocess.run(
+                    [str(loadgen), "-target", target, "-seconds", "1"], capture_output=True, check=True
+                )
+                out = subprocess.run(
+                    [str(loadgen), "-target", target, "-users", str(users), "-seconds", str(args.seconds)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                total = float(out.split()[0])
+                rates[count] = total
+                print(f"  {count} worker(s): {total:.0f} Resolve calls/s (Go load generator: {out.strip()})")
+                continue
             ctx = multiprocessing.get_context("spawn")
-            out = ctx.Queue()
+            out_queue = ctx.Queue()
             clients = [
-                ctx.Process(target=_client_proc, args=(target, users, args.seconds, 64, out))
+                ctx.Process(target=_client_proc, args=(target, users, args.seconds, 64, out_queue))
                 for _ in range(args.client_procs)
             ]
             for c in clients:
                 c.start()
-            total = sum(out.get() for _ in clients)
+            total = sum(out_queue.get() for _ in clients)
             for c in clients:
                 c.join()
             rates[count] = total
@@ -330,6 +355,9 @@ def main() -> int:
         "--dsn", help="PostgreSQL DSN (default: $CREDENTIAL_BROKER_TEST_PG_DSN or a throwaway cluster)"
     )
     parser.add_argument("--client-procs", type=int, default=2, help="workers: load-generating processes")
+    parser.add_argument(
+        "--go-loadgen", action="store_true", help="workers: drive with benchmarks/loadgen (Go) instead"
+    )
     parser.add_argument("--memory-users", type=int, default=100_000)
     args = parser.parse_args()
     verdicts = {}

@@ -50,3 +50,11 @@ def test_suite_runs_with_small_sizes() -> None:
         "300",
     )
     assert "store-size" in out and "coalescing" in out and "memory" in out
+
+
+def test_workers_benchmark_runs_with_the_go_load_generator() -> None:
+    out = _run("benchmarks/suite.py", "workers", "--go-loadgen", "--seconds", "0.5")
+    rates = [line for line in out.splitlines() if "worker(s):" in line and "Go load generator" in line]
+    assert len(rates) == 2, out
+    assert all("errors 0" in line and float(line.split()[2]) > 0 for line in rates), out
+    assert "workers: calls/s 2 workers / 1 =" in out
