@@ -38,7 +38,6 @@ from broker.store.base import (
     FLOW_COLUMNS,
     CredentialRow,
     PendingFlowRow,
-    SealedRecord,
     flow_from_row,
 )
 from broker.store.sql import SharedQueries
@@ -299,48 +298,6 @@ class PostgresStore(SharedQueries):
                 f"DELETE FROM pending_flows WHERE state_hash = %s RETURNING {FLOW_COLUMNS}", (state_hash,)
             ).fetchone()
             return None if found is None else flow_from_row(found)
-
-    # -- keys ----------------------------------------------------------------------------
-
-    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
-        # One position space over both tables, as in SQLite: credentials take even positions
-        # (seq * 2), flows odd ones (seq * 2 + 1), so a single cursor pages through both.
-        rows = self._read(
-            "SELECT * FROM ("
-            "SELECT seq * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, generation, "
-            "sealed FROM credentials WHERE kek_id != %s AND seq * 2 > %s "
-            "UNION ALL "
-            "SELECT seq * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
-            "FROM pending_flows WHERE kek_id != %s AND seq * 2 + 1 > %s"
-            ") AS r ORDER BY pos LIMIT %s",
-            (skip_kek_id, after_position, skip_kek_id, after_position, limit),
-        )
-        return [
-            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
-            for pos, t, u, k, kid, g, sealed in rows
-        ]
-
-    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
-        for record, _, _ in updates:
-            if record.table not in ("credentials", "pending_flows"):
-                raise ValueError(f"unknown table {record.table!r}")
-        written = 0
-        with self._write() as conn:
-            for record, kek_id, sealed in updates:
-                if record.table == "credentials":
-                    cursor = conn.execute(
-                        "UPDATE credentials SET kek_id = %s, sealed = %s WHERE user_id = %s AND "
-                        "upstream_key = %s AND kek_id = %s AND generation = %s",
-                        (kek_id, sealed, record.user_id, record.record_key, record.kek_id, record.generation),
-                    )
-                else:
-                    cursor = conn.execute(
-                        "UPDATE pending_flows SET kek_id = %s, sealed = %s WHERE state_hash = %s AND "
-                        "user_id = %s AND kek_id = %s AND sealed = %s",
-                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
-                    )
-                written += cursor.rowcount
-        return written
 
     def close(self) -> None:
         self.pool.close()

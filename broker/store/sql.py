@@ -17,6 +17,7 @@ from broker.store.base import (
     FLOW_COLUMNS,
     CredentialRow,
     PendingFlowRow,
+    SealedRecord,
     credential_from_row,
     flow_from_row,
 )
@@ -154,3 +155,52 @@ class SharedQueries:
                 ),
                 (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
             )
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
+        # One position space over both tables: credentials take even positions (insertion order
+        # * 2), flows odd ones (* 2 + 1), so a single cursor pages through both.
+        order = self.INSERT_ORDER
+        rows = self._read(
+            self._q(
+                "SELECT * FROM ("
+                f"SELECT {order} * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, "
+                f"generation, sealed FROM credentials WHERE kek_id != ? AND {order} * 2 > ? "
+                "UNION ALL "
+                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
+                f"FROM pending_flows WHERE kek_id != ? AND {order} * 2 + 1 > ?"
+                ") AS r ORDER BY pos LIMIT ?"
+            ),
+            (skip_kek_id, after_position, skip_kek_id, after_position, limit),
+        )
+        return [
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
+            for pos, t, u, k, kid, g, sealed in rows
+        ]
+
+    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
+        for record, _, _ in updates:
+            if record.table not in ("credentials", "pending_flows"):
+                raise ValueError(f"unknown table {record.table!r}")
+        written = 0
+        with self._write() as conn:
+            for record, kek_id, sealed in updates:
+                if record.table == "credentials":
+                    cursor = conn.execute(
+                        self._q(
+                            "UPDATE credentials SET kek_id = ?, sealed = ? WHERE user_id = ? AND "
+                            "upstream_key = ? AND kek_id = ? AND generation = ?"
+                        ),
+                        (kek_id, sealed, record.user_id, record.record_key, record.kek_id, record.generation),
+                    )
+                else:
+                    cursor = conn.execute(
+                        self._q(
+                            "UPDATE pending_flows SET kek_id = ?, sealed = ? WHERE state_hash = ? AND "
+                            "user_id = ? AND kek_id = ? AND sealed = ?"
+                        ),
+                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
+                    )
+                written += cursor.rowcount
+        return written

@@ -25,7 +25,6 @@ from broker.store.base import (
     FLOW_COLUMNS,
     CredentialRow,
     PendingFlowRow,
-    SealedRecord,
     flow_from_row,
 )
 from broker.store.sql import SharedQueries
@@ -207,47 +206,6 @@ class SqliteStore(SharedQueries):
                 return None
             conn.execute("DELETE FROM pending_flows WHERE state_hash = ?", (state_hash,))
             return flow_from_row(found)
-
-    # -- keys ----------------------------------------------------------------------------
-
-    def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
-        # One rowid space per table: credentials take even positions, flows odd ones, so a single
-        # cursor pages through both.
-        rows = self._read(
-            "SELECT * FROM ("
-            "SELECT rowid * 2 AS pos, 'credentials', user_id, upstream_key, kek_id, generation, sealed "
-            "FROM credentials WHERE kek_id != ? AND rowid * 2 > ? "
-            "UNION ALL "
-            "SELECT rowid * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
-            "FROM pending_flows WHERE kek_id != ? AND rowid * 2 + 1 > ?"
-            ") ORDER BY pos LIMIT ?",
-            (skip_kek_id, after_position, skip_kek_id, after_position, limit),
-        )
-        return [
-            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
-            for pos, t, u, k, kid, g, sealed in rows
-        ]
-
-    def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
-        written = 0
-        with self._write() as conn:
-            for record, kek_id, sealed in updates:
-                if record.table == "credentials":
-                    cursor = conn.execute(
-                        "UPDATE credentials SET kek_id = ?, sealed = ? WHERE user_id = ? AND "
-                        "upstream_key = ? AND kek_id = ? AND generation = ?",
-                        (kek_id, sealed, record.user_id, record.record_key, record.kek_id, record.generation),
-                    )
-                elif record.table == "pending_flows":
-                    cursor = conn.execute(
-                        "UPDATE pending_flows SET kek_id = ?, sealed = ? WHERE state_hash = ? AND "
-                        "user_id = ? AND kek_id = ? AND sealed = ?",
-                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
-                    )
-                else:
-                    raise ValueError(f"unknown table {record.table!r}")
-                written += cursor.rowcount
-        return written
 
     def close(self) -> None:
         with self._lock:
