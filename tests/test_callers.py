@@ -97,7 +97,8 @@ def _callers(auth: AuthServer, tokens: dict[str, str]) -> list[dict[str, Any]]:
     ]
 
 
-async def test_caller_tokens_and_rules(make_broker: BrokerFactory, auth_server: AuthServer) -> None:
+async def _two_callers(make_broker: BrokerFactory, auth_server: AuthServer) -> tuple[Broker, dict[str, str]]:
+    """A broker with two upstreams and the callers web and reporter, and their tokens."""
     tokens = {"web": os.urandom(24).hex(), "reporter": os.urandom(24).hex()}
     client = auth_server.new_client(redirect_uri="https://app.test/callback")
     other = upstream_doc(auth_server, client) | {"name": "other", "url": "https://other.test"}
@@ -106,6 +107,11 @@ async def test_caller_tokens_and_rules(make_broker: BrokerFactory, auth_server: 
         upstreams=[upstream_doc(auth_server, client), other],
         callers=_callers(auth_server, tokens),
     )
+    return broker, tokens
+
+
+async def test_caller_tokens_and_rules(make_broker: BrokerFactory, auth_server: AuthServer) -> None:
+    broker, tokens = await _two_callers(make_broker, auth_server)
     stub = broker.stub
 
     def bearer(token: str) -> list[tuple[str, str]]:
@@ -164,14 +170,7 @@ async def test_concurrent_calls_of_different_callers_keep_their_own_metadata(
 ) -> None:
     """The interceptor hands each call the metadata gRPC decoded for it: 200 interleaved calls of
     two callers with different rights, and a request id per call, never see each other's."""
-    tokens = {"web": os.urandom(24).hex(), "reporter": os.urandom(24).hex()}
-    client = auth_server.new_client(redirect_uri="https://app.test/callback")
-    other = upstream_doc(auth_server, client) | {"name": "other", "url": "https://other.test"}
-    broker = await make_broker(
-        client=client,
-        upstreams=[upstream_doc(auth_server, client), other],
-        callers=_callers(auth_server, tokens),
-    )
+    broker, tokens = await _two_callers(make_broker, auth_server)
     web = [("x-credential-broker-caller-token", tokens["web"])]
     started = await broker.stub.BuildAuthorizationURL(
         pb.BuildAuthorizationURLRequest(user_id="alice", upstream=UPSTREAM), metadata=web
