@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
 from typing import IO, Protocol
@@ -60,7 +60,7 @@ class AuditEvent:
     reason: str = ""
     request_id: str = ""
     time: float = 0.0
-    detail: dict[str, str] = field(default_factory=dict)
+    detail: dict[str, str] | None = None
 
     def to_json(self) -> str:
         # Built by hand (this runs on every Resolve); every value is quoted by the json
@@ -105,23 +105,29 @@ class Auditor:
         detail: dict[str, str] | None = None,
     ) -> None:
         assert action in ACTIONS, action
-        call = current_call.get()
-        # The common case (short printable values) without a call to _clean.
+        # Runs on every Resolve: the common case (short printable values) skips _clean, and the
+        # event is built positionally (keywords cost a dataclass twice as much).
         if len(user) > MAX_FIELD or not user.isprintable():
             user = _clean(user)
         if len(upstream) > MAX_FIELD or not upstream.isprintable():
             upstream = _clean(upstream)
+        call = current_call.get()
+        request_id = ""
+        if call is not None:
+            method = method or call.method
+            caller = caller or call.caller
+            request_id = call.request_id
         event = AuditEvent(
-            action=action,
-            outcome=outcome,
-            user=user,
-            upstream=upstream,
-            method=method or (call.method if call else ""),
-            caller=caller or (call.caller if call else ""),
-            reason=reason,
-            request_id=call.request_id if call else "",
-            time=self._now(),
-            detail=dict(detail) if detail else {},
+            action,
+            outcome,
+            user,
+            upstream,
+            method,
+            caller,
+            reason,
+            request_id,
+            self._now(),
+            dict(detail) if detail else None,
         )
         for sink in self._sinks:
             sink.emit(event)

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import itertools
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from broker.config import BrokerConfig, CallerConfig
@@ -95,23 +95,23 @@ class CallerPolicy:
                 if method != "*" and method not in known:
                     raise ConfigError(f"callers[{index}].methods: {method!r} is not an RPC of the service")
 
-    def header_required(self, over_tcp: bool) -> bool:
-        return self._header == "always" or (self._header == "tcp" and over_tcp)
-
     def identify(
         self,
         *,
-        over_tcp: bool,
+        over_tcp: Callable[[], bool],
         metadata: Mapping[str, str],
         cert_identities: Sequence[str],
         needs_header: bool = True,
     ) -> Caller:
         """The caller of a call, or raise MissingRequestHeader / CallerUnauthenticated /
-        CallerNotPermitted (a valid certificate that is no configured caller)."""
+        CallerNotPermitted (a valid certificate that is no configured caller).
+
+        ``over_tcp`` says whether the call came over TCP; asked only when the request header
+        is missing and the rule depends on the transport."""
         if (
             needs_header
-            and self.header_required(over_tcp)
             and metadata.get(REQUEST_HEADER, "").lower() != "true"
+            and (self._header == "always" or (self._header == "tcp" and over_tcp()))
         ):
             raise MissingRequestHeader(
                 f"metadata {REQUEST_HEADER}: true is required on this listener (an SSRF guard); "

@@ -499,14 +499,14 @@ class BrokerService:
     def _resolved(credential: Credential, upstream: UpstreamConfig) -> ResolvedCredential:
         auth = upstream.auth_broker
         token = credential.secrets.access_token
-        return ResolvedCredential(
-            access_token=token,
-            token_type=credential.token_type,
-            expires_at=credential.expires_at,
-            scopes=credential.scopes,
-            obtained_via=credential.obtained_via,
-            header_name=auth.header,
-            header_value=auth.header_format.replace("{token}", token),
+        return ResolvedCredential(  # positional: on every Resolve, and keywords cost more
+            token,
+            credential.token_type,
+            credential.expires_at,
+            credential.scopes,
+            credential.obtained_via,
+            auth.header,
+            auth.header_format.replace("{token}", token),
         )
 
 

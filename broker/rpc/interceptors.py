@@ -142,12 +142,13 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         call with (the refusal audited), or None. Not a coroutine: it runs on every call."""
         decoded = _decoded.get()
         pairs = decoded[1] if decoded[0] is asyncio.current_task() else context.invocation_metadata()
-        metadata = {key: value for key, value in (pairs or ()) if isinstance(value, str)}
+        # Text headers are str, binary ("-bin") ones bytes; only text headers are ever read.
+        metadata: dict[str, str] = dict(pairs) if pairs else {}
         rid = request_id(metadata)
         caller: Caller | None = None
         try:
             caller = self._policy.identify(
-                over_tcp=not context.peer().startswith("unix:"),
+                over_tcp=lambda: not context.peer().startswith("unix:"),
                 metadata=metadata,
                 cert_identities=cert_identities(context) if self._mutual_tls else (),
                 needs_header=header,

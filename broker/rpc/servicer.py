@@ -169,16 +169,15 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> pb.ResolveResponse:
         try:
             self._check(request)
+            user_id, upstream = request.user_id, request.upstream
             token, claims = request.subject_token, None
             if self._users.verifier is not None:
-                user = await self._user(context, request.user_id, token)
+                user = await self._user(context, user_id, token)
                 token, claims = user.token, user.claims
-            result = await self._service.resolve(
-                request.user_id, request.upstream, token, request.min_valid_seconds, claims
-            )
+            result = await self._service.resolve(user_id, upstream, token, request.min_valid_seconds, claims)
         except Exception as exc:
             await self._fail(context, "Resolve", request, exc)
-        self._audit.record("inject", "success", user=request.user_id, upstream=request.upstream)
+        self._audit.record("inject", "success", user=user_id, upstream=upstream)
         # A credential answered from the read cache gives the same values call after call: the
         # message is built once per distinct answer (by every field it holds) and reused.
         key = (
