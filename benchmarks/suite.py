@@ -155,7 +155,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def cli_broker(config: Path, workers: int) -> Iterator[str]:
+def cli_broker(config: Path, workers: int) -> Iterator[tuple[str, int]]:
+    """`serve --workers N` on the config's first listener: yields (target, pid)."""
     target = yaml.safe_load(config.read_text())["listen"][0]
     process = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve", "--config", str(config), "--workers", str(workers)],
@@ -165,10 +166,46 @@ def cli_broker(config: Path, workers: int) -> Iterator[str]:
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
         time.sleep(1.0)  # every worker bound
-        yield target
+        yield target, process.pid
     finally:
         process.terminate()
         process.wait(30)
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of a process and its children (the broker's workers)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            pid, rest = stat.read_text().split(" (", 1)
+            fields = rest.rsplit(") ", 1)[1].split()
+            if int(pid) == root or int(fields[1]) == root:  # fields[1]: the parent pid
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuUse:
+    """Cores busy while a measurement runs: the whole machine and the broker's processes."""
+
+    def __init__(self, broker_pid: int) -> None:
+        self._pid = broker_pid
+        self._machine = _machine_jiffies()
+        self._broker = _tree_cpu_seconds(broker_pid)
+        self._started = time.monotonic()
+
+    def cores(self) -> tuple[float, float]:
+        """(machine, broker) cores used since construction."""
+        busy, total = _machine_jiffies()
+        machine = (busy - self._machine[0]) / max(1, total - self._machine[1]) * (os.cpu_count() or 1)
+        broker = (_tree_cpu_seconds(self._pid) - self._broker) / (time.monotonic() - self._started)
+        return machine, broker
 
 
 def workers(args: argparse.Namespace) -> bool:
@@ -187,12 +224,13 @@ def workers(args: argparse.Namespace) -> bool:
         config = _serve_config(
             tmp, _free_port(), {"path": str(tmp / "broker.db")}, "https://as.bench.test/token"
         )
-        with cli_broker(config, count) as target:
+        with cli_broker(config, count) as (target, pid):
             if loadgen is not None:
                 # A first second to warm up: connections, and every worker's read cache.
                 subprocess.run(
                     [str(loadgen), "-target", target, "-seconds", "1"], capture_output=True, check=True
                 )
+                use = _CpuUse(pid)
                 out = subprocess.run(
                     [str(loadgen), "-target", target, "-users", str(users), "-seconds", str(args.seconds)],
                     capture_output=True,
@@ -200,22 +238,28 @@ def workers(args: argparse.Namespace) -> bool:
                     check=True,
                 ).stdout
                 total = float(out.split()[0])
-                rates[count] = total
-                print(f"  {count} worker(s): {total:.0f} Resolve calls/s (Go load generator: {out.strip()})")
-                continue
-            ctx = multiprocessing.get_context("spawn")
-            out_queue = ctx.Queue()
-            clients = [
-                ctx.Process(target=_client_proc, args=(target, users, args.seconds, 64, out_queue))
-                for _ in range(args.client_procs)
-            ]
-            for c in clients:
-                c.start()
-            total = sum(out_queue.get() for _ in clients)
-            for c in clients:
-                c.join()
+                label = f"Go load generator: {out.strip()}"
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                out_queue = ctx.Queue()
+                clients = [
+                    ctx.Process(target=_client_proc, args=(target, users, args.seconds, 64, out_queue))
+                    for _ in range(args.client_procs)
+                ]
+                use = _CpuUse(pid)
+                for c in clients:
+                    c.start()
+                total = sum(out_queue.get() for _ in clients)
+                for c in clients:
+                    c.join()
+                label = f"{args.client_procs} client processes"
+            machine, broker = use.cores()
             rates[count] = total
-            print(f"  {count} worker(s): {total:.0f} Resolve calls/s ({args.client_procs} client processes)")
+            print(
+                f"  {count} worker(s): {total:.0f} Resolve calls/s ({label}); cores busy: "
+                f"{machine:.2f} of {os.cpu_count()} in all, broker {broker:.2f} "
+                f"({broker / total * 1e6:.0f} us of broker CPU per call)"
+            )
     shutil.rmtree(tmp, ignore_errors=True)
     ratio = rates[2] / rates[1]
     print(f"workers: calls/s 2 workers / 1 = {ratio:.2f}  (target >= 1.6; {os.cpu_count()} cores, shared)")
@@ -276,7 +320,7 @@ def coalescing(args: argparse.Namespace) -> bool:
                 doc = yaml.safe_load(config.read_text())
                 doc["upstreams"][0]["auth_broker"]["authorization_endpoint"] = auth.authorization_endpoint
                 config.write_text(yaml.safe_dump(doc))
-                targets.append(stack.enter_context(cli_broker(config, 1)))
+                targets.append(stack.enter_context(cli_broker(config, 1))[0])
             _connect_alice(targets[0], auth)  # access token lives 30 s: inside the 60 s window
             auth.access_ttl = 3600
             before = len(auth.token_requests("refresh_token"))

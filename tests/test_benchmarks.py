@@ -3,6 +3,7 @@ measured by running them, not asserted in the test suite."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,4 +58,9 @@ def test_workers_benchmark_runs_with_the_go_load_generator() -> None:
     rates = [line for line in out.splitlines() if "worker(s):" in line and "Go load generator" in line]
     assert len(rates) == 2, out
     assert all("errors 0" in line and float(line.split()[2]) > 0 for line in rates), out
+    # Each rate comes with the cores the machine and the broker's processes used meanwhile.
+    for line in rates:
+        machine = float(line.split("cores busy: ")[1].split()[0])
+        broker = float(line.split(" in all, broker ")[1].split()[0])
+        assert broker > 0 and 0 < machine <= (os.cpu_count() or 1), line
     assert "workers: calls/s 2 workers / 1 =" in out
