@@ -28,6 +28,9 @@ from broker.config import AuditConfig
 
 MAX_FIELD = 256
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+# Quoted line prefixes by (action, outcome, user, upstream, method, caller, reason): bounded.
+MAX_PREFIXES = 4096
+_PREFIXES: dict[tuple[str, ...], str] = {}
 
 ACTIONS = frozenset(
     {
@@ -64,14 +67,20 @@ class AuditEvent:
 
     def to_json(self) -> str:
         # Built by hand (this runs on every Resolve); every value is quoted by the json
-        # module's C string encoder (non-ASCII as \\u escapes).
-        line = (
-            f'{{"action":{_quote(self.action)},"outcome":{_quote(self.outcome)},'
-            f'"user":{_quote(self.user)},"upstream":{_quote(self.upstream)},'
-            f'"method":{_quote(self.method)},"caller":{_quote(self.caller)},'
-            f'"reason":{_quote(self.reason)},"request_id":{_quote(self.request_id)},'
-            f'"time":"{_iso(self.time)}"'
-        )
+        # module's C string encoder (non-ASCII as \\u escapes). The part before the request id
+        # repeats from call to call (same action, user, upstream, caller), so it is quoted once.
+        key = (self.action, self.outcome, self.user, self.upstream, self.method, self.caller, self.reason)
+        prefix = _PREFIXES.get(key)
+        if prefix is None:
+            if len(_PREFIXES) >= MAX_PREFIXES:
+                _PREFIXES.clear()
+            prefix = _PREFIXES[key] = (
+                f'{{"action":{_quote(self.action)},"outcome":{_quote(self.outcome)},'
+                f'"user":{_quote(self.user)},"upstream":{_quote(self.upstream)},'
+                f'"method":{_quote(self.method)},"caller":{_quote(self.caller)},'
+                f'"reason":{_quote(self.reason)},"request_id":'
+            )
+        line = f'{prefix}{_quote(self.request_id)},"time":"{_iso(self.time)}"'
         if self.detail:
             line += f',"detail":{_ENCODER.encode(self.detail)}'
         return line + "}"

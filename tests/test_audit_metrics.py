@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import audit
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.audit import AuditEvent, RotatingFileSink
 from tests.authserver import AuthServer
@@ -207,3 +208,38 @@ def test_audit_lines_are_json_whatever_the_field_holds(text: str) -> None:
         "time": "1970-01-01T00:00:02.250Z",
         "detail": {"k": text},
     }
+
+
+def test_audit_lines_keep_each_events_own_fields_while_the_quoted_prefix_is_reused() -> None:
+    """The quoted part of a line is kept by (action, outcome, user, upstream, method, caller,
+    reason): events that differ in any of them, interleaved, each keep their own values, and
+    the kept prefixes stay bounded however many users pass."""
+    combos = [
+        (action, outcome, user, upstream, method, caller, reason)
+        for action in ("inject", "refresh")
+        for outcome in ("success", "failure")
+        for user in ("alice", "bob")
+        for upstream in ("github", "gitlab")
+        for method in ("Resolve", "Refresh")
+        for caller in ("svc-a", "svc-b")
+        for reason in ("", "NOT_CONNECTED")
+    ]
+    for round_ in range(3):
+        for n, (action, outcome, user, upstream, method, caller, reason) in enumerate(combos):
+            rid = f"rid-{round_}-{n}"
+            line = AuditEvent(action, outcome, user, upstream, method, caller, reason, rid, 1.5).to_json()
+            assert json.loads(line) == {
+                "action": action,
+                "outcome": outcome,
+                "user": user,
+                "upstream": upstream,
+                "method": method,
+                "caller": caller,
+                "reason": reason,
+                "request_id": rid,
+                "time": "1970-01-01T00:00:01.500Z",
+            }
+    for n in range(audit.MAX_PREFIXES + 10):
+        line = AuditEvent("inject", "success", f"user-{n}", "github", request_id=str(n)).to_json()
+        assert json.loads(line)["user"] == f"user-{n}"
+    assert 0 < len(audit._PREFIXES) <= audit.MAX_PREFIXES

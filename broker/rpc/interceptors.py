@@ -158,7 +158,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 self._policy.authorize(
                     caller, method, getattr(request, "upstream", "") if is_message else None
                 )
-            current_call.set(CallContext(rid, caller.name, method, who=caller))
+            current_call.set(CallContext(rid, caller.name, method, caller))
             return None
         except BrokerError as exc:
             name = caller.name if caller is not None else ""
