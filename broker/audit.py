@@ -29,7 +29,7 @@ from broker.config import AuditConfig
 MAX_FIELD = 256
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 # Quoted line prefixes by (action, outcome, user, upstream, method, caller, reason): bounded.
-MAX_PREFIXES = 4096
+MAX_PREFIXES = 1024
 _PREFIXES: dict[tuple[str, ...], str] = {}
 
 ACTIONS = frozenset(
