@@ -171,6 +171,8 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             self._check(request)
             user_id, upstream = request.user_id, request.upstream
             token, claims = request.subject_token, None
+            # Without a user-token verifier authenticate() passes the request's token through
+            # unchanged; Resolve skips that coroutine rather than await it on every call.
             if self._users.verifier is not None:
                 user = await self._user(context, user_id, token)
                 token, claims = user.token, user.claims
