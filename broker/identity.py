@@ -311,7 +311,7 @@ class IdentityVerifier:
             raise IdentityProviderUnavailable(f"could not fetch the identity provider's {what}") from None
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise IdentityProviderUnavailable(f"the identity provider's {what} is not JSON") from None
         if not isinstance(document, dict):
             raise IdentityProviderUnavailable(f"the identity provider's {what} is not a JSON object")

@@ -54,6 +54,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         status, payload = self.server.idp._get(self.path)
         body = json.dumps(payload).encode()
+        if self.server.idp.failing == "nested":
+            body = b"[" * 200_000  # deeper than a JSON parser can recurse, far below 256 KiB
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -74,7 +76,7 @@ class IdentityProvider:
         self._thread: threading.Thread | None = None
         self._port = 0
         #: None when serving; "500" answers every request with HTTP 500 (and records it);
-        #: "refuse" while the listening socket is closed (see go_down).
+        #: "refuse" while the listening socket is closed; "nested" (see go_down).
         self.failing: str | None = None
 
     def start(self) -> IdentityProvider:
@@ -94,14 +96,15 @@ class IdentityProvider:
 
     def go_down(self, how: str) -> None:
         """An outage: "refuse" closes the listening socket (connections are refused), "500"
-        keeps serving but answers every request with HTTP 500."""
+        keeps serving but answers every request with HTTP 500, "nested" answers 200 with a
+        deeply nested JSON array."""
         if how == "refuse":
             self.failing = "refuse"
             self.stop()
-        elif how == "500":
-            self.failing = "500"
+        elif how in ("500", "nested"):
+            self.failing = how
         else:
-            raise ValueError(f"unknown outage {how!r}; expected 'refuse' or '500'")
+            raise ValueError(f"unknown outage {how!r}; expected 'refuse', '500' or 'nested'")
 
     def come_up(self) -> None:
         """End the outage: serve again, on the same port."""

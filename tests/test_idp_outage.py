@@ -38,7 +38,7 @@ async def call(broker: Broker, token: str) -> str | tuple[str, str]:
     return OK
 
 
-@pytest.mark.parametrize("how", ["refuse", "500"])
+@pytest.mark.parametrize("how", ["refuse", "500", "nested"])
 async def test_outage_before_the_first_fetch_is_unavailable_then_recovers_within_a_second(
     ibroker: Broker, idp: IdentityProvider, how: str
 ) -> None:
