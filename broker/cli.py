@@ -14,6 +14,7 @@ import yaml
 
 from broker.config import BrokerConfig, check_listen_address, load_config, load_config_file
 from broker.crypto import generate_keyring_file
+from broker.crypto.keyfile import check_private_if_present
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure, fields
 
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _keys(args, config)
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
+            check_private_if_present(config.keyring.file)
             print(
                 f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(entry.address for entry in config.listeners())}"
             )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from broker.crypto.keyfile import read_private_file, write_private_file
 from broker.errors import KeyringError
 
 FORMAT = "credential-broker-keyring/v1"
@@ -146,8 +147,9 @@ class FileKeySource:
     path: Path
 
     def load(self) -> Keyring:
+        """The keyring in the file; refused (KeyringError) when its group or others can read it."""
         try:
-            text = self.path.read_text()
+            text = read_private_file(self.path).decode("utf-8", "replace")
         except FileNotFoundError:
             raise KeyringError(
                 f"no keyring at {self.path}; create one with "
@@ -170,15 +172,8 @@ class FileKeySource:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def save(self, keyring: Keyring) -> None:
-        """Replace the file atomically, keeping mode 0600."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(keyring.to_document(), fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        """Replace the file atomically with a new one of mode 0600 (see broker/crypto/keyfile.py)."""
+        write_private_file(self.path, _document_bytes(keyring))
 
 
 @dataclass(frozen=True)
@@ -200,14 +195,18 @@ class EnvKeySource:
 
 
 def generate_keyring_file(path: Path) -> Keyring:
-    """Write a new keyring with one primary key. Refuses to overwrite an existing file."""
+    """Write a new keyring (mode 0600) with one primary key. Refuses to overwrite anything at
+    ``path``, a link included; the file appears whole or not at all."""
     keyring = Keyring([new_key_entry("primary")])
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private_file(path, _document_bytes(keyring), replace=False)
     except FileExistsError:
+        if not os.path.lexists(path):
+            raise  # no free temporary name: someone is planting files in that folder
         raise KeyringError(f"{path} already exists; refusing to overwrite a keyring") from None
-    with os.fdopen(fd, "w") as fh:
-        json.dump(keyring.to_document(), fh, indent=2)
-        fh.write("\n")
     return keyring
+
+
+def _document_bytes(keyring: Keyring) -> bytes:
+    return (json.dumps(keyring.to_document(), indent=2) + "\n").encode()
