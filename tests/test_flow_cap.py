@@ -11,14 +11,21 @@ import asyncio
 import sqlite3
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+from broker.clock import ManualClock
+from broker.flow_purge import FlowPurger
 from broker.models import PendingFlow
+from broker.store import open_store
+from broker.store.base import PendingFlowRow
 from broker.store.sqlite import SqliteStore
 from tests.conftest import Broker, BrokerFactory, error_info
 
@@ -29,6 +36,20 @@ REFUSED = "credential_broker_pending_flows_refused_total"
 def store_backend(request: pytest.FixtureRequest) -> str:
     """Every test here runs on both store backends unless it says otherwise."""
     return str(request.param)
+
+
+@pytest.fixture
+def make_broker_stores(store_doc: dict[str, Any], tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """Two stores on one database, as two broker processes (or replicas) would open it."""
+    from broker.config import StoreConfig
+
+    config = StoreConfig.model_validate(store_doc)
+    a, b = open_store(config), open_store(config)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 def _flows(broker: Broker) -> int:
@@ -46,13 +67,14 @@ def _scrape(broker: Broker, name: str) -> float:
     return 0.0
 
 
-async def _wait_for(condition: object, seconds: float = 10.0) -> bool:
+async def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (a bound, not a speed target)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return True
         await asyncio.sleep(0.05)
-    return bool(condition())  # type: ignore[operator]
+    return condition()
 
 
 async def test_cap_refuses_new_flows_and_keeps_existing_ones(make_broker: BrokerFactory) -> None:
@@ -149,3 +171,42 @@ def test_existing_sqlite_store_is_converted_to_incremental_vacuum(tmp_path: Path
         assert store.take_pending_flow("h") is not None  # its rows are kept
     finally:
         store.close()
+
+
+def test_cap_holds_under_concurrent_inserts_from_two_replicas(make_broker_stores: tuple[Any, Any]) -> None:
+    """Two stores on one database (two processes or replicas) inserting at once never pass the cap."""
+    a, b = make_broker_stores
+    cap = 40
+
+    def insert(store: Any, start: int) -> list[bool]:
+        return [
+            store.add_pending_flow(
+                PendingFlowRow(f"{i:064x}", f"user-{i}", "k", 1.0, 1e12, "kid", b"x"), 5, 2.0, cap
+            )
+            for i in range(start, start + 50)
+        ]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [
+            r
+            for future in [pool.submit(insert, s, n * 50) for n, s in enumerate((a, b, a, b))]
+            for r in future.result()
+        ]
+    assert results.count(True) == cap and results.count(False) == 200 - cap
+    assert a.purge_expired_flows(1e12 + 1) == cap  # every stored flow, and no more
+
+
+def test_purge_once_counts_and_a_failing_purge_is_only_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(tmp_path / "b.db")
+    clock = ManualClock(0.0)
+    purger = FlowPurger(store, clock, 0.1)
+    store.add_pending_flow(PendingFlowRow("a" * 64, "u", "k", 1.0, 2.0, "kid", b"x"), 5, 1.0)
+    assert purger.purge_once() == 0  # not expired yet
+    clock.advance(2.0)
+    assert purger.purge_once() == 1 and purger.purged == 1
+    store.close()
+    with caplog.at_level("WARNING"):
+        assert purger.purge_once() == 0  # the store is closed: logged, not raised
+    assert "purging expired connect flows failed" in caplog.text
