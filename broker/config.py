@@ -287,6 +287,10 @@ class BrokerConfig(_Strict):
     http: HttpConfig = HttpConfig()
     flow_ttl_seconds: int = Field(default=600, ge=30, le=3600)
     max_pending_flows: int = Field(default=5, ge=1, le=100)
+    # Live pending flows of all users together; past it a new flow is refused (never evicted).
+    max_pending_flows_total: int = Field(default=100_000, ge=1, le=100_000_000)
+    # How often expired pending flows are deleted (and a SQLite file's freed pages given back).
+    flow_purge_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
     refresh_window_seconds: int = Field(default=60, ge=0, le=3600)
     # How long Resolve may answer from memory without reading the store again. Any write made
     # by this process drops the memory at once; this bounds how late a change made by another

@@ -18,6 +18,7 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     │   └── CallerNotPermitted         the caller's rules exclude this RPC or upstream
     ├── UnknownUpstream            NOT_FOUND            no upstream of that name is configured
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
+    ├── TooManyPendingFlows        RESOURCE_EXHAUSTED   max_pending_flows_total flows are pending
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
     │   └── ReconnectRequired          the stored credential can no longer be refreshed
@@ -186,3 +187,9 @@ class UnsupportedTokenType(UpstreamUnavailable):
     it only ever sends tokens as Bearer (RFC 6750), so a DPoP or MAC token is refused, never sent."""
 
     code = "UNSUPPORTED_TOKEN_TYPE"
+
+
+class TooManyPendingFlows(BrokerError):
+    """A new connect flow was refused: ``max_pending_flows_total`` flows (all users) are pending."""
+
+    code = "TOO_MANY_PENDING_FLOWS"
