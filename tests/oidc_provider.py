@@ -49,23 +49,38 @@ _install_lock = threading.Lock()
 
 
 def ensure_installed() -> None:
-    """Install the pinned provider package (package-lock.json) once if it is missing."""
+    """Install the pinned provider package (package-lock.json) once if it is missing or is not
+    the version package.json pins."""
     with _install_lock:
-        if MODULES.is_dir():
+        if _installed_version() == _pinned_version():
             return
         npm, node = shutil.which("npm"), shutil.which("node")
         if npm is None or node is None:
             raise ProviderUnavailable("node and npm are needed to run the oidc-provider tests")
-        done = subprocess.run(
-            [npm, "ci", "--prefix", str(HERE), "--no-audit", "--no-fund"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if done.returncode != 0 or not MODULES.is_dir():
+        try:
+            done = subprocess.run(
+                [npm, "ci", "--prefix", str(HERE), "--no-audit", "--no-fund"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ProviderUnavailable("npm ci --prefix tests/oidc did not finish in 300 s") from None
+        if done.returncode != 0 or _installed_version() != _pinned_version():
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise ProviderUnavailable(f"npm ci --prefix tests/oidc failed: {' | '.join(tail)}")
+
+
+def _pinned_version() -> str:
+    return str(json.loads((HERE / "package.json").read_text())["dependencies"]["oidc-provider"])
+
+
+def _installed_version() -> str | None:
+    try:
+        return str(json.loads((MODULES / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @dataclass(frozen=True)
