@@ -416,8 +416,6 @@ class BrokerService:
         refresh token changed meanwhile and the caller should look again."""
         auth = upstream.auth_broker
         form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
-        if auth.scopes:
-            form.append(("scope", " ".join(auth.scopes)))
         form += [("resource", r) for r in auth.resources()]
         try:
             token = await self._request(upstream, form, user)
