@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -196,27 +195,24 @@ def test_a_hostile_user_id_cannot_forge_a_field_in_a_real_server_log(
     live = start_live_broker(tmp_path, auth_server, log={"format": "text"})
     try:
         stub = live.stub()
-        for user in ALLOWED:
-            stub.BuildAuthorizationURL(
-                pb.BuildAuthorizationURLRequest(user_id=user, upstream=live.upstream),
-                metadata=(REQUEST_HEADER,),
-            )
-            with pytest.raises(grpc.RpcError):  # not connected: a flow is started, and logged
-                stub.Resolve(
-                    pb.ResolveRequest(user_id=user, upstream=live.upstream), metadata=(REQUEST_HEADER,)
-                )
+        for user in ALLOWED:  # each logs "connect flow started" and "connected"
+            live.connect(user)
+            stub.Resolve(pb.ResolveRequest(user_id=user, upstream=live.upstream), metadata=(REQUEST_HEADER,))
         deadline = time.monotonic() + 10
-        while live.logs().count("connect flow started") < 2 * len(ALLOWED) and time.monotonic() < deadline:
+        while live.logs().count(" connected ") < len(ALLOWED) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         live.stop()
     lines = [line for line in live.logs().splitlines() if _PREFIX.match(line)]
-    started = [parse_line(line) for line in lines if "connect flow started" in line]
-    assert len(started) == 2 * len(ALLOWED)
-    for _, message, pairs in started:
-        assert message == "connect flow started"
-        assert [k for k, _ in pairs] == ["user_id", "upstream"], pairs
-        assert dict(pairs)["upstream"] == live.upstream
-    assert sorted(dict(p)["user_id"] for _, _, p in started) == sorted(ALLOWED * 2)
-    for line in lines:  # every line the process wrote parses
-        parse_line(line)
+    parsed = [parse_line(line) for line in lines]  # every line the process wrote parses
+    for event in ("connect flow started", "connected"):
+        found = [pairs for _, message, pairs in parsed if message == event]
+        assert [[k for k, _ in pairs] for pairs in found] == [["user_id", "upstream"]] * len(ALLOWED), found
+        assert [dict(pairs)["user_id"] for pairs in found] == ALLOWED
+        assert {dict(pairs)["upstream"] for pairs in found} == {live.upstream}
+    # No line names a user other than those given, or an upstream other than the real one.
+    for _, _, pairs in parsed:
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), pairs
+        assert dict(pairs).get("user_id", ALLOWED[0]) in ALLOWED
+        assert dict(pairs).get("upstream", live.upstream) == live.upstream
