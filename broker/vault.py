@@ -251,39 +251,6 @@ class CredentialVault:
             expires_at=row.expires_at,
         )
 
-    # -- start-up check ------------------------------------------------------------------
-
-    def check_keyring_opens_store(self, known_key_ids: list[str]) -> str | None:
-        """None when the keyring opens the store's records; otherwise a message saying why not."""
-        used = self.store.sample_key_ids(100)
-        if not used:
-            return None
-        missing = [(kid, n) for kid, n in used if kid not in known_key_ids]
-        if missing:
-            listed = ", ".join(f"{kid} ({n} records)" for kid, n in missing)
-            return f"the store has records wrapped under key ids not in the keyring: {listed}"
-        for kid, _ in used:
-            try:
-                samples = self.store.sample_records(kid, 3)
-            except DecryptionError:
-                continue  # a corrupt clear column; the records themselves are checked on use
-            for record in samples:
-                if isinstance(record, CredentialRow):
-                    context = self._context(_CREDENTIALS, record.user_id, record.upstream_key)
-                else:
-                    context = self._context(_FLOWS, record.user_id, record.state_hash)
-                try:
-                    self._cipher.open(record.sealed, context)
-                except DecryptionError:
-                    continue
-                break
-            else:
-                return (
-                    f"the keyring's key {kid} does not open the store's records wrapped under "
-                    "that id: this is not the keyring the store was written with"
-                )
-        return None
-
 
 def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:
     try:
