@@ -183,3 +183,36 @@ def test_check_value_format() -> None:
         assert not keycheck.verify_check_value(key, flipped)
     for length in range(len(value)):
         assert not keycheck.verify_check_value(key, value[:length])
+
+
+def test_the_one_time_trial_reads_records_whose_sealed_column_turned_to_text(tmp_path: Path) -> None:
+    """SQLite lets a damaged row hold text in the sealed column; the trial still reads past it."""
+    import sqlite3
+
+    from broker.crypto import EnvelopeCipher
+    from broker.key_checks import StoreKeyCheck
+    from broker.models import Credential, CredentialStatus, Secrets
+    from broker.store import SqliteStore
+    from broker.vault import CredentialVault
+
+    keyring = Keyring([new_key_entry("primary")])
+    store = SqliteStore(tmp_path / "broker.db")
+    try:
+        vault = CredentialVault(store, EnvelopeCipher(keyring))
+        for i in range(4):
+            credential = Credential(
+                f"user{i}", "gh_k", Secrets(f"at-{i}", None), "Bearer", (), None, "oauth_connect", 1.0,
+                CredentialStatus.CONNECTED,
+            )  # fmt: skip
+            vault.save(credential, None, 1.0)
+        conn = sqlite3.connect(tmp_path / "broker.db")
+        # substr || text yields TEXT holding invalid UTF-8: the first three records, as a broker
+        # written before check values existed would have left them.
+        conn.execute("UPDATE credentials SET sealed = substr(sealed, 2) || 'x' WHERE user_id != 'user3'")
+        conn.commit()
+        conn.close()
+        report = StoreKeyCheck(store, "keyring.json", "test").verify(keyring)
+        assert report.by_trial == (keyring.primary_id,) and report.written == (keyring.primary_id,)
+        assert StoreKeyCheck(store, "keyring.json", "test").verify(keyring).confirmed == (keyring.primary_id,)
+    finally:
+        store.close()

@@ -207,6 +207,9 @@ class SharedQueries:
 
     # -- per-key check values (broker/key_checks.py) --------------------------------------
 
+    # The sealed column read as bytes whatever a damaged row holds (SQLite can hold text there).
+    SEALED_AS_BYTES = "sealed"
+
     def key_checks(self) -> dict[str, bytes]:
         rows = self._read(self._q("SELECT kek_id, check_value FROM key_checks"), ())
         return {str(kid): bytes(value) for kid, value in rows}
@@ -238,14 +241,14 @@ class SharedQueries:
             conn.execute(self._q("DELETE FROM key_checks WHERE kek_id = ?"), (kek_id,))
 
     def sealed_records_under(self, kek_id: str, after_position: int, limit: int) -> list[SealedRecord]:
-        order = self.INSERT_ORDER
+        order, sealed = self.INSERT_ORDER, self.SEALED_AS_BYTES
         rows = self._read(
             self._q(
                 "SELECT * FROM ("
                 f"SELECT {order} * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, "
-                f"generation, sealed FROM credentials WHERE kek_id = ? AND {order} * 2 > ? "
+                f"generation, {sealed} FROM credentials WHERE kek_id = ? AND {order} * 2 > ? "
                 "UNION ALL "
-                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
+                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, {sealed} "
                 f"FROM pending_flows WHERE kek_id = ? AND {order} * 2 + 1 > ?"
                 ") AS r ORDER BY pos LIMIT ?"
             ),

@@ -101,6 +101,7 @@ class SqliteStore(SharedQueries):
 
     schema_version = SCHEMA_VERSION
     INSERT_ORDER = "rowid"
+    SEALED_AS_BYTES = "CAST(sealed AS BLOB)"
 
     def __init__(self, path: Path) -> None:
         self.path = path
