@@ -16,6 +16,7 @@ from broker.config import BrokerConfig
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.exchange import TokenExchanger
+from broker.flow_purge import FlowPurger
 from broker.identity import IdentityVerifier, UserAuthenticator
 from broker.key_checks import StoreKeyCheck
 from broker.keys import KeyringFollower
@@ -50,14 +51,19 @@ class App:
     connections: ConnectionManager | None = None
     #: The bound metrics address once started (None when metrics are off).
     metrics_address: str | None = None
+    flow_purger: FlowPurger | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.flow_purger is not None:
+            self.flow_purger.start()
         if self.metrics is not None and self.config.metrics.listen is not None:
             self.metrics_address = self.metrics.serve(self.config.metrics.listen)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        if self.flow_purger is not None:
+            await self.flow_purger.stop()
         if self.metrics is not None:
             self.metrics.stop()
         await self.tokens.aclose()
@@ -129,6 +135,10 @@ def build_app(
         connections = ConnectionManager(config, vault, RevocationClient(tokens), clock)
         metrics.watch_single_flight(lambda: service.flights.coalesced)
         metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
+        metrics.watch_flow_refusals(lambda: service.flows_refused)
+        flow_purger = FlowPurger(
+            timed_store(store, metrics), clock, config.flow_purge_interval_seconds, logger
+        )
         methods = pb_methods()
         interceptor = CallerInterceptor(
             CallerPolicy(config, methods),
@@ -162,6 +172,7 @@ def build_app(
         auditor=auditor,
         metrics=metrics,
         connections=connections,
+        flow_purger=flow_purger,
     )
 
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from broker.config_errors import format_errors, validation_problems
 from broker.errors import ConfigError
 from broker.models import upstream_key
 
@@ -286,6 +287,10 @@ class BrokerConfig(_Strict):
     http: HttpConfig = HttpConfig()
     flow_ttl_seconds: int = Field(default=600, ge=30, le=3600)
     max_pending_flows: int = Field(default=5, ge=1, le=100)
+    # Live pending flows of all users together; past it a new flow is refused (never evicted).
+    max_pending_flows_total: int = Field(default=100_000, ge=1, le=100_000_000)
+    # How often expired pending flows are deleted (and a SQLite file's freed pages given back).
+    flow_purge_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
     refresh_window_seconds: int = Field(default=60, ge=0, le=3600)
     # How long Resolve may answer from memory without reading the store again. Any write made
     # by this process drops the memory at once; this bounds how late a change made by another
@@ -375,21 +380,8 @@ def _loc(parts: Sequence[int | str]) -> str:
 
 
 def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        if e["type"] == "string_type" and isinstance(e["input"], dict):
-            continue  # the str branch of a "string or mapping" union: the mapping branch explains
-        # Literal/enum unions put the member name in loc; keep the field path only.
-        loc = [
-            p
-            for p in e["loc"]
-            if not (isinstance(p, str) and p.startswith(("function-", "tuple[", "str", "ListenerConfig")))
-        ]
-        text = "required" if e["type"] == "missing" else str(e["msg"]).removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            text = "unknown key"
-        lines.append(f"{_loc(loc)}: {text}")
-    return "; ".join(dict.fromkeys(lines))
+    """Every validation error, in plain words (see broker/config_errors.py)."""
+    return format_errors(validation_problems(err, BrokerConfig))
 
 
 def _resolve_secret(
@@ -504,20 +496,35 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         raise ConfigError(_format(exc)) from None
     upstreams = []
     seen: set[str] = set()
+    # Each check below raises at its first problem; problems in different parts are all listed.
+    problems: list[str] = []
     for index, upstream in enumerate(config.upstreams):
         if upstream.name in seen:
-            raise ConfigError(f"upstreams[{index}].name: duplicate upstream {upstream.name!r}")
+            problems.append(f"upstreams[{index}].name: duplicate upstream {upstream.name!r}")
+            continue
         seen.add(upstream.name)
-        auth = _resolve_secret(upstream.auth_broker, f"upstreams[{index}].auth_broker", environ, base_dir)
-        upstream = upstream.model_copy(update={"auth_broker": auth})
-        _check_upstream(index, upstream)
+        try:
+            auth = _resolve_secret(upstream.auth_broker, f"upstreams[{index}].auth_broker", environ, base_dir)
+            upstream = upstream.model_copy(update={"auth_broker": auth})
+            _check_upstream(index, upstream)
+        except ConfigError as exc:
+            problems.append(exc.message)
         upstreams.append(upstream)
 
     def rooted(path: Path) -> Path:
         return path if path.is_absolute() else base_dir / path
 
-    store = _resolve_store(config.store, environ, base_dir)
-    _check_operations(config)
+    store = config.store
+    try:
+        store = _resolve_store(config.store, environ, base_dir)
+    except ConfigError as exc:
+        problems.append(exc.message)
+    try:
+        _check_operations(config)
+    except ConfigError as exc:
+        problems.append(exc.message)
+    if problems:
+        raise ConfigError(format_errors(problems))
     tls = config.tls
     if tls is not None:
         tls = tls.model_copy(
@@ -543,13 +550,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
 
 def _check_operations(config: BrokerConfig) -> None:
     """Listener, caller, audit and metrics rules that span several fields."""
-    for index, listener in enumerate(config.listeners()):
-        host = listen_host(listener.address)
-        if host is not None and not _is_loopback(host) and config.tls is None:
-            raise ConfigError(
-                f"listen[{index}]: {listener.address!r} is not a loopback address; "
-                "set tls to listen on it (or use a unix socket)"
-            )
+    check_listener_security(config)
     if config.health_listen is not None:
         check_listen_address_or_error("health_listen", config.health_listen)
     if config.metrics.listen is not None:
@@ -572,6 +573,30 @@ def _check_operations(config: BrokerConfig) -> None:
                 raise ConfigError(f"callers[{index}].upstreams: {upstream!r} is not a configured upstream")
 
 
+def check_listener_security(config: BrokerConfig) -> None:
+    """A TCP listener on a non-loopback address needs TLS and caller authentication.
+
+    Caller authentication is mutual TLS (``tls.client_ca_file``) or configured ``callers``
+    (each call then carries a known token or certificate). Anyone who can reach the address
+    could otherwise ask for any user's credential. Checked again after ``serve --listen``."""
+    authenticated = bool(config.callers) or (config.tls is not None and config.tls.client_ca_file is not None)
+    for index, listener in enumerate(config.listeners()):
+        host = listen_host(listener.address)
+        if host is None or _is_loopback(host):
+            continue
+        if config.tls is None:
+            raise ConfigError(
+                f"listen[{index}]: {listener.address!r} is not a loopback address; set tls to listen on "
+                "it, with caller authentication (tls.client_ca_file or callers), or use a unix socket "
+                "or a loopback address"
+            )
+        if not authenticated:
+            raise ConfigError(
+                f"listen[{index}]: {listener.address!r} is not a loopback address; tls alone lets any "
+                "client in: set tls.client_ca_file (mutual TLS) or callers (caller tokens) to listen on it"
+            )
+
+
 def check_listen_address_or_error(where: str, address: str) -> None:
     try:
         check_listen_address(address)
@@ -586,9 +611,15 @@ def load_config_file(path: Path, *, environ: Mapping[str, str]) -> BrokerConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_where(exc)}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the document must be a mapping")
     return load_config(document, environ=environ, base_dir=path.parent.resolve())
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: reason`` from a YAML error (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}" if problem else where

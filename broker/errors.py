@@ -18,12 +18,14 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     │   └── CallerNotPermitted         the caller's rules exclude this RPC or upstream
     ├── UnknownUpstream            NOT_FOUND            no upstream of that name is configured
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
+    ├── TooManyPendingFlows        RESOURCE_EXHAUSTED   max_pending_flows_total flows are pending
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
     │   └── ReconnectRequired          the stored credential can no longer be refreshed
     ├── TokenRequestRejected       FAILED_PRECONDITION  the token endpoint refused (4xx)
     ├── UpstreamUnavailable        UNAVAILABLE          unreachable, timed out, 5xx, or junk answer
-    │   └── IdentityProviderUnavailable  the JWKS or discovery document could not be fetched
+    │   ├── IdentityProviderUnavailable  the JWKS or discovery document could not be fetched
+    │   └── UnsupportedTokenType         the token endpoint issued a type the broker can't send
     ├── NotImplementedMode         UNIMPLEMENTED        an auth mode this build cannot run yet
     ├── ConfigError                (start-up only)      names the offending config field
     ├── KeyringError               (start-up only)      missing or unreadable keyring
@@ -178,3 +180,16 @@ class CallerUnauthenticated(Unauthenticated):
 
 class CallerNotPermitted(PermissionDenied):
     code = "CALLER_NOT_PERMITTED"
+
+
+class UnsupportedTokenType(UpstreamUnavailable):
+    """The token endpoint issued a token of a type the broker cannot use (RFC 6749 section 7.1):
+    it only ever sends tokens as Bearer (RFC 6750), so a DPoP or MAC token is refused, never sent."""
+
+    code = "UNSUPPORTED_TOKEN_TYPE"
+
+
+class TooManyPendingFlows(BrokerError):
+    """A new connect flow was refused: ``max_pending_flows_total`` flows (all users) are pending."""
+
+    code = "TOO_MANY_PENDING_FLOWS"

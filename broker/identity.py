@@ -5,7 +5,13 @@ token (the request's ``subject_token`` or ``authorization: Bearer`` metadata). T
 signature (RFC 7515), issuer, audience, expiry and not-before (RFC 7519 section 4.1) are checked
 with joserfc; the user is the configured claim. Keys come from the JWKS (RFC 7517) at the
 configured URI or the one the issuer's OpenID Connect discovery document names; they are
-fetched once, cached, and refetched on an unknown key id at most once per interval.
+fetched once, cached, and refetched on an unknown key id at most once per interval
+(``jwks_min_refetch_seconds``) after a fetch that worked.
+
+An outage of the identity provider is not a bad token: a failed fetch is retried after 1 s,
+then 2, 4, ... up to that interval, and until a fetch works again a token whose key is not in
+the cache is answered IDENTITY_PROVIDER_UNAVAILABLE, never USER_TOKEN_INVALID. Keys already
+cached keep verifying tokens throughout.
 
 Only asymmetric algorithms from the configured list are accepted; ``none`` and the HMAC family
 never are, and the key's type must fit the algorithm, so a public key can't be used as an HMAC
@@ -41,6 +47,15 @@ from broker.logs import fields, get_logger
 # RFC 7518 section 3.1 / RFC 8037 section 3.1: which key type each algorithm signs with.
 _KEY_TYPE = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 MAX_DOCUMENT_BYTES = 256 * 1024
+#: The wait before retrying the first failed key fetch; it doubles on each further failure,
+#: up to ``jwks_min_refetch_seconds``.
+FETCH_RETRY_FIRST_SECONDS = 1.0
+
+
+def fetch_retry_seconds(consecutive_failures: int, ceiling: float) -> float:
+    """How long to wait after the n-th failed fetch in a row: 1, 2, 4, ... s, at most ``ceiling``."""
+    n = max(1, consecutive_failures)
+    return min(ceiling, FETCH_RETRY_FIRST_SECONDS * float(1 << min(n - 1, 30)))
 
 
 @dataclass(slots=True)  # not frozen: built on every call, and frozen costs more
@@ -89,7 +104,10 @@ class IdentityVerifier:
             headers={"Accept": "application/json"},
         )
         self._keys: KeySet | None = None
+        # When keys were last fetched successfully; the failures since, and when to retry.
         self._fetched_at: float | None = None
+        self._failures = 0
+        self._retry_at = 0.0
         self._jwks_uri = config.jwks_uri
         self._lock = asyncio.Lock()
         #: JWKS documents fetched so far (for tests and metrics).
@@ -183,9 +201,20 @@ class IdentityVerifier:
             if key is not None:
                 return key
             now = self._clock.now()
-            due = self._fetched_at is None or now - self._fetched_at >= self._config.jwks_min_refetch_seconds
+            if self._failures:
+                # The last fetch failed: the provider is (or was) down. Whether this key id
+                # exists cannot be known until a fetch works, so the answer is "unavailable".
+                if now < self._retry_at:
+                    raise IdentityProviderUnavailable(
+                        "the identity provider's keys could not be fetched; retrying in "
+                        f"{self._retry_at - now:.0f} s"
+                    )
+                due = True
+            else:
+                interval = self._config.jwks_min_refetch_seconds
+                due = self._fetched_at is None or now - self._fetched_at >= interval
             if due:
-                await self._fetch()
+                await self._fetch_or_back_off(now)
                 key = self._find(kid, alg)
         if key is None:
             raise UserTokenInvalid("unknown_key", "the token's key id is not among the issuer's keys")
@@ -207,8 +236,24 @@ class IdentityVerifier:
             return None  # without a kid, only an unambiguous single key is used
         return candidates[0] if candidates else None
 
+    async def _fetch_or_back_off(self, now: float) -> None:
+        """Fetch the keys; on failure, schedule the retry (1 s, doubling up to the refetch
+        interval) and raise IdentityProviderUnavailable."""
+        try:
+            await self._fetch()
+        except IdentityProviderUnavailable as exc:
+            self._failures += 1
+            wait = fetch_retry_seconds(self._failures, float(self._config.jwks_min_refetch_seconds))
+            self._retry_at = now + wait
+            self._log.warning(
+                "identity provider keys could not be fetched; will retry",
+                extra=fields(failures=self._failures, retry_in_seconds=wait, detail=exc.message),
+            )
+            raise
+        self._fetched_at = now
+        self._failures = 0
+
     async def _fetch(self) -> None:
-        self._fetched_at = self._clock.now()
         self.fetches += 1
         if self._jwks_uri is None:
             self._jwks_uri = await self._discover()
@@ -266,7 +311,7 @@ class IdentityVerifier:
             raise IdentityProviderUnavailable(f"could not fetch the identity provider's {what}") from None
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise IdentityProviderUnavailable(f"the identity provider's {what} is not JSON") from None
         if not isinstance(document, dict):
             raise IdentityProviderUnavailable(f"the identity provider's {what} is not a JSON object")

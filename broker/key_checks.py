@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from broker.crypto.envelope import EnvelopeCipher, key_id_of
+from broker.crypto.envelope import EnvelopeCipher, RecordContext, key_id_of
 from broker.crypto.keycheck import make_check_value, verify_check_value
 from broker.crypto.keyring import KeyEntry, Keyring
 from broker.errors import DecryptionError, KeyringError
 from broker.logs import fields, get_logger
-from broker.store.base import CredentialStore
-from broker.vault import record_context
+from broker.store.base import CredentialStore, SealedRecord
+from broker.vault import record_context, sealed_record_context
 
 #: Records tried per key id by the one-time trial before a key is judged wrong.
 TRIAL_RECORDS = 1000
@@ -154,13 +154,8 @@ class StoreKeyCheck:
                 return False
             for record in batch:
                 tried += 1
-                try:
-                    cipher.open(
-                        record.sealed, record_context(record.table, record.user_id, record.record_key)
-                    )
-                except DecryptionError:
-                    continue
-                return True
+                if any(_opens(cipher, record.sealed, context) for context in _contexts(record)):
+                    return True
             position = batch[-1].position
         return False
 
@@ -176,3 +171,20 @@ class StoreKeyCheck:
             "at the store's keyring, or restore that file from a backup (a new keyring cannot open "
             "the existing records)"
         )
+
+
+def _contexts(record: SealedRecord) -> list[RecordContext]:
+    """The associated data a record may have been sealed with. A flow sealed before flows were
+    bound to their upstream cannot be used any more, but opening it still proves the key."""
+    contexts = [sealed_record_context(record)]
+    if record.table == "pending_flows":
+        contexts.append(record_context(record.table, record.user_id, record.record_key))
+    return contexts
+
+
+def _opens(cipher: EnvelopeCipher, sealed: bytes, context: RecordContext) -> bool:
+    try:
+        cipher.open(sealed, context)
+    except DecryptionError:
+        return False
+    return True

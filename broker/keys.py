@@ -33,7 +33,7 @@ from broker.errors import DecryptionError, KeyringError, KeyRotationRefused
 from broker.key_checks import StoreKeyCheck
 from broker.logs import fields, get_logger
 from broker.store.base import CredentialStore, SealedRecord
-from broker.vault import record_context
+from broker.vault import sealed_record_context
 
 DEFAULT_BATCH = 200
 
@@ -154,7 +154,7 @@ class KeyRotation:
                 try:
                     if key_id_of(record.sealed) != record.kek_id:
                         raise DecryptionError()
-                    context = record_context(record.table, record.user_id, record.record_key)
+                    context = sealed_record_context(record)
                     updates.append((record, report.primary, cipher.rewrap(record.sealed, context)))
                 except DecryptionError:
                     report.failed += 1

@@ -75,6 +75,10 @@ class BrokerMetrics:
     def watch_credentials(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_CredentialsByStatus(counts))
 
+    def watch_flow_refusals(self, refused: Callable[[], int]) -> None:
+        """Count new connect flows refused because max_pending_flows_total were pending."""
+        self.registry.register(_FlowRefusals(refused))
+
     # -- endpoint -----------------------------------------------------------------------
 
     def serve(self, address: str) -> str:
@@ -135,6 +139,19 @@ class _Coalesced(Collector):
         family = CounterMetricFamily(
             f"{PREFIX}_singleflight_coalesced",
             "Calls that joined an in-flight refresh instead of starting one",
+        )
+        family.add_metric([], self._read())
+        yield family
+
+
+class _FlowRefusals(Collector):
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_pending_flows_refused",
+            "New connect flows refused because max_pending_flows_total flows were pending",
         )
         family.add_metric([], self._read())
         yield family

@@ -102,7 +102,10 @@ class ResolvedCredential:
 
 @dataclass(frozen=True, slots=True)
 class PendingFlow:
-    """A started connect flow waiting for its callback. ``state_hash`` is sha256(state)."""
+    """A started connect flow waiting for its callback. ``state_hash`` is sha256(state).
+
+    ``state`` (sealed with the verifier, never in a clear column) lets a later NOT_CONNECTED or
+    RECONNECT_REQUIRED answer send the user to this same flow; empty when not known."""
 
     state_hash: str
     user_id: str
@@ -110,6 +113,7 @@ class PendingFlow:
     verifier: str
     created_at: float
     expires_at: float
+    state: str = ""
 
     def __repr__(self) -> str:
         return f"PendingFlow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"

@@ -30,6 +30,7 @@ from broker.errors import (
     PermissionDenied,
     ReconnectRequired,
     TokenRequestRejected,
+    TooManyPendingFlows,
     UnknownUpstream,
     UpstreamUnavailable,
 )
@@ -79,6 +80,10 @@ class BrokerService:
         self._by_name = {u.name: u for u in config.upstreams}
         self._by_key = {u.key: u for u in config.upstreams}
         self._flights: SingleFlight[Credential] = SingleFlight()
+        # Concurrent "connect first" answers for one (user, upstream) share one flow lookup/start.
+        self._flow_flights: SingleFlight[AuthorizationRequest] = SingleFlight()
+        #: New flows refused since start because max_pending_flows_total were pending.
+        self.flows_refused = 0
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
         # Who holds a refresh lease, and for how long: one token request plus a margin.
@@ -122,8 +127,8 @@ class BrokerService:
         return await self._start_flow(user, upstream)
 
     async def _start_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
-        auth = upstream.auth_broker
-        assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
+        """A new flow, stored (sealed) before its URL is handed out. Raises TooManyPendingFlows
+        when ``max_pending_flows_total`` flows of all users are pending: nobody's is evicted."""
         verifier, state = rfc7636.new_verifier(), rfc7636.new_state()
         now = self._clock.now()
         flow = PendingFlow(
@@ -133,8 +138,33 @@ class BrokerService:
             verifier=verifier,
             created_at=now,
             expires_at=now + self._config.flow_ttl_seconds,
+            state=state,
         )
-        await asyncio.to_thread(self._vault.add_flow, flow, self._config.max_pending_flows, now)
+        added = await asyncio.to_thread(
+            self._vault.add_flow,
+            flow,
+            self._config.max_pending_flows,
+            now,
+            self._config.max_pending_flows_total,
+        )
+        if not added:
+            self.flows_refused += 1
+            self._log.warning(
+                "connect flow refused: max_pending_flows_total reached",
+                extra=fields(user_id=user, upstream=upstream.name),
+            )
+            raise TooManyPendingFlows(
+                f"too many connect flows are pending (max_pending_flows_total = "
+                f"{self._config.max_pending_flows_total}); try again once some complete or expire"
+            )
+        self._log.info("connect flow started", extra=fields(user_id=user, upstream=upstream.name))
+        return self._authorization(upstream, flow)
+
+    def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
+        """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3)."""
+        auth = upstream.auth_broker
+        assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
+        state, verifier = flow.state, flow.verifier
         params = [
             ("response_type", "code"),
             ("client_id", auth.client_id),
@@ -147,8 +177,37 @@ class BrokerService:
             params.append(("scope", " ".join(auth.scopes)))
         params += [("resource", r) for r in auth.resources()]
         url = rfc6749.authorization_url(auth.authorization_endpoint, params)
-        self._log.info("connect flow started", extra=fields(user_id=user, upstream=upstream.name))
         return AuthorizationRequest(url, state, flow.expires_at)
+
+    async def _flow_for_answer(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+        """The flow a NOT_CONNECTED / RECONNECT_REQUIRED answer sends the user to: the newest
+        live one of (user, upstream) while it has at least half its lifetime left, so an app
+        that polls Resolve never replaces (or, past max_pending_flows, evicts) the login the
+        user is completing. Otherwise one new flow; if the global cap refuses it, a live older
+        flow still serves."""
+        return await self._flow_flights.run((user, upstream.key), lambda: self._reuse_flow(user, upstream))
+
+    async def _reuse_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+        now = self._clock.now()
+        try:
+            newest = await asyncio.to_thread(self._vault.newest_flow, user, upstream.key, now)
+        except DecryptionError:
+            # Damaged, or sealed before flows were bound to their upstream: start a new one.
+            self._log.warning(
+                "pending flow failed to decrypt; starting a new one",
+                extra=fields(user_id=user, upstream=upstream.name),
+            )
+            newest = None
+        if newest is not None and not newest.state:
+            newest = None  # written without its state: its URL cannot be rebuilt
+        if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
+            return self._authorization(upstream, newest)
+        try:
+            return await self._start_flow(user, upstream)
+        except TooManyPendingFlows:
+            if newest is None:
+                raise
+            return self._authorization(upstream, newest)
 
     async def complete(self, state: str, code: str, user_id: str, iss: str = "") -> CredentialInfo:
         """Finish a connect flow: check the state and the user, exchange the code, store."""
@@ -357,8 +416,6 @@ class BrokerService:
         refresh token changed meanwhile and the caller should look again."""
         auth = upstream.auth_broker
         form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
-        if auth.scopes:
-            form.append(("scope", " ".join(auth.scopes)))
         form += [("resource", r) for r in auth.resources()]
         try:
             token = await self._request(upstream, form, user)
@@ -444,7 +501,7 @@ class BrokerService:
         user: str,
         upstream: UpstreamConfig,
     ) -> NotConnected | ReconnectRequired:
-        request = await self._start_flow(user, upstream)
+        request = await self._flow_for_answer(user, upstream)
         if kind is NotConnected:
             text = f"user has not connected upstream {upstream.name!r}; send them to the authorization_url"
         else:

@@ -19,7 +19,7 @@ from typing import Any, cast
 from broker.crypto.envelope import EnvelopeCipher, RecordContext, key_id_of
 from broker.errors import DecryptionError
 from broker.models import Credential, CredentialStatus, PendingFlow, Secrets
-from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow
+from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow, SealedRecord
 
 _CREDENTIALS = "credentials"
 _FLOWS = "pending_flows"
@@ -31,6 +31,22 @@ CONTEXT_SCHEMA_VERSION = 1
 def record_context(table: str, user_id: str, record_key: str) -> RecordContext:
     """The associated data of a record in ``table`` (also used by key rotation)."""
     return RecordContext(CONTEXT_SCHEMA_VERSION, table, user_id, record_key)
+
+
+def flow_context(user_id: str, state_hash: str, upstream_key: str) -> RecordContext:
+    """The associated data of a pending flow: its user, its state hash and its upstream, so a
+    row moved to another upstream (or user, or state) does not open and its verifier is never
+    sent to that upstream's token endpoint. The pair is JSON-encoded: unambiguous whatever the
+    characters. Flows sealed before the upstream was bound (record key = the state hash alone)
+    no longer open; they expire within ``flow_ttl_seconds`` anyway."""
+    return record_context(_FLOWS, user_id, json.dumps([state_hash, upstream_key], separators=(",", ":")))
+
+
+def sealed_record_context(record: SealedRecord) -> RecordContext:
+    """The associated data of a record key rotation re-wraps, by table."""
+    if record.table == _FLOWS:
+        return flow_context(record.user_id, record.record_key, record.upstream_key)
+    return record_context(record.table, record.user_id, record.record_key)
 
 
 def _meta(
@@ -47,7 +63,15 @@ class _WriteTracking:
     (service, connection manager, key rotation) made the change."""
 
     READS = frozenset(
-        {"get_credential", "sample_key_ids", "sample_records", "sealed_records", "count_credentials", "close"}
+        {
+            "get_credential",
+            "sample_key_ids",
+            "sample_records",
+            "sealed_records",
+            "count_credentials",
+            "newest_pending_flow",
+            "close",
+        }
     )
 
     def __init__(self, store: CredentialStore, on_write: Callable[[], None]) -> None:
@@ -213,9 +237,14 @@ class CredentialVault:
 
     # -- pending flows -------------------------------------------------------------------
 
-    def add_flow(self, flow: PendingFlow, max_per_user: int, now: float) -> None:
-        context = self._context(_FLOWS, flow.user_id, flow.state_hash)
-        sealed = self._cipher.seal(json.dumps({"verifier": flow.verifier}).encode(), context)
+    def add_flow(
+        self, flow: PendingFlow, max_per_user: int, now: float, max_total: int | None = None
+    ) -> bool:
+        """Seal the flow's verifier and state (bound to its user, state hash and upstream) and
+        store it. False when the store refused it: ``max_total`` live flows already."""
+        context = flow_context(flow.user_id, flow.state_hash, flow.upstream_key)
+        payload = {"verifier": flow.verifier, "state": flow.state}
+        sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = PendingFlowRow(
             state_hash=flow.state_hash,
             user_id=flow.user_id,
@@ -225,20 +254,33 @@ class CredentialVault:
             kek_id=key_id_of(sealed),
             sealed=sealed,
         )
-        self.store.add_pending_flow(row, max_per_user, now)
+        return self.store.add_pending_flow(row, max_per_user, now, max_total)
 
     def take_flow(self, state_hash: str) -> PendingFlow | None:
+        """Remove the flow of ``state_hash`` and open it. Raises DecryptionError for a record
+        that does not open (tampered, moved to another row or upstream, or an older format)."""
         row = self.store.take_pending_flow(state_hash)
-        if row is None:
-            return None
+        return None if row is None else self._open_flow(row)
+
+    def newest_flow(self, user_id: str, upstream_key: str, now: float) -> PendingFlow | None:
+        """The newest live flow of (user, upstream), opened (its state included), or None.
+        Raises DecryptionError for a record that does not open."""
+        row = self.store.newest_pending_flow(user_id, upstream_key, now)
+        return None if row is None else self._open_flow(row)
+
+    def _open_flow(self, row: PendingFlowRow) -> PendingFlow:
         try:
             if key_id_of(row.sealed) != row.kek_id:
                 raise DecryptionError()
-            plain = self._cipher.open(row.sealed, self._context(_FLOWS, row.user_id, row.state_hash))
+            context = flow_context(row.user_id, row.state_hash, row.upstream_key)
+            plain = self._cipher.open(row.sealed, context)
             try:
-                verifier = json.loads(plain)["verifier"]
-            except (ValueError, KeyError, TypeError):
+                data = json.loads(plain)
+                verifier, state = data["verifier"], data.get("state", "")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
+            if not isinstance(verifier, str) or not isinstance(state, str):
+                raise DecryptionError()
         except DecryptionError:
             self.decryption_failures += 1
             raise
@@ -246,9 +288,10 @@ class CredentialVault:
             state_hash=row.state_hash,
             user_id=row.user_id,
             upstream_key=row.upstream_key,
-            verifier=str(verifier),
+            verifier=verifier,
             created_at=row.created_at,
             expires_at=row.expires_at,
+            state=state,
         )
 
 

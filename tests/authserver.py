@@ -77,6 +77,7 @@ FAILURE_KINDS = frozenset(
         "bad_error",
         "close",
         "custom",
+        "override",
     }
 )
 
@@ -595,7 +596,8 @@ class AuthServer:
         process the request normally; "no_refresh_token" neither mints nor rotates a refresh
         token. Options: ``seconds`` (timeout), ``status``/``error``/``description``
         (oauth_error), ``retry_after`` (adds a Retry-After header to "500"/"503"), ``delay``
-        (any kind: wait that many seconds before answering).
+        (any kind: wait that many seconds before answering). "override" processes the request
+        normally, then sets the successful answer's fields to ``fields`` (a dict; None removes one).
         """
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAILURE_KINDS)}")
@@ -865,6 +867,12 @@ class AuthServer:
             payload["expires_in"] = -5
         elif status == 200 and kind == "huge_expiry":
             payload["expires_in"] = 10**12
+        elif status == 200 and kind == "override":
+            for name, value in dict(options.get("fields", {})).items():
+                if value is None:
+                    payload.pop(name, None)
+                else:
+                    payload[name] = value
         headers = {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="authserver"'  # RFC 6749 §5.2
@@ -881,7 +889,7 @@ class AuthServer:
             if self._stop_event.wait(float(options.get("seconds", 5))):
                 return _Response(close=True)  # stopping: drop the request unanswered
             return None
-        if kind in ("negative_expiry", "huge_expiry", "no_refresh_token"):
+        if kind in ("negative_expiry", "huge_expiry", "no_refresh_token", "override"):
             return None
         if kind in ("500", "503"):
             headers = {}

@@ -3,7 +3,8 @@
 It serves ``/.well-known/openid-configuration`` (OpenID Connect Discovery 1.0 section 4) and
 ``/jwks`` (RFC 7517 section 5) for keys generated at run time, and signs the tokens the tests
 ask for. Only public keys are ever served. Like tests/authserver.py: stdlib HTTP server on a
-daemon thread, every request recorded.
+daemon thread, every request recorded. It can be taken down (:meth:`IdentityProvider.go_down`:
+refuse connections, or answer HTTP 500) and brought back on the same port.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def b64url(raw: bytes) -> str:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, idp: IdentityProvider) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, idp: IdentityProvider, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.idp = idp
 
     def server_bind(self) -> None:
@@ -47,8 +48,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet."""
 
     def do_GET(self) -> None:
+        if self.server.idp.failing == "refuse":
+            # A connection opened before the outage: dropped unanswered, as by a dead server.
+            self.close_connection = True
+            return
         status, payload = self.server.idp._get(self.path)
         body = json.dumps(payload).encode()
+        if self.server.idp.failing == "nested":
+            body = b"[" * 200_000  # deeper than a JSON parser can recurse, far below 256 KiB
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -67,9 +74,14 @@ class IdentityProvider:
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0
+        #: None when serving; "500" answers every request with HTTP 500 (and records it);
+        #: "refuse" while the listening socket is closed; "nested" (see go_down).
+        self.failing: str | None = None
 
     def start(self) -> IdentityProvider:
-        self._httpd = _Server(self)
+        self._httpd = _Server(self, self._port)
+        self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
@@ -82,10 +94,28 @@ class IdentityProvider:
             self._httpd.server_close()
             self._httpd = None
 
+    def go_down(self, how: str) -> None:
+        """An outage: "refuse" closes the listening socket (connections are refused), "500"
+        keeps serving but answers every request with HTTP 500, "nested" answers 200 with a
+        deeply nested JSON array."""
+        if how == "refuse":
+            self.failing = "refuse"
+            self.stop()
+        elif how in ("500", "nested"):
+            self.failing = how
+        else:
+            raise ValueError(f"unknown outage {how!r}; expected 'refuse', '500' or 'nested'")
+
+    def come_up(self) -> None:
+        """End the outage: serve again, on the same port."""
+        self.failing = None
+        if self._httpd is None:
+            self.start()
+
     @property
     def issuer(self) -> str:
-        assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        assert self._port, "not started"
+        return f"http://127.0.0.1:{self._port}"
 
     @property
     def jwks_uri(self) -> str:
@@ -111,6 +141,8 @@ class IdentityProvider:
     def _get(self, path: str) -> tuple[int, Any]:
         with self._lock:
             self.requests.append(path)
+            if self.failing == "500":
+                return 500, {"error": "server_error"}
             if path == "/.well-known/openid-configuration":
                 return 200, {
                     "issuer": self.discovery_issuer or self.issuer,

@@ -953,6 +953,7 @@ def test_every_failure_kind_is_covered() -> None:
         "bad_error",
         "close",
         "custom",
+        "override",
     }
     assert covered == FAILURE_KINDS
 
@@ -963,6 +964,15 @@ def test_custom_failure_answers_exactly_what_was_given(
     server.fail_next("custom", status=203, body=b"\x00not json", headers={"X-Test": "1"})
     answer = post_token(http, server, client, {"grant_type": "refresh_token", "refresh_token": "x"})
     assert (answer.status_code, answer.content, answer.headers["x-test"]) == (203, b"\x00not json", "1")
+
+
+def test_override_failure_changes_fields_of_a_real_answer(
+    server: AuthServer, http: httpx.Client, client: Client
+) -> None:
+    server.fail_next("override", fields={"token_type": "DPoP", "scope": None, "extra": [1]})
+    body = code_grant(http, server, client)
+    assert body["token_type"] == "DPoP" and body["extra"] == [1] and "scope" not in body
+    assert server.access_token_info(body["access_token"]) is not None  # minted as usual
 
 
 # --------------------------------------------------------------------------- revocation

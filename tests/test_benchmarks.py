@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# Each script starts brokers and loads stores: alone one takes 30-50 s on a 2-core machine, so
+# the suite-wide 60 s per-test timeout is too tight. The subprocess timeout below still bounds it.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _run(*args: str) -> str:

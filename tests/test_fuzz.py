@@ -2,8 +2,9 @@
 
 The broker runs in a background thread on a real loopback port; the cases call it through the
 real (synchronous) stub. Each property: a proper status (never INTERNAL or UNKNOWN), nothing
-wrong stored, and the server keeps serving. The case count is printed in the terminal summary;
-``FUZZ_EXAMPLES`` sets the budget per property (default 300).
+wrong stored, and the server keeps serving. Every property runs on both stores, SQLite and
+PostgreSQL (a schema of its own on the test server). The case count is printed in the terminal
+summary; ``FUZZ_EXAMPLES`` sets the budget per property and store (default 300).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from broker.app import App, build_app
 from broker.config import load_config
 from broker.crypto import EnvelopeCipher, FileKeySource, generate_keyring_file
 from broker.oauth.rfc6749 import MAX_EXPIRES_IN
-from broker.store import SqliteStore
+from broker.store import open_store
 from broker.vault import CredentialVault
 from tests import fuzz_stats, leakcheck
 from tests.authserver import AuthServer
 from tests.conftest import REDIRECT_URI, UPSTREAM, SyncRequestHeader, upstream_doc
+from tests.pgcluster import dump_schema, fresh_schema
 
 settings.register_profile(
     "broker-fuzz",
@@ -65,8 +67,31 @@ class Env:
     channel: grpc.Channel
     tmp: Path
     alice_token: str
+    dsn: str | None = None  # PostgreSQL: the DSN of the fuzzed broker's own schema
+
+    @property
+    def backend(self) -> str:
+        return "sqlite" if self.dsn is None else "postgres"
+
+    def dump(self) -> None:
+        """PostgreSQL: every stored value, for the leak check (SQLite's file is read as is)."""
+        if self.dsn is None:
+            return
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as pg:
+            row = pg.execute("SELECT current_schema()").fetchone()
+            assert row is not None
+            leakcheck.add_database_dump(f"PostgreSQL schema {row[0]}", dump_schema(pg, str(row[0])))
 
     def count(self, table: str) -> int:
+        if self.dsn is not None:
+            import psycopg
+
+            with psycopg.connect(self.dsn, autocommit=True) as pg:
+                found = pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+                assert found is not None
+                return int(found[0])
         conn = sqlite3.connect(self.app.config.store.path)
         try:
             return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
@@ -88,15 +113,23 @@ class Env:
         )
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Env]:
+    if request.param == "postgres":
+        with fresh_schema(request.getfixturevalue("pg_server_dsn")) as dsn:
+            yield from _env(tmp_path_factory, dsn)
+    else:
+        yield from _env(tmp_path_factory, None)
+
+
+def _env(tmp_path_factory: pytest.TempPathFactory, dsn: str | None) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("fuzz")
     auth = AuthServer().start()
     client = auth.new_client(redirect_uri=REDIRECT_URI)
     generate_keyring_file(tmp / "keyring.json")
     document = {
         "listen": ["127.0.0.1:0"],
-        "store": {"path": str(tmp / "broker.db")},
+        "store": {"backend": "postgres", "dsn": dsn} if dsn else {"path": str(tmp / "broker.db")},
         "keyring": {"file": str(tmp / "keyring.json")},
         "http": {"timeout_seconds": 5, "max_response_bytes": MAX_RESPONSE_BYTES},
         "upstreams": [upstream_doc(auth, client)],
@@ -113,7 +146,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     app = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     channel = grpc.intercept_channel(grpc.insecure_channel(app.server.addresses[0]), SyncRequestHeader())
     stub = pb_grpc.CredentialBrokerStub(channel)
-    env = Env(app, auth, stub, channel, tmp, "")
+    env = Env(app, auth, stub, channel, tmp, "", dsn)
     env.connect("alice")
     env.alice_token = stub.Resolve(pb.ResolveRequest(user_id="alice", upstream=UPSTREAM)).access_token
     try:
@@ -128,8 +161,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 @pytest.fixture(autouse=True)
-def _watch(env: Env) -> None:
+def _watch(env: Env) -> Iterator[None]:
     leakcheck.add_path(env.tmp)
+    yield
+    env.dump()
 
 
 # -- request fields -------------------------------------------------------------------------
@@ -193,7 +228,7 @@ def rpc_calls(draw: st.DrawFn) -> tuple[str, Any]:
 @FUZZ
 @given(call=rpc_calls())
 def test_fuzz_every_rpc(env: Env, call: tuple[str, Any]) -> None:
-    fuzz_stats.count("rpc fields")
+    fuzz_stats.count(f"rpc fields on {env.backend}")
     method, request = call
     credentials = env.count("credentials")
     try:
@@ -239,7 +274,7 @@ def _raw(field_number: int, payload: bytes) -> bytes:
 def test_fuzz_invalid_utf8_and_raw_bytes(
     env: Env, method: str, field_number: int, payload: bytes, tail: bytes
 ) -> None:
-    fuzz_stats.count("raw bytes")
+    fuzz_stats.count(f"raw bytes on {env.backend}")
     call = env.channel.unary_unary(
         f"/credentialbroker.v1.CredentialBroker/{method}",
         request_serializer=lambda b: b,
@@ -347,7 +382,7 @@ def answers(draw: st.DrawFn) -> tuple[int, bytes, dict[str, str]]:
 # Found by this fuzz test: a corrupt gzip body was an INTERNAL error (zlib.error escaped).
 @example(answer=(200, b"\x00\x00", {"Content-Type": "application/json", "Content-Encoding": "gzip"}))
 def test_fuzz_authorization_server_answers(env: Env, answer: tuple[int, bytes, dict[str, str]]) -> None:
-    fuzz_stats.count("authorization server answers")
+    fuzz_stats.count(f"authorization server answers on {env.backend}")
     status, body, headers = answer
     if status == 204:
         body = b""  # a 204 with a body breaks HTTP framing on the test server's side, not ours
@@ -356,7 +391,7 @@ def test_fuzz_authorization_server_answers(env: Env, answer: tuple[int, bytes, d
     user = f"fz{time.monotonic_ns()}"
     env.connect(user)
     vault = CredentialVault(
-        SqliteStore(env.app.config.store.path), EnvelopeCipher(FileKeySource(env.tmp / "keyring.json").load())
+        open_store(env.app.config.store), EnvelopeCipher(FileKeySource(env.tmp / "keyring.json").load())
     )
     try:
         key = env.app.config.upstreams[0].key

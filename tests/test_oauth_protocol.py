@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from broker.errors import TokenRequestRejected, UpstreamUnavailable
+from broker.errors import TokenRequestRejected, UnsupportedTokenType, UpstreamUnavailable
 from broker.oauth import rfc6749, rfc7636
 
 
@@ -48,8 +48,11 @@ def test_parse_success_and_defaults() -> None:
     token = rfc6749.parse_token_response(200, _body(access_token="at", expires_in="3600", scope="a b"))
     assert token.token_type == "Bearer" and token.expires_in == 3600 and token.scope == ("a", "b")
     assert token.refresh_token is None and "at" not in repr(token)
-    no_expiry = rfc6749.parse_token_response(200, _body(access_token="at", token_type="mac"))
-    assert no_expiry.expires_in is None and no_expiry.token_type == "mac"
+    no_expiry = rfc6749.parse_token_response(200, _body(access_token="at", token_type="bearer"))
+    assert no_expiry.expires_in is None and no_expiry.token_type == "Bearer"
+    # Issue 12 item 5: a type the broker cannot send (it sends Bearer only) is refused, by name.
+    with pytest.raises(UnsupportedTokenType, match="'mac'"):
+        rfc6749.parse_token_response(200, _body(access_token="at", token_type="mac"))
 
 
 @pytest.mark.parametrize(

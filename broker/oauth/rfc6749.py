@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from broker.errors import TokenRequestRejected, UpstreamUnavailable
+from broker.errors import TokenRequestRejected, UnsupportedTokenType, UpstreamUnavailable
 
 # Section 5.2 error codes, plus RFC 8693 section 2.2.2 and the OpenID Connect Core 3.1.2.6
 # codes identity providers (Entra among them) answer token requests with. Anything else the
@@ -37,6 +38,25 @@ ALLOWED_ERROR_CODES = frozenset(
 
 MAX_EXPIRES_IN = 10 * 365 * 24 * 3600
 MAX_TOKEN_LENGTH = 64 * 1024
+MAX_TOKEN_TYPE_LENGTH = 128
+MAX_SCOPE_LENGTH = 16 * 1024
+MAX_ISSUED_TOKEN_TYPE_LENGTH = 512
+
+# Appendix A.12 / A.17: access-token = refresh-token = 1*VSCHAR, VSCHAR = %x20-7E.
+_VSCHAR = re.compile(r"[\x20-\x7e]+")
+# Appendix A.4: scope-token = 1*NQCHAR, NQCHAR = %x21 / %x23-5B / %x5D-7E.
+_NQCHAR = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# Appendix A.13: token-type = type-name / URI-reference, type-name = 1*( ALPHA / DIGIT / "-" /
+# "." / "_" ). Also "~", "+", "/" (RFC 7235 token68) and ":" (for URI-style names): enough to
+# name what was issued in an error, never a space, quote, "=" or control character.
+_TOKEN_TYPE = re.compile(r"[A-Za-z0-9\-._~+/:]+")
+# RFC 8693 section 3: a token type identifier is a URI; printable ASCII without spaces.
+_ISSUED_TOKEN_TYPE = re.compile(r"[\x21-\x7e]+")
+# Appendix A.14: expires-in = 1*DIGIT. Some servers send it as a string of (ASCII) digits.
+_DIGITS = re.compile(r"[0-9]{1,12}")
+# RFC 6749 section 7.1: the token types the broker can send. It sends tokens only as Bearer
+# (RFC 6750), so any other type (DPoP, RFC 9449; MAC) is refused rather than sent as Bearer.
+SUPPORTED_TOKEN_TYPES = {"bearer": "Bearer"}
 
 
 def authorization_url(endpoint: str, params: Sequence[tuple[str, str]]) -> str:
@@ -74,16 +94,75 @@ def _bad(what: str) -> UpstreamUnavailable:
 
 
 def _optional_str(data: Mapping[str, object], key: str) -> str | None:
+    """A string field, or None when it is absent, null or empty."""
     value = data.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_TOKEN_LENGTH:
+    if not isinstance(value, str):
         raise _bad(f"{key} is not a string")
     return value or None
 
 
+def _token(data: Mapping[str, object], key: str) -> str | None:
+    """Appendix A.12 / A.17: an access or refresh token is 1*VSCHAR, bounded."""
+    value = _optional_str(data, key)
+    if value is not None and (len(value) > MAX_TOKEN_LENGTH or not _VSCHAR.fullmatch(value)):
+        raise _bad(f"{key} is not printable ASCII (up to {MAX_TOKEN_LENGTH} characters)")
+    return value
+
+
+def _token_type(data: Mapping[str, object]) -> str:
+    """Section 5.1 / appendix A.13, matched without regard to case (section 5.1: "The value is
+    case insensitive") and normalised to its registered spelling. Absent means Bearer, as
+    servers that leave it out issue bearer tokens."""
+    value = _optional_str(data, "token_type")
+    if value is None:
+        return "Bearer"
+    if len(value) > MAX_TOKEN_TYPE_LENGTH or not _TOKEN_TYPE.fullmatch(value):
+        raise _bad(f"token_type is not a token type name (up to {MAX_TOKEN_TYPE_LENGTH} characters)")
+    supported = SUPPORTED_TOKEN_TYPES.get(value.lower())
+    if supported is None:
+        # The name passed the syntax check above, so it is safe to show.
+        raise UnsupportedTokenType(
+            f"the token endpoint issued a token of type {value!r}, which the broker cannot use: "
+            "it sends tokens only as Bearer (RFC 6750); configure the client at the authorization "
+            "server for bearer tokens"
+        )
+    return supported
+
+
+def _scope(data: Mapping[str, object]) -> tuple[str, ...] | None:
+    """Appendix A.4: scope-token *( SP scope-token ), each 1*NQCHAR. Runs of spaces (and spaces
+    at the ends) are tolerated; any other whitespace or character is not."""
+    value = _optional_str(data, "scope")
+    if value is None:
+        return None
+    words = tuple(word for word in value.split(" ") if word)
+    if len(value) > MAX_SCOPE_LENGTH or not all(_NQCHAR.fullmatch(word) for word in words):
+        raise _bad(
+            f"scope is not a list of space-separated scope tokens (up to {MAX_SCOPE_LENGTH} characters)"
+        )
+    return words or None
+
+
+def _issued_token_type(data: Mapping[str, object]) -> str | None:
+    """RFC 8693 section 2.2.1: a token type identifier (a URI). Only compared, never stored."""
+    value = _optional_str(data, "issued_token_type")
+    if value is not None and (
+        len(value) > MAX_ISSUED_TOKEN_TYPE_LENGTH or not _ISSUED_TOKEN_TYPE.fullmatch(value)
+    ):
+        raise _bad("issued_token_type is not a token type identifier")
+    return value
+
+
 def parse_token_response(status: int, body: bytes) -> TokenResponse:
-    """Parse a token endpoint answer, or raise the broker error it amounts to."""
+    """Parse a token endpoint answer, or raise the broker error it amounts to.
+
+    Every field of a successful answer is checked against its syntax (appendix A) and length
+    before anything is built from it, so nothing a server sends can be stored that the store,
+    the wire (protobuf strings are UTF-8) or a log line cannot carry. A failed check is the one
+    invalid-answer error (UpstreamUnavailable); an unsupported token type is UnsupportedTokenType.
+    """
     if status >= 500:
         raise UpstreamUnavailable(f"the token endpoint answered HTTP {status}")
     if 400 <= status < 500:
@@ -92,33 +171,32 @@ def parse_token_response(status: int, body: bytes) -> TokenResponse:
         raise UpstreamUnavailable(f"the token endpoint answered HTTP {status}")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _bad("not JSON") from None
     if not isinstance(data, dict):
         raise _bad("not a JSON object")
-    access = data.get("access_token")
-    if not isinstance(access, str) or not access:
+    access = _token(data, "access_token")
+    if access is None:
         raise _bad("no access_token")
-    if len(access) > MAX_TOKEN_LENGTH or not access.isprintable():
-        raise _bad("access_token is not a printable string")
-    token_type = _optional_str(data, "token_type") or "Bearer"
-    expires_in = _expires_in(data.get("expires_in"))
-    scope = _optional_str(data, "scope")
     return TokenResponse(
         access_token=access,
-        token_type=token_type,
-        expires_in=expires_in,
-        refresh_token=_optional_str(data, "refresh_token"),
-        scope=tuple(scope.split()) if scope is not None else None,
-        issued_token_type=_optional_str(data, "issued_token_type"),
+        token_type=_token_type(data),
+        expires_in=_expires_in(data.get("expires_in")),
+        refresh_token=_token(data, "refresh_token"),
+        scope=_scope(data),
+        issued_token_type=_issued_token_type(data),
     )
 
 
 def _expires_in(value: object) -> int | None:
+    """Appendix A.14: a non-negative number of seconds, at most MAX_EXPIRES_IN. A string of
+    ASCII digits and a finite number are accepted (servers send both); a fraction is dropped."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():  # some servers send "3600"
-        value = int(value.strip())
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value.strip(" ")):
+            raise _bad("expires_in is not a number")
+        value = int(value.strip(" "))
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad("expires_in is not a number")
     if not math.isfinite(value) or not 0 <= value <= MAX_EXPIRES_IN:
@@ -129,7 +207,7 @@ def _expires_in(value: object) -> int | None:
 def _error_code(body: bytes) -> str | None:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     code = data.get("error") if isinstance(data, dict) else None
     return code if isinstance(code, str) and code in ALLOWED_ERROR_CODES else None

@@ -34,6 +34,7 @@ STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.NotImplementedMode, grpc.StatusCode.UNIMPLEMENTED),
     (errors.DecryptionError, grpc.StatusCode.INTERNAL),
     (errors.KeyRotationRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.TooManyPendingFlows, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

@@ -60,7 +60,8 @@ class SealedRecord:
 
     ``table`` is "credentials" or "pending_flows"; ``record_key`` the upstream key or the flow's
     state hash; ``generation`` is 0 for flows. ``position`` is the backend's stable scan order
-    (the rowid in SQLite, a sequence column elsewhere): rotation pages through it."""
+    (the rowid in SQLite, a sequence column elsewhere): rotation pages through it.
+    ``upstream_key``: the record's upstream (a flow's ciphertext is bound to it)."""
 
     table: str
     user_id: str
@@ -69,6 +70,7 @@ class SealedRecord:
     generation: int
     sealed: bytes
     position: int
+    upstream_key: str = ""
 
     def __repr__(self) -> str:
         return f"SealedRecord(table={self.table!r}, position={self.position}, kek_id={self.kek_id!r})"
@@ -159,12 +161,26 @@ class CredentialStore(Protocol):
     def count_credentials(self, now: float) -> dict[str, int]:
         """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
 
-    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
+    def add_pending_flow(
+        self, row: PendingFlowRow, max_per_user: int, now: float, max_total: int | None = None
+    ) -> bool:
         """Insert a flow, drop expired ones, and keep at most ``max_per_user`` live flows for
-        (user, upstream), dropping the oldest."""
+        (user, upstream), dropping the oldest. With ``max_total``, refuse (return False, write
+        nothing) when that many live flows of all users are already stored: flows are never
+        evicted for another user's. True when inserted."""
 
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         """Remove and return the flow (consumed on first use, whatever happens next)."""
+
+    def newest_pending_flow(self, user_id: str, upstream_key: str, now: float) -> PendingFlowRow | None:
+        """The most recently started flow of (user, upstream) that has not expired at ``now``."""
+
+    def purge_expired_flows(self, now: float, batch_size: int = 1000) -> int:
+        """Delete every flow expired at ``now``, ``batch_size`` rows per transaction; how many."""
+
+    def reclaim_space(self) -> None:
+        """Give freed space back to the file system where the backend needs telling (SQLite's
+        incremental vacuum); a no-op where the database does it itself."""
 
     def sample_key_ids(self, limit: int) -> list[tuple[str, int]]:
         """(kek_id, record count) over every sealed record, most used first."""

@@ -45,6 +45,7 @@ from broker.store.sql import SharedQueries
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
 SCHEMA_VERSION = 3
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
+_FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
 _READ_WAIT_SECONDS = 1.0  # pool wait for a read on the event loop when the database is healthy
 _SUSPECT_SECONDS = 2.0  # after a connection failure, reads fail fast for this long
 _SUSPECT_READ_WAIT_SECONDS = 0.02
@@ -300,6 +301,11 @@ class PostgresStore(SharedQueries):
                 )
 
     # -- pending flows -------------------------------------------------------------------
+
+    def _serialize_flow_inserts(self, conn: Any) -> None:
+        # Two replicas counting at once under READ COMMITTED could both see room for one more;
+        # the lock is held until the inserting transaction ends.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FLOW_INSERT_LOCK,))
 
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         with self._write() as conn:

@@ -132,9 +132,20 @@ class SharedQueries:
         ]
         return creds + flows
 
-    def add_pending_flow(self, row: PendingFlowRow, max_per_user: int, now: float) -> None:
+    def _serialize_flow_inserts(self, conn: Any) -> None:
+        """Make the count-then-insert of a capped flow insert atomic across writers. SQLite's
+        BEGIN IMMEDIATE already does; PostgreSQL takes a transaction-scoped advisory lock."""
+
+    def add_pending_flow(
+        self, row: PendingFlowRow, max_per_user: int, now: float, max_total: int | None = None
+    ) -> bool:
         with self._write() as conn:
             conn.execute(self._q("DELETE FROM pending_flows WHERE expires_at <= ?"), (now,))
+            if max_total is not None:
+                self._serialize_flow_inserts(conn)
+                (count,) = conn.execute("SELECT COUNT(*) FROM pending_flows").fetchone()
+                if int(count) >= max_total:
+                    return False
             conn.execute(
                 self._q(f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
                 (
@@ -155,6 +166,37 @@ class SharedQueries:
                 ),
                 (row.user_id, row.upstream_key, row.user_id, row.upstream_key, max_per_user),
             )
+        return True
+
+    def newest_pending_flow(self, user_id: str, upstream_key: str, now: float) -> PendingFlowRow | None:
+        rows = self._read(
+            self._q(
+                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
+                f"AND expires_at > ? ORDER BY created_at DESC, {self.INSERT_ORDER} DESC LIMIT 1"
+            ),
+            (user_id, upstream_key, now),
+        )
+        return flow_from_row(rows[0]) if rows else None
+
+    def purge_expired_flows(self, now: float, batch_size: int = 1000) -> int:
+        # In batches, so no one transaction holds the write lock for long.
+        purged = 0
+        while True:
+            with self._write() as conn:
+                cursor = conn.execute(
+                    self._q(
+                        "DELETE FROM pending_flows WHERE state_hash IN (SELECT state_hash FROM "
+                        "pending_flows WHERE expires_at <= ? LIMIT ?)"
+                    ),
+                    (now, batch_size),
+                )
+                deleted = max(int(cursor.rowcount), 0)
+            purged += deleted
+            if deleted < batch_size:
+                return purged
+
+    def reclaim_space(self) -> None:
+        return None
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -166,17 +208,17 @@ class SharedQueries:
             self._q(
                 "SELECT * FROM ("
                 f"SELECT {order} * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, "
-                f"generation, sealed FROM credentials WHERE kek_id != ? AND {order} * 2 > ? "
+                f"generation, sealed, upstream_key AS u FROM credentials WHERE kek_id != ? AND {order} * 2 > ? "
                 "UNION ALL "
-                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed "
+                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, sealed, upstream_key "
                 f"FROM pending_flows WHERE kek_id != ? AND {order} * 2 + 1 > ?"
                 ") AS r ORDER BY pos LIMIT ?"
             ),
             (skip_kek_id, after_position, skip_kek_id, after_position, limit),
         )
         return [
-            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
-            for pos, t, u, k, kid, g, sealed in rows
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos), str(up))
+            for pos, t, u, k, kid, g, sealed, up in rows
         ]
 
     def replace_sealed(self, updates: list[tuple[SealedRecord, str, bytes]]) -> int:
@@ -198,9 +240,17 @@ class SharedQueries:
                     cursor = conn.execute(
                         self._q(
                             "UPDATE pending_flows SET kek_id = ?, sealed = ? WHERE state_hash = ? AND "
-                            "user_id = ? AND kek_id = ? AND sealed = ?"
+                            "user_id = ? AND kek_id = ? AND sealed = ? AND upstream_key = ?"
                         ),
-                        (kek_id, sealed, record.record_key, record.user_id, record.kek_id, record.sealed),
+                        (
+                            kek_id,
+                            sealed,
+                            record.record_key,
+                            record.user_id,
+                            record.kek_id,
+                            record.sealed,
+                            record.upstream_key,
+                        ),
                     )
                 written += cursor.rowcount
         return written
@@ -246,15 +296,15 @@ class SharedQueries:
             self._q(
                 "SELECT * FROM ("
                 f"SELECT {order} * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, "
-                f"generation, {sealed} FROM credentials WHERE kek_id = ? AND {order} * 2 > ? "
+                f"generation, {sealed}, upstream_key AS u FROM credentials WHERE kek_id = ? AND {order} * 2 > ? "
                 "UNION ALL "
-                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, {sealed} "
+                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, {sealed}, upstream_key "
                 f"FROM pending_flows WHERE kek_id = ? AND {order} * 2 + 1 > ?"
                 ") AS r ORDER BY pos LIMIT ?"
             ),
             (kek_id, after_position, kek_id, after_position, limit),
         )
         return [
-            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos))
-            for pos, t, u, k, kid, g, sealed in rows
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos), str(up))
+            for pos, t, u, k, kid, g, sealed, up in rows
         ]

@@ -156,6 +156,8 @@ class SqliteStore(SharedQueries):
     def _migrate(self) -> None:
         conn = self._conn()
         db = sqlite_utils.Database(conn)
+        # A new file (no tables yet) takes the vacuum mode at once; see _use_incremental_vacuum.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -171,6 +173,18 @@ class SqliteStore(SharedQueries):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        self._use_incremental_vacuum(conn)
+
+    @staticmethod
+    def _use_incremental_vacuum(conn: sqlite3.Connection) -> None:
+        """Put the file in incremental auto-vacuum mode, so pages freed by purging expired flows
+        can be given back (``reclaim_space``). A migration of the file, not of the schema: a
+        store created before this existed is converted once, by one VACUUM (which rewrites the
+        file and cannot run inside a transaction); later opens find the mode set and do nothing."""
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # 2: incremental
+            return
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
 
     # -- credentials ---------------------------------------------------------------------
 
@@ -218,6 +232,18 @@ class SqliteStore(SharedQueries):
                 return None
             conn.execute("DELETE FROM pending_flows WHERE state_hash = ?", (state_hash,))
             return flow_from_row(found)
+
+    def reclaim_space(self) -> None:
+        """Hand the file's free pages back (incremental vacuum), then checkpoint the WAL so the
+        database file itself is truncated now rather than at the next automatic checkpoint."""
+        try:
+            conn = self._conn()
+            # The pragma frees one page per step and its rows have no columns, which Python's
+            # execute() stops at after one step; executescript() runs it to the end.
+            conn.executescript("PRAGMA incremental_vacuum;")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store vacuum failed: {_describe(exc)}") from exc
 
     def close(self) -> None:
         with self._lock:
