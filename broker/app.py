@@ -15,10 +15,10 @@ from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
-from broker.errors import KeyringError
 from broker.exchange import TokenExchanger
 from broker.flow_purge import FlowPurger
 from broker.identity import IdentityVerifier, UserAuthenticator
+from broker.key_checks import StoreKeyCheck
 from broker.keys import KeyringFollower
 from broker.logs import get_logger
 from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
@@ -105,10 +105,10 @@ def build_app(
         vault = CredentialVault(
             timed_store(store, metrics), cipher, read_cache_seconds=config.read_cache_seconds
         )
-        problem = vault.check_keyring_opens_store(keyring.ids())
-        if problem is not None:
-            where = config.store.path if config.store.backend == "sqlite" else "postgres"
-            raise KeyringError(f"{problem} (keyring: {config.keyring.file}, store: {where})")
+        # A wrong keyring is refused; damaged records are not its concern (broker/key_checks.py).
+        where = config.store.path if config.store.backend == "sqlite" else "postgres"
+        name = getattr(source, "path", None) or getattr(source, "variable", None) or config.keyring.file
+        StoreKeyCheck(store, str(name), str(where), now=clock.now(), logger=logger).verify(keyring)
         endpoints: dict[str, str] = {}
         for upstream in config.upstreams:
             if upstream.auth_broker.token_endpoint is not None:

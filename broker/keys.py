@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from broker.crypto.envelope import EnvelopeCipher, key_id_of
@@ -29,6 +30,7 @@ from broker.crypto.keyring import (
     source_fingerprint,
 )
 from broker.errors import DecryptionError, KeyringError, KeyRotationRefused
+from broker.key_checks import StoreKeyCheck
 from broker.logs import fields, get_logger
 from broker.store.base import CredentialStore, SealedRecord
 from broker.vault import sealed_record_context
@@ -95,18 +97,31 @@ class RewrapReport:
 
 
 class KeyRotation:
-    """The ``credential-broker keys`` operations on a keyring file and a store."""
+    """The ``credential-broker keys`` operations on a keyring file and a store.
 
-    def __init__(self, source: FileKeySource, store: CredentialStore) -> None:
+    Each change first proves the keyring is the store's (its per-key check values, see
+    broker/key_checks.py), so a wrong keyring file is refused rather than extended or used."""
+
+    def __init__(self, source: FileKeySource, store: CredentialStore, store_name: str = "configured") -> None:
         self._source = source
         self._store = store
+        self._checks = StoreKeyCheck(store, str(source.path), store_name, now=time.time())
+
+    def _verified(self) -> Keyring:
+        keyring = self._source.load()
+        self._checks.verify(keyring)
+        return keyring
 
     def add(self) -> str:
-        """A new, non-primary key; returns its id. Running brokers pick it up on their own."""
-        keyring = self._source.load()
+        """A new, non-primary key; returns its id. Running brokers pick it up on their own.
+
+        Its check value is stored before the keyring file names it, so no record can be sealed
+        under a key the store cannot check."""
+        keyring = self._verified()
         entry = new_key_entry("active")
         while entry.id in keyring.ids():  # pragma: no cover - 32-bit random ids
             entry = new_key_entry("active")
+        self._checks.record(entry)
         self._source.save(Keyring([*keyring.entries, entry]))
         return entry.id
 
@@ -115,6 +130,7 @@ class KeyRotation:
         keyring = self._source.load()
         if key_id not in keyring.ids():
             raise KeyRotationRefused(f"key {key_id!r} is not in the keyring {self._source.path}")
+        self._checks.verify(keyring)
         entries = [
             KeyEntry(e.id, "primary" if e.id == key_id else "active", e.created_at, e.material)
             for e in keyring.entries
@@ -125,7 +141,7 @@ class KeyRotation:
         """Re-wrap every record's data key under the primary; payloads untouched."""
         if batch_size < 1:
             raise KeyRotationRefused("batch size must be at least 1")
-        cipher = EnvelopeCipher(self._source.load())
+        cipher = EnvelopeCipher(self._verified())
         report = RewrapReport(primary=cipher.primary_key_id)
         position = 0
         while True:
@@ -158,6 +174,7 @@ class KeyRotation:
         if key_id == keyring.primary_id:
             raise KeyRotationRefused(f"key {key_id!r} is the primary; promote another key first")
         self._refuse_if_used(key_id)
+        self._checks.verify(keyring)
         self._source.save(Keyring([e for e in keyring.entries if e.id != key_id]))
         try:
             # A writer that sealed under the key just before the file changed: put it back.
@@ -165,6 +182,7 @@ class KeyRotation:
         except KeyRotationRefused:
             self._source.save(keyring)
             raise
+        self._checks.forget(key_id)
 
     def _refuse_if_used(self, key_id: str) -> None:
         count = self.usage().get(key_id, 0)

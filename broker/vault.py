@@ -294,49 +294,6 @@ class CredentialVault:
             state=state,
         )
 
-    # -- start-up check ------------------------------------------------------------------
-
-    def check_keyring_opens_store(self, known_key_ids: list[str]) -> str | None:
-        """None when the keyring opens the store's records; otherwise a message saying why not."""
-        used = self.store.sample_key_ids(100)
-        if not used:
-            return None
-        missing = [(kid, n) for kid, n in used if kid not in known_key_ids]
-        if missing:
-            listed = ", ".join(f"{kid} ({n} records)" for kid, n in missing)
-            return f"the store has records wrapped under key ids not in the keyring: {listed}"
-        for kid, _ in used:
-            try:
-                samples = self.store.sample_records(kid, 3)
-            except DecryptionError:
-                continue  # a corrupt clear column; the records themselves are checked on use
-            for record in samples:
-                if isinstance(record, CredentialRow):
-                    contexts = [self._context(_CREDENTIALS, record.user_id, record.upstream_key)]
-                else:
-                    # A flow sealed before its upstream was bound cannot be used any more, but
-                    # opening it still proves the key right (it expires within the flow TTL).
-                    contexts = [
-                        flow_context(record.user_id, record.state_hash, record.upstream_key),
-                        self._context(_FLOWS, record.user_id, record.state_hash),
-                    ]
-                if not any(self._opens(record.sealed, context) for context in contexts):
-                    continue
-                break
-            else:
-                return (
-                    f"the keyring's key {kid} does not open the store's records wrapped under "
-                    "that id: this is not the keyring the store was written with"
-                )
-        return None
-
-    def _opens(self, sealed: bytes, context: RecordContext) -> bool:
-        try:
-            self._cipher.open(sealed, context)
-        except DecryptionError:
-            return False
-        return True
-
 
 def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:
     try:

@@ -20,10 +20,12 @@ from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.crypto import EnvelopeCipher, FileKeySource
 from broker.crypto.envelope import key_id_of
 from broker.crypto.keyring import KeyEntry, Keyring, new_key_entry
+from broker.errors import KeyringError
+from broker.key_checks import StoreKeyCheck
 from broker.keys import KeyRotation
 from broker.oauth import rfc7636
 from broker.store.base import PendingFlowRow
-from broker.vault import CredentialVault, record_context
+from broker.vault import record_context
 from tests.authserver import AuthServer
 from tests.conftest import REDIRECT_URI, UPSTREAM, Broker, BrokerFactory, error_info, upstream_doc
 
@@ -154,11 +156,12 @@ async def test_a_store_holding_only_old_format_flows_still_starts(make_broker: B
     source = FileKeySource(Path(broker.document["keyring"]["file"]))
     store = broker.open_store()
     try:
-        vault = CredentialVault(store, EnvelopeCipher(source.load()))
-        assert vault.check_keyring_opens_store(source.load().ids()) is None
+        broker.query("DELETE FROM key_checks")  # a store from before per-key check values: the trial
         other = Keyring([new_key_entry("primary")])
         wrong = Keyring([KeyEntry(source.load().primary_id, "primary", 0.0, other.entries[0].material)])
-        problem = CredentialVault(store, EnvelopeCipher(wrong)).check_keyring_opens_store(wrong.ids())
-        assert problem is not None and "not the keyring" in problem
+        with pytest.raises(KeyringError, match="not the keyring"):
+            StoreKeyCheck(store, "wrong.json", "test").verify(wrong)
+        report = StoreKeyCheck(store, "keyring.json", "test").verify(source.load())
+        assert report.by_trial == (source.load().primary_id,)
     finally:
         store.close()

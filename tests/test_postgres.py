@@ -99,8 +99,9 @@ def test_migration_2_keeps_version_1_records_openable(pg_dsn: str, monkeypatch: 
         assert found is not None and found[0].secrets.access_token == "at-1"
         assert found[1].next_attempt_at is None
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT version FROM credential_broker_schema").fetchone() == (2,)
-        assert SCHEMA_VERSION == 2
+            assert conn.execute("SELECT version FROM credential_broker_schema").fetchone() == (
+                SCHEMA_VERSION,
+            )
     finally:
         upgraded.close()
 

@@ -14,7 +14,8 @@ import pytest
 
 from broker.crypto import EnvelopeCipher
 from broker.crypto.keyring import Keyring, new_key_entry
-from broker.errors import DecryptionError, StoreError
+from broker.errors import DecryptionError, KeyringError, StoreError
+from broker.key_checks import StoreKeyCheck
 from broker.models import Credential, PendingFlow, Secrets
 from broker.store import SCHEMA_VERSION, SqliteStore
 from broker.vault import CredentialVault
@@ -171,9 +172,8 @@ def test_no_plaintext_in_database_files(vault: CredentialVault, store: SqliteSto
 
 def test_keyring_check_names_missing_and_wrong_keys(vault: CredentialVault, store: SqliteStore) -> None:
     vault.save(_cred(), None, 1e9)
-    stranger = CredentialVault(store, EnvelopeCipher(Keyring([new_key_entry("primary")])))
-    problem = stranger.check_keyring_opens_store(stranger._cipher._keyring.ids())  # type: ignore[attr-defined]
-    assert problem is not None and "not in the keyring" in problem
+    with pytest.raises(KeyringError, match="not in the keyring"):
+        StoreKeyCheck(store, "stranger.json", "test").verify(Keyring([new_key_entry("primary")]))
 
 
 def test_migration_2_keeps_version_1_records_openable(tmp_path: Path) -> None:
@@ -199,6 +199,6 @@ def test_migration_2_keeps_version_1_records_openable(tmp_path: Path) -> None:
     try:
         found = CredentialVault(upgraded, cipher).get("alice", "gh_0011223344556677")
         assert found is not None and found[0].secrets.access_token == "at-1"
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         upgraded.close()

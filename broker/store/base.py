@@ -204,4 +204,19 @@ class CredentialStore(Protocol):
         record's kek_id and generation (and, for a flow, the same bytes); the generation is not
         changed. One atomic batch; returns how many were written."""
 
+    def key_checks(self) -> dict[str, bytes]:
+        """The per-key check values (broker/crypto/keycheck.py) by key id."""
+
+    def add_key_check(self, kek_id: str, check_value: bytes, now: float) -> bool:
+        """Store ``kek_id``'s check value unless it has one already; True when written."""
+
+    def replace_key_check(self, kek_id: str, expected: bytes, check_value: bytes, now: float) -> bool:
+        """Replace ``kek_id``'s check value if it is still ``expected``; True when written."""
+
+    def delete_key_check(self, kek_id: str) -> None: ...
+
+    def sealed_records_under(self, kek_id: str, after_position: int, limit: int) -> list[SealedRecord]:
+        """Up to ``limit`` sealed records (both tables) under ``kek_id`` with position >
+        ``after_position``, in position order (as ``sealed_records``)."""
+
     def close(self) -> None: ...

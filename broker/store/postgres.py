@@ -43,7 +43,7 @@ from broker.store.base import (
 from broker.store.sql import SharedQueries
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
 _READ_WAIT_SECONDS = 1.0  # pool wait for a read on the event loop when the database is healthy
@@ -99,8 +99,17 @@ _MIGRATION_2 = (
     "CREATE UNIQUE INDEX pending_flows_seq ON pending_flows (seq)",
 )
 
+# SQLite's _migrate_key_checks: one per-key check value per key id (broker/key_checks.py).
+_MIGRATION_KEY_CHECKS = (
+    """CREATE TABLE key_checks (
+        kek_id text PRIMARY KEY,
+        check_value bytea NOT NULL,
+        created_at double precision
+    )""",
+)
+
 # Each migration is a list of statements run in one transaction; index i is version i + 1.
-MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2]
+MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2, _MIGRATION_KEY_CHECKS]
 
 
 def describe(exc: BaseException) -> str:

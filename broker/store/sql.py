@@ -254,3 +254,57 @@ class SharedQueries:
                     )
                 written += cursor.rowcount
         return written
+
+    # -- per-key check values (broker/key_checks.py) --------------------------------------
+
+    # The sealed column read as bytes whatever a damaged row holds (SQLite can hold text there).
+    SEALED_AS_BYTES = "sealed"
+
+    def key_checks(self) -> dict[str, bytes]:
+        rows = self._read(self._q("SELECT kek_id, check_value FROM key_checks"), ())
+        return {str(kid): bytes(value) for kid, value in rows}
+
+    def add_key_check(self, kek_id: str, check_value: bytes, now: float) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                self._q(
+                    "INSERT INTO key_checks (kek_id, check_value, created_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (kek_id) DO NOTHING"
+                ),
+                (kek_id, check_value, now),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def replace_key_check(self, kek_id: str, expected: bytes, check_value: bytes, now: float) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                self._q(
+                    "UPDATE key_checks SET check_value = ?, created_at = ? "
+                    "WHERE kek_id = ? AND check_value = ?"
+                ),
+                (check_value, now, kek_id, expected),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def delete_key_check(self, kek_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(self._q("DELETE FROM key_checks WHERE kek_id = ?"), (kek_id,))
+
+    def sealed_records_under(self, kek_id: str, after_position: int, limit: int) -> list[SealedRecord]:
+        order, sealed = self.INSERT_ORDER, self.SEALED_AS_BYTES
+        rows = self._read(
+            self._q(
+                "SELECT * FROM ("
+                f"SELECT {order} * 2 AS pos, 'credentials' AS t, user_id, upstream_key AS k, kek_id, "
+                f"generation, {sealed}, upstream_key AS u FROM credentials WHERE kek_id = ? AND {order} * 2 > ? "
+                "UNION ALL "
+                f"SELECT {order} * 2 + 1, 'pending_flows', user_id, state_hash, kek_id, 0, {sealed}, upstream_key "
+                f"FROM pending_flows WHERE kek_id = ? AND {order} * 2 + 1 > ?"
+                ") AS r ORDER BY pos LIMIT ?"
+            ),
+            (kek_id, after_position, kek_id, after_position, limit),
+        )
+        return [
+            SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos), str(up))
+            for pos, t, u, k, kid, g, sealed, up in rows
+        ]

@@ -29,7 +29,7 @@ from broker.store.base import (
 )
 from broker.store.sql import SharedQueries
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -82,7 +82,18 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
     table.add_column("lease_until", float)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
+def _migrate_key_checks(db: sqlite_utils.Database) -> None:
+    """Per-key check values (broker/crypto/keycheck.py): one authenticated record per key id
+    that proves a keyring's key is the store's, so damaged records are never taken for a wrong
+    keyring."""
+    db["key_checks"].create(
+        {"kek_id": str, "check_value": bytes, "created_at": float},
+        pk="kek_id",
+        not_null={"kek_id", "check_value"},
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_key_checks]
 
 
 class SqliteStore(SharedQueries):
@@ -90,6 +101,7 @@ class SqliteStore(SharedQueries):
 
     schema_version = SCHEMA_VERSION
     INSERT_ORDER = "rowid"
+    SEALED_AS_BYTES = "CAST(sealed AS BLOB)"
 
     def __init__(self, path: Path) -> None:
         self.path = path
