@@ -15,7 +15,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
-from broker.errors import KeyringError
+from broker.errors import ConfigError, KeyringError
 from broker.exchange import TokenExchanger
 from broker.identity import IdentityVerifier, UserAuthenticator
 from broker.keys import KeyringFollower
@@ -25,6 +25,7 @@ from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.policy import PolicyEnforcer, build_policy
+from broker.preflight import describe_bind_error
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
@@ -54,7 +55,12 @@ class App:
     async def start(self) -> None:
         await self.server.start()
         if self.metrics is not None and self.config.metrics.listen is not None:
-            self.metrics_address = self.metrics.serve(self.config.metrics.listen)
+            try:
+                self.metrics_address = self.metrics.serve(self.config.metrics.listen)
+            except OSError as exc:
+                await self.server.stop(0)
+                reason = describe_bind_error(self.config.metrics.listen, exc)
+                raise ConfigError(f"metrics.listen: {reason}") from None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
