@@ -65,7 +65,7 @@ async def _serve(config: BrokerConfig, embedded: bool, *, reuse_port: bool = Fal
     log = configure(config.log.format, config.log.level)
     if not reuse_port:
         # Before any file is made (dev keyring, store): a taken port or a live socket stops here.
-        _refuse(listener_problems(config))
+        _refuse([*listener_problems(config), *file_problems(config)])
     if embedded and not reuse_port:
         if not config.keyring.file.exists():
             generate_keyring_file(config.keyring.file)

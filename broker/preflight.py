@@ -14,7 +14,10 @@ import socket
 import stat
 from pathlib import Path
 
-from broker.config import BrokerConfig
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from broker.config import BrokerConfig, TlsConfig
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -140,19 +143,41 @@ def file_problems(config: BrokerConfig) -> list[str]:
     """The TLS files can be read, and the SQLite store's folder can be used (without creating it)."""
     problems = []
     if config.tls is not None:
-        for key in ("cert_file", "key_file", "client_ca_file"):
-            path = getattr(config.tls, key)
-            if path is None:
-                continue
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as exc:
-                problems.append(f"tls.{key}: cannot read {path} ({exc.strerror or exc})")
+        problems += _tls_problems(config.tls)
     if config.store.backend == "sqlite" and not config.store.path.exists():
         problem = folder_problem(config.store.path)
         if problem is not None:
             problems.append(f"store.path: {config.store.path}: {problem}")
+    return problems
+
+
+def _tls_problems(tls: TlsConfig) -> list[str]:
+    """The TLS files read and parse as PEM, and the key is the certificate's."""
+    found: dict[str, bytes] = {}
+    problems = []
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(tls, key)
+        if path is None:
+            continue
+        try:
+            found[key] = Path(path).read_bytes()
+        except OSError as exc:
+            problems.append(f"tls.{key}: cannot read {path} ({exc.strerror or exc})")
+    certificate = private_key = None
+    for key, data in found.items():
+        try:
+            if key == "key_file":
+                private_key = serialization.load_pem_private_key(data, password=None)
+            else:
+                chain = x509.load_pem_x509_certificates(data)
+                certificate = chain[0] if key == "cert_file" else certificate
+        except (ValueError, TypeError):
+            kind = "an unencrypted PEM private key" if key == "key_file" else "PEM certificates"
+            problems.append(f"tls.{key}: {getattr(tls, key)} is not {kind}")
+    if certificate is not None and private_key is not None:
+        raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if certificate.public_key().public_bytes(*raw) != private_key.public_key().public_bytes(*raw):
+            problems.append(f"tls.key_file: {tls.key_file} is not the key of tls.cert_file {tls.cert_file}")
     return problems
 
 

@@ -140,3 +140,25 @@ def test_config_check_names_what_it_did_not_check(tmp_path: Path) -> None:
     ok = run_cli("config", "check", "--config", str(_config(tmp_path, store={"path": "data/b.db"})))
     assert f"checked: the keyring {tmp_path / 'keyring.json'} opens (1 key)" in ok.stdout
     assert "not checked" not in ok.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_tls_files_are_read_and_must_match(tmp_path: Path, command: list[str]) -> None:
+    from tests.pki import TestCA
+
+    ca = TestCA()
+    cert, _ = ca.issue("broker", dns=["localhost"], server=True).write(tmp_path, "server")
+    _, other_key = ca.issue("other", dns=["localhost"], server=True).write(tmp_path, "other")
+    tls = {"cert_file": str(cert), "key_file": str(other_key)}
+    line = _one_line_failure(command, _config(tmp_path, tls=tls))
+    assert line == f"credential-broker: tls.key_file: {other_key} is not the key of tls.cert_file {cert}"
+    line = _one_line_failure(command, _config(tmp_path, tls={**tls, "cert_file": str(tmp_path / "gone.crt")}))
+    assert line.startswith(f"credential-broker: tls.cert_file: cannot read {tmp_path / 'gone.crt'} (")
+    assert not (tmp_path / "data").exists()
+
+
+def test_workers_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    config = _config(tmp_path, listen=[f"127.0.0.1:{busy_port}"])
+    done = run_cli("serve", "--config", str(config), "--workers", "2", check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"credential-broker: listen[0]: 127.0.0.1:{busy_port} is already in use"

@@ -164,7 +164,8 @@ def _add_port(
     except RuntimeError:  # grpc says only "Failed to bind"; ask the OS why
         port = 0
     if port == 0 and not address.startswith("unix://"):
-        raise ConfigError(f"{where}: {tcp_problem(address) or f'{address} could not be bound'}")
+        hint = " (check tls.cert_file and tls.key_file)" if credentials is not None else ""
+        raise ConfigError(f"{where}: {tcp_problem(address) or f'{address} could not be bound{hint}'}")
     if port == 0:
         raise ConfigError(f"{where}: {address} could not be bound")
     return port
