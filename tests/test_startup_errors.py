@@ -162,3 +162,19 @@ def test_workers_port_in_use(tmp_path: Path, busy_port: int) -> None:
     done = run_cli("serve", "--config", str(config), "--workers", "2", check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"credential-broker: listen[0]: 127.0.0.1:{busy_port} is already in use"
+
+
+def test_server_bind_failure_is_named_and_leaves_no_socket(tmp_path: Path, busy_port: int) -> None:
+    """Past the pre-flight (a port taken in between): the server names it and removes its socket."""
+    from broker.app import build_app
+    from broker.config import load_config_file
+    from broker.errors import ConfigError
+
+    sock = tmp_path / "run" / "broker.sock"
+    config = load_config_file(
+        _config(tmp_path, listen=[f"unix://{sock}", f"127.0.0.1:{busy_port}"]), environ={}
+    )
+    with pytest.raises(ConfigError) as info:
+        build_app(config)
+    assert info.value.message == f"listen[1]: 127.0.0.1:{busy_port} is already in use"
+    assert list((tmp_path / "run").iterdir()) == []

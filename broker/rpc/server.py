@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,6 +71,16 @@ class BrokerServer:
             self._server.add_generic_rpc_handlers(tuple(extra_handlers))
         self.addresses: list[str] = []
         self._sockets: list[tuple[Path, int, int, int]] = []  # path, mode, st_ino, st_dev
+        self._health_server: grpc.aio.Server | None = None
+        try:
+            self._bind_all(listen, health_listen, options)
+        except BaseException:
+            self._remove_sockets()  # a failed start leaves no socket file behind
+            raise
+
+    def _bind_all(
+        self, listen: Sequence[str | ListenerConfig], health_listen: str | None, options: list[Any]
+    ) -> None:
         for index, entry in enumerate(listen):
             listener = ListenerConfig(address=entry) if isinstance(entry, str) else entry
             where = f"listen[{index}]"
@@ -78,7 +89,6 @@ class BrokerServer:
             self.addresses.append(
                 self._bind(self._server, listener.address, listener.mode, secure=True, where=where)
             )
-        self._health_server: grpc.aio.Server | None = None
         if health_listen:
             # Health only, for kubelet gRPC probes that cannot reach a unix socket.
             self._health_server = grpc.aio.server(options=options)
@@ -133,6 +143,9 @@ class BrokerServer:
         await self._server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
         for path, _, inode, device in self._sockets:
             with contextlib.suppress(FileNotFoundError):
                 st = path.lstat()
