@@ -27,11 +27,15 @@ from broker.logs import configure, fields
 from broker.preflight import file_problems, listener_problems, not_checked
 
 # The top-level --help text (plain words: argparse prints it as it is).
-DESCRIPTION = (
-    "A gRPC sidecar that obtains, encrypts, stores, refreshes and hands out per-user OAuth "
-    "credentials. Start with: credential-broker serve (a development config), then write a config "
-    "file, check it with: credential-broker config check --config FILE"
-)
+DESCRIPTION = """\
+A gRPC sidecar that obtains, encrypts, stores, refreshes and hands out per-user
+OAuth credentials.
+
+  try it:        credential-broker serve   (an embedded development config)
+  for real use:  credential-broker keys generate --output KEYRING
+                 credential-broker config check --config FILE
+                 credential-broker serve --config FILE
+"""
 
 # The embedded default: a local SQLite file, a dev keyring generated on first start, and one
 # example upstream, so `credential-broker serve` runs with no file at all. Not for production.
@@ -106,7 +110,11 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="credential-broker", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="credential-broker",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit"
     )
@@ -126,9 +134,9 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes sharing the TCP port (SO_REUSEPORT); default: config 'workers' or 1",
     )
 
-    keys = commands.add_parser("keys", help="manage the keyring").add_subparsers(
-        dest="keys_command", required=True
-    )
+    keys = commands.add_parser(
+        "keys", help="create and rotate the keyring (keys COMMAND --help)"
+    ).add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="write a new keyring file (mode 0600)")
     generate.add_argument("--output", required=True, help="where to write it; never overwritten")
     for name, text in (
@@ -159,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                 help="records re-wrapped per store transaction (default: 200)",
             )
 
-    config = commands.add_parser("config", help="configuration").add_subparsers(
+    config = commands.add_parser("config", help="check a config file (config check --help)").add_subparsers(
         dest="config_command", required=True
     )
     check = config.add_parser(
