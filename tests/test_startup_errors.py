@@ -164,7 +164,7 @@ def test_workers_port_in_use(tmp_path: Path, busy_port: int) -> None:
     assert done.stderr.strip() == f"credential-broker: listen[0]: 127.0.0.1:{busy_port} is already in use"
 
 
-def test_server_bind_failure_is_named_and_leaves_no_socket(tmp_path: Path, busy_port: int) -> None:
+async def test_server_bind_failure_is_named_and_leaves_no_socket(tmp_path: Path, busy_port: int) -> None:
     """Past the pre-flight (a port taken in between): the server names it and removes its socket."""
     from broker.app import build_app
     from broker.config import load_config_file
