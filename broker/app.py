@@ -15,6 +15,7 @@ from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
+from broker.errors import ConfigError
 from broker.exchange import TokenExchanger
 from broker.flow_purge import FlowPurger
 from broker.identity import IdentityVerifier, UserAuthenticator
@@ -26,6 +27,7 @@ from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.policy import PolicyEnforcer, build_policy
+from broker.preflight import describe_bind_error
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
@@ -55,10 +57,15 @@ class App:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.metrics is not None and self.config.metrics.listen is not None:
+            try:
+                self.metrics_address = self.metrics.serve(self.config.metrics.listen)
+            except OSError as exc:
+                await self.server.stop(0)
+                reason = describe_bind_error(self.config.metrics.listen, exc)
+                raise ConfigError(f"metrics.listen: {reason}") from None
         if self.flow_purger is not None:
             self.flow_purger.start()
-        if self.metrics is not None and self.config.metrics.listen is not None:
-            self.metrics_address = self.metrics.serve(self.config.metrics.listen)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)

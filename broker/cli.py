@@ -8,15 +8,34 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 
-from broker.config import BrokerConfig, check_listen_address, load_config, load_config_file
+from broker.config import (
+    BrokerConfig,
+    check_listen_address,
+    check_listener_security,
+    load_config,
+    load_config_file,
+)
+from broker.config_errors import format_errors
 from broker.crypto import generate_keyring_file
-from broker.crypto.keyfile import check_private_if_present
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, StoreError
 from broker.logs import configure, fields
+from broker.preflight import file_problems, listener_problems, not_checked
+
+# The top-level --help text (plain words: argparse prints it as it is).
+DESCRIPTION = """\
+A gRPC sidecar that obtains, encrypts, stores, refreshes and hands out per-user
+OAuth credentials.
+
+  try it:        credential-broker serve   (an embedded development config)
+  for real use:  credential-broker keys generate --output KEYRING
+                 credential-broker config check --config FILE
+                 credential-broker serve --config FILE
+"""
 
 # The embedded default: a local SQLite file, a dev keyring generated on first start, and one
 # example upstream, so `credential-broker serve` runs with no file at all. Not for production.
@@ -48,12 +67,20 @@ async def _serve(config: BrokerConfig, embedded: bool, *, reuse_port: bool = Fal
     from broker.app import build_app  # grpc is imported only when serving
 
     log = configure(config.log.format, config.log.level)
+    if not reuse_port:
+        # Before any file is made (dev keyring, store): a taken port or a live socket stops here.
+        _refuse([*listener_problems(config), *file_problems(config)])
     if embedded and not reuse_port:
         if not config.keyring.file.exists():
             generate_keyring_file(config.keyring.file)
             log.warning("generated a development keyring", extra=fields(path=str(config.keyring.file)))
         log.warning("running on the embedded development config; pass --config for real use")
     app = build_app(config, logger=log, reuse_port=reuse_port)
+    # Handlers first: a SIGTERM right after the "serving" line must stop gracefully.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await app.start()
     log.info(
         "serving",
@@ -63,10 +90,6 @@ async def _serve(config: BrokerConfig, embedded: bool, *, reuse_port: bool = Fal
     )
     if app.metrics_address is not None:
         log.info("serving metrics", extra=fields(address=f"http://{app.metrics_address}/metrics"))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: health is NOT_SERVING, finishing in-flight calls")
     await app.stop(grace=10.0)
@@ -74,9 +97,28 @@ async def _serve(config: BrokerConfig, embedded: bool, *, reuse_port: bool = Fal
     return 0
 
 
+def _refuse(problems: Sequence[str]) -> None:
+    if problems:
+        raise ConfigError(format_errors(problems))
+
+
+def _version() -> str:
+    try:
+        return version("credential-broker")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="credential-broker", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="credential-broker",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version and exit"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the gRPC sidecar")
     serve.add_argument("--config", help="YAML config file (default: the embedded development config)")
     serve.add_argument(
@@ -92,9 +134,9 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes sharing the TCP port (SO_REUSEPORT); default: config 'workers' or 1",
     )
 
-    keys = commands.add_parser("keys", help="manage the keyring").add_subparsers(
-        dest="keys_command", required=True
-    )
+    keys = commands.add_parser(
+        "keys", help="create and rotate the keyring (keys COMMAND --help)"
+    ).add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="write a new keyring file (mode 0600)")
     generate.add_argument("--output", required=True, help="where to write it; never overwritten")
     for name, text in (
@@ -105,17 +147,34 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "records per key id"),
     ):
         sub = keys.add_parser(name, help=text)
-        sub.add_argument("--config", help="YAML config file (its keyring.file and store.path)")
-        if name in ("promote", "retire"):
-            sub.add_argument("key_id", metavar="ID")
+        # Required: a key command on the embedded development config would act on files in the
+        # current folder, which is never what an operator rotating keys means.
+        sub.add_argument(
+            "--config",
+            required=True,
+            help="YAML config file: the keyring.file to change and the store (which must exist)",
+        )
+        if name == "promote":
+            sub.add_argument("key_id", metavar="ID", help="the key id to make the primary (see keys status)")
+        if name == "retire":
+            sub.add_argument("key_id", metavar="ID", help="the key id to remove (see keys status)")
         if name == "rewrap":
-            sub.add_argument("--batch-size", type=int, default=200)
+            sub.add_argument(
+                "--batch-size",
+                type=int,
+                default=200,
+                metavar="N",
+                help="records re-wrapped per store transaction (default: 200)",
+            )
 
-    config = commands.add_parser("config", help="configuration").add_subparsers(
+    config = commands.add_parser("config", help="check a config file (config check --help)").add_subparsers(
         dest="config_command", required=True
     )
-    check = config.add_parser("check", help="validate a config file and exit")
-    check.add_argument("--config", required=True)
+    check = config.add_parser(
+        "check",
+        help="validate a config file, open its keyring and try its addresses, without serving",
+    )
+    check.add_argument("--config", required=True, help="the YAML config file to check")
 
     # Its arguments are parsed by broker.inject.webhook.main; listed here for --help.
     commands.add_parser("inject-webhook", help="run the Kubernetes sidecar-injection admission webhook")
@@ -137,6 +196,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 for address in args.listen:
                     check_listen_address(address)
                 config = config.model_copy(update={"listen": tuple(args.listen)})
+                check_listener_security(config)
             if args.workers is not None:
                 if not 1 <= args.workers <= 64:
                     raise ConfigError("--workers: must be between 1 and 64")
@@ -144,6 +204,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if config.workers > 1:
                 from broker.workers import serve_workers
 
+                _refuse(listener_problems(config))
                 return serve_workers(config, embedded, _serve)
             return asyncio.run(_serve(config, embedded))
         if args.command == "keys" and args.keys_command == "generate":
@@ -155,11 +216,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _keys(args, config)
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
-            check_private_if_present(config.keyring.file)
-            print(
-                f"config OK: {len(config.upstreams)} upstream(s), listening on {', '.join(entry.address for entry in config.listeners())}"
-            )
-            return 0
+            return _check(config)
     except BrokerError as exc:
         print(f"credential-broker: {exc.message}", file=sys.stderr)
         return 2
@@ -172,11 +229,37 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 2
 
 
+def _check(config: BrokerConfig) -> int:
+    """``config check``: what can be known without serving; says what it could not check."""
+    from broker.crypto import FileKeySource
+
+    keyring = FileKeySource(config.keyring.file).load()
+    _refuse([*listener_problems(config), *file_problems(config)])
+    listening = ", ".join(entry.address for entry in config.listeners())
+    print(f"config OK: {len(config.upstreams)} upstream(s), listening on {listening}")
+    count = len(keyring.ids())
+    print(
+        f"checked: the keyring {config.keyring.file} opens ({count} key{'s' if count != 1 else ''}); "
+        "every address can be bound; every socket folder can be used"
+    )
+    for line in not_checked(config):
+        print(f"not checked: {line}")
+    return 0
+
+
 def _keys(args: argparse.Namespace, config: BrokerConfig) -> int:
     from broker.crypto import FileKeySource
     from broker.keys import KeyRotation
     from broker.store import open_store
 
+    # Check the inputs before opening the store, and never create a store here: a failed
+    # command leaves no file behind.
+    FileKeySource(config.keyring.file).load()
+    if config.store.backend == "sqlite" and not config.store.path.exists():
+        raise StoreError(
+            f"no store at {config.store.path}; keys commands work on an existing store: start the "
+            "broker once (serve creates it), or check store.path"
+        )
     store = open_store(config.store)
     try:
         rotation = KeyRotation(FileKeySource(config.keyring.file), store)

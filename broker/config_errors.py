@@ -48,6 +48,14 @@ def validation_problems(err: ValidationError, root: type[BaseModel]) -> list[str
             continue  # the str branch of a "string or mapping" union: the mapping branch explains
         path, annotation, known = _walk(root, e["loc"])
         texts.setdefault(_loc(path), []).append(_plain(e, annotation, known))
+    for where in list(texts):
+        if any(other.startswith(f"{where}[") for other in texts):
+            # A union's list branch failed on an item: that explains it; drop "must be a string".
+            kept = [t for t in texts[where] if t != "must be a string"]
+            if kept:
+                texts[where] = kept
+            else:
+                del texts[where]
     return [f"{where}: {_either(dict.fromkeys(found))}" for where, found in texts.items()]
 
 

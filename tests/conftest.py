@@ -306,7 +306,8 @@ async def make_broker(
     ) -> Broker:
         client = client or auth_server.new_client(auth_method=auth_method, redirect_uri=REDIRECT_URI)
         document: dict[str, Any] = {
-            "listen": ["127.0.0.1:0", f"unix://{tmp_path}/broker.sock"],
+            # Each broker its own socket: a second one never takes over the first's (a replica).
+            "listen": ["127.0.0.1:0", f"unix://{tmp_path}/broker{len(started) or ''}.sock"],
             "store": store_doc,
             "keyring": {"file": str(keyring)},
             "upstreams": upstreams if upstreams is not None else [upstream_doc(auth_server, client)],

@@ -55,6 +55,10 @@ def test_config_check_reports_the_field(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["config", "check", "--config", str(config)]) == 2
     assert "upstreams[0].auth_broker.token_endpoint: required" in capsys.readouterr().err
     config.write_text(yaml.safe_dump({"keyring": {"file": "k"}}))
+    assert main(["config", "check", "--config", str(config)]) == 2
+    assert f"no keyring at {tmp_path / 'k'}" in capsys.readouterr().err  # config check opens it
+    main(["keys", "generate", "--output", str(tmp_path / "k")])
+    capsys.readouterr()
     assert main(["config", "check", "--config", str(config)]) == 0
     assert "config OK" in capsys.readouterr().out
 

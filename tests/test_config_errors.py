@@ -102,6 +102,15 @@ def test_plain_words(document: dict[str, Any], expected: str) -> None:
     assert "Input should" not in line and "valid tuple" not in line
 
 
+def test_a_bad_item_in_a_string_or_list_field_is_named_alone() -> None:
+    assert _errors({"upstreams": [_upstream("a", resource=["https://r.example", 1])]}) == [
+        "upstreams[0].auth_broker.resource[1]: must be a string"
+    ]
+    assert _errors({"upstreams": [_upstream("a", client_id=["x"])]}) == [
+        "upstreams[0].auth_broker.client_id: must be a string"
+    ]
+
+
 def test_unknown_keys_suggest_the_closest_known_key() -> None:
     (line,) = _errors({"upstreams": [_upstream("a", token_endpont="https://as.example/token")]})
     assert line == "upstreams[0].auth_broker.token_endpont: unknown key; did you mean token_endpoint?"

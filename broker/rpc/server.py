@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.config import ListenerConfig, TlsConfig
 from broker.errors import ConfigError
+from broker.preflight import private_socket_path, tcp_problem, unix_problem
 from broker.rpc.servicer import CredentialBrokerServicer, lenient_deserializer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
@@ -68,37 +70,61 @@ class BrokerServer:
         if extra_handlers:
             self._server.add_generic_rpc_handlers(tuple(extra_handlers))
         self.addresses: list[str] = []
-        self._sockets: list[tuple[Path, int]] = []
+        self._sockets: list[tuple[Path, int, int, int]] = []  # path, mode, st_ino, st_dev
+        self._health_server: grpc.aio.Server | None = None
+        try:
+            self._bind_all(listen, health_listen, options)
+        except BaseException:
+            self._remove_sockets()  # a failed start leaves no socket file behind
+            raise
+
+    def _bind_all(
+        self, listen: Sequence[str | ListenerConfig], health_listen: str | None, options: list[Any]
+    ) -> None:
         for index, entry in enumerate(listen):
             listener = ListenerConfig(address=entry) if isinstance(entry, str) else entry
+            where = f"listen[{index}]"
             if listener.is_unix:
-                _check_socket_path(f"listen[{index}]", Path(listener.address.removeprefix("unix://")))
-            self.addresses.append(self._bind(self._server, listener.address, listener.mode, secure=True))
-        self._health_server: grpc.aio.Server | None = None
+                _check_socket_path(where, listener.address)
+            self.addresses.append(
+                self._bind(self._server, listener.address, listener.mode, secure=True, where=where)
+            )
         if health_listen:
             # Health only, for kubelet gRPC probes that cannot reach a unix socket.
             self._health_server = grpc.aio.server(options=options)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             # Plaintext on purpose, whatever tls says: kubelet probes speak neither TLS nor
             # the request header. It serves nothing but grpc.health.v1.
-            self.health_address = self._bind(self._health_server, health_listen, 0o660, secure=False)
+            if health_listen.startswith("unix://"):
+                _check_socket_path("health_listen", health_listen)
+            self.health_address = self._bind(
+                self._health_server, health_listen, 0o660, secure=False, where="health_listen"
+            )
 
-    def _bind(self, server: grpc.aio.Server, address: str, mode: int = 0o660, *, secure: bool = False) -> str:
+    def _bind(
+        self,
+        server: grpc.aio.Server,
+        address: str,
+        mode: int = 0o660,
+        *,
+        secure: bool = False,
+        where: str = "listen",
+    ) -> str:
         if address.startswith("unix://"):
             path = Path(address.removeprefix("unix://"))
             path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()  # a stale socket from a previous run
-            server.add_insecure_port(address)
-            self._sockets.append((path, mode))
+            # gRPC unlinks whatever is at the path it binds, before binding and again at
+            # shutdown, so it never binds the configured path itself: it binds a private name in
+            # the same folder, which is then renamed over the path (replacing a stale socket that
+            # _check_socket_path found nothing serving on). gRPC's own unlink at shutdown then
+            # finds nothing; stop() removes the path only while it is still this socket.
+            private = private_socket_path(path)  # a fresh random name: never another's
+            _add_port(server, f"unix://{private}", None, where)
+            os.rename(private, path)
+            st = path.lstat()
+            self._sockets.append((path, mode, st.st_ino, st.st_dev))
             return address
-        if secure and self._credentials is not None:
-            port = server.add_secure_port(address, self._credentials)
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
+        port = _add_port(server, address, self._credentials if secure else None, where)
         host = address.rpartition(":")[0]
         return f"{host}:{port}"
 
@@ -106,7 +132,7 @@ class BrokerServer:
         await self._server.start()
         if self._health_server is not None:
             await self._health_server.start()
-        for path, mode in self._sockets:
+        for path, mode, _, _ in self._sockets:
             os.chmod(path, mode)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -117,27 +143,45 @@ class BrokerServer:
         await self._server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
-        for path, _ in self._sockets:
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        for path, _, inode, device in self._sockets:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                st = path.lstat()
+                if (st.st_ino, st.st_dev) == (inode, device):
+                    path.unlink()  # still the socket this process created
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
 
-def _check_socket_path(where: str, path: Path) -> None:
-    """Refuse a socket path that someone else owns, or that is not a socket: never replace it."""
+def _check_socket_path(where: str, address: str) -> None:
+    """Refuse a socket path that cannot be used, that someone else owns, that is not a socket, or
+    that a live process answers on: never replace those (broker/preflight.py)."""
+    problem = unix_problem(address)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
+
+
+def _add_port(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, where: str
+) -> int:
+    """Bind ``address``; a failure becomes one line naming the entry and the reason."""
+    port: int
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if st.st_uid != os.geteuid():
-        raise ConfigError(
-            f"{where}: {path} is owned by uid {st.st_uid}, not this process (uid {os.geteuid()}); "
-            "refusing to replace it"
-        )
-    if not path.is_socket():
-        raise ConfigError(f"{where}: {path} exists and is not a socket; refusing to replace it")
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "Failed to bind"; ask the OS why
+        port = 0
+    if port == 0 and not address.startswith("unix://"):
+        hint = " (check tls.cert_file and tls.key_file)" if credentials is not None else ""
+        raise ConfigError(f"{where}: {tcp_problem(address) or f'{address} could not be bound{hint}'}")
+    if port == 0:
+        raise ConfigError(f"{where}: {address} could not be bound")
+    return port
 
 
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
