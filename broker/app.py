@@ -126,6 +126,7 @@ def build_app(
             timeout=config.http.timeout_seconds,
             max_bytes=config.http.max_response_bytes,
             transport=transport,
+            max_concurrent_requests=config.http.max_concurrent_requests,
         )
         exchanger = TokenExchanger(vault, tokens, clock, logger, auditor)
         policy = PolicyEnforcer(build_policy(config.policy), logger)

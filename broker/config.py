@@ -138,8 +138,15 @@ class LogConfig(_Strict):
 class HttpConfig(_Strict):
     """Outbound calls to authorization servers."""
 
+    # Bounds each token request as a whole: the wait for a request slot, connect, send and
+    # every byte of the answer.
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     max_response_bytes: int = Field(default=1 << 20, ge=1024, le=16 << 20)
+    # Per upstream, per process: token requests in flight at once; more wait for a slot within
+    # their deadline. A refresh is one short request per credential per token lifetime, so 10
+    # slots carry hundreds of refreshes a second at normal latency, while a hung upstream can
+    # hold no more than 10 connections (each token endpoint host also has its own pool).
+    max_concurrent_requests: int = Field(default=10, ge=1, le=1000)
 
 
 # Asymmetric JWS algorithms only (RFC 7518 section 3, RFC 8037): "none" and the HMAC family
@@ -292,6 +299,10 @@ class BrokerConfig(_Strict):
     # How often expired pending flows are deleted (and a SQLite file's freed pages given back).
     flow_purge_interval_seconds: float = Field(default=60.0, gt=0, le=3600)
     refresh_window_seconds: int = Field(default=60, ge=0, le=3600)
+    # A credential refreshed (or connected) less than this long ago is not refreshed again just
+    # because a caller's min_valid_seconds asks for more than its token has: a new token would
+    # not have more. The caller gets it with its true expires_at. See BrokerService.resolve.
+    min_refresh_interval_seconds: int = Field(default=30, ge=0, le=3600)
     # How long Resolve may answer from memory without reading the store again. Any write made
     # by this process drops the memory at once; this bounds how late a change made by another
     # process (a replica's Disconnect, a tampered row) is seen. 0 reads the store every time.

@@ -119,7 +119,9 @@ class TokenExchanger:
         assert auth.token_endpoint is not None  # set in config or by discovery at start-up
         self.exchanges += 1
         try:
-            token = await self._tokens.request_token(auth.token_endpoint, form, client)
+            token = await self._tokens.request_token(
+                auth.token_endpoint, form, client, upstream=upstream.name
+            )
             if auth.mode is Mode.TOKEN_EXCHANGE:
                 rfc8693.check_issued_token_type(token, auth.requested_token_type)
         except (TokenRequestRejected, UpstreamUnavailable) as exc:

@@ -183,12 +183,20 @@ class MeteredTokenClient(TokenEndpointClient):
         self._names = upstream_by_endpoint
 
     async def request_token(
-        self, endpoint: str, form: Sequence[tuple[str, str]], credentials: ClientCredentials
+        self,
+        endpoint: str,
+        form: Sequence[tuple[str, str]],
+        credentials: ClientCredentials,
+        *,
+        upstream: str | None = None,
+        deadline: float | None = None,
     ) -> TokenResponse:
         grant = next((v for k, v in form if k == "grant_type"), "")
         outcome = "error"
         try:
-            response = await super().request_token(endpoint, form, credentials)
+            response = await super().request_token(
+                endpoint, form, credentials, upstream=upstream, deadline=deadline
+            )
             outcome = "ok"
             return response
         except TokenRequestRejected:
@@ -198,7 +206,8 @@ class MeteredTokenClient(TokenEndpointClient):
             outcome = "unavailable"
             raise
         finally:
-            self._metrics.token_requests.labels(self._names.get(endpoint, "unknown"), grant, outcome).inc()
+            name = upstream or self._names.get(endpoint, "unknown")
+            self._metrics.token_requests.labels(name, grant, outcome).inc()
 
 
 class TimedStore:

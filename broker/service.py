@@ -55,6 +55,9 @@ from broker.vault import CredentialVault
 
 # How often a process that did not get a refresh lease looks for the holder's result.
 _LEASE_POLL_SECONDS = 0.02
+# A refresh lease runs this much longer than the token request made under it, for the store
+# write that follows the answer (see BrokerService._refresh).
+_LEASE_MARGIN_SECONDS = 5.0
 
 
 class BrokerService:
@@ -88,7 +91,7 @@ class BrokerService:
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
         # Who holds a refresh lease, and for how long: one token request plus a margin.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._lease_seconds = config.http.timeout_seconds + 5.0
+        self._lease_seconds = config.http.timeout_seconds + _LEASE_MARGIN_SECONDS
 
     @property
     def flights(self) -> SingleFlight[Credential]:
@@ -309,16 +312,32 @@ class BrokerService:
         if not credential.valid_for(self._clock.now(), window):
             if credential.status is CredentialStatus.NEEDS_REAUTH or not credential.secrets.refresh_token:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
+            if self._refreshed_recently(credential, self._clock.now()):
+                return self._resolved(credential, upstream)
             try:
                 credential = await self._flights.run(
                     (user, upstream.key), lambda: self._audited_refresh(user, upstream, window)
                 )
-            except UpstreamUnavailable:
-                # The authorization server is down: a token still valid for what the caller
-                # asked is better than an error.
-                if not credential.valid_for(self._clock.now(), floor):
+            except (UpstreamUnavailable, TokenRequestRejected) as exc:
+                # The authorization server is down, or refused in a way that does not end the
+                # grant (invalid_scope, invalid_request, a 4xx without a code; the failure is on
+                # the credential already): a token still valid for what the caller asked is
+                # better than an error. A terminal refusal became ReconnectRequired earlier.
+                if lifecycle.is_terminal(exc) or not credential.valid_for(self._clock.now(), floor):
                     raise
         return self._resolved(credential, upstream)
+
+    def _refreshed_recently(self, credential: Credential, now: float) -> bool:
+        """True when a refresh now would be pointless: the credential was refreshed (or
+        connected) less than ``min_refresh_interval_seconds`` ago and still covers the broker's
+        own refresh window, so only a caller's larger ``min_valid_seconds`` is unmet, and a new
+        token would not meet it either. The caller gets this one, with its true expires_at."""
+        last = credential.last_refresh_at
+        return (
+            last is not None
+            and now - last < self._config.min_refresh_interval_seconds
+            and credential.valid_for(now, self._config.refresh_window_seconds)
+        )
 
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
@@ -370,7 +389,9 @@ class BrokerService:
                 and credential.status is not CredentialStatus.NEEDS_REAUTH
             ):
                 return credential  # another process refreshed while this one waited
-            if window is not None and credential.valid_for(now, window):
+            if window is not None and (
+                credential.valid_for(now, window) or self._refreshed_recently(credential, now)
+            ):
                 return credential
             refresh_token = credential.secrets.refresh_token
             if credential.status is CredentialStatus.NEEDS_REAUTH or not refresh_token:
@@ -383,6 +404,10 @@ class BrokerService:
                 raise UpstreamUnavailable(
                     "the authorization server failed recently; the broker retries after a backoff"
                 )
+            # The request's deadline is fixed before the claim: the lease (timeout + margin) starts
+            # when the store runs the claim, which is later, so it outlives the request, the wait
+            # for a request slot included. (PostgreSQL times the lease by its own clock.)
+            deadline = loop.time() + self._config.http.timeout_seconds
             claimed = await asyncio.to_thread(
                 self._vault.store.claim_refresh,
                 user,
@@ -393,7 +418,7 @@ class BrokerService:
                 self._lease_seconds,
             )
             if claimed:
-                renewed = await self._refresh_claimed(user, upstream, credential, refresh_token)
+                renewed = await self._refresh_claimed(user, upstream, credential, refresh_token, deadline)
                 if renewed is not None:
                     return renewed
                 if raced:
@@ -410,15 +435,22 @@ class BrokerService:
             await asyncio.sleep(_LEASE_POLL_SECONDS)
 
     async def _refresh_claimed(
-        self, user: str, upstream: UpstreamConfig, credential: Credential, refresh_token: str
+        self,
+        user: str,
+        upstream: UpstreamConfig,
+        credential: Credential,
+        refresh_token: str,
+        deadline: float,
     ) -> Credential | None:
-        """Present the refresh token (this process holds the lease). None means the stored
-        refresh token changed meanwhile and the caller should look again."""
+        """Present the refresh token (this process holds the lease until after ``deadline``).
+        None means the stored refresh token changed meanwhile and the caller should look again.
+
+        No scope parameter: RFC 6749 section 6, the original grant stands."""
         auth = upstream.auth_broker
         form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
         form += [("resource", r) for r in auth.resources()]
         try:
-            token = await self._request(upstream, form, user)
+            token = await self._request(upstream, form, user, deadline)
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
             if isinstance(exc, TokenRequestRejected) and exc.oauth_error == "invalid_grant":
                 # A race, not a revocation, when someone stored a new refresh token meanwhile.
@@ -466,7 +498,12 @@ class BrokerService:
         else:
             failures = credential.failure_count + 1
             status = CredentialStatus.ERROR
-            retry_at = self._clock.now() + lifecycle.backoff_seconds(failures)
+            wait = lifecycle.backoff_seconds(failures)
+            if kind == "timeout":
+                # A request cut at its deadline may still be processed by a slow server: give it
+                # at least one more timeout before the same refresh token is presented again.
+                wait = max(wait, self._config.http.timeout_seconds)
+            retry_at = self._clock.now() + wait
             self._log.warning(
                 "refresh failed; will retry",
                 extra=fields(user_id=user, upstream=upstream.name, error=kind, failures=failures),
@@ -482,12 +519,18 @@ class BrokerService:
         )
 
     async def _request(
-        self, upstream: UpstreamConfig, form: Sequence[tuple[str, str]], user: str
+        self,
+        upstream: UpstreamConfig,
+        form: Sequence[tuple[str, str]],
+        user: str,
+        deadline: float | None = None,
     ) -> TokenResponse:
         endpoint = upstream.auth_broker.token_endpoint
         assert endpoint is not None  # by config, or discovered at start-up
         try:
-            return await self._tokens.request_token(endpoint, form, self._client(upstream))
+            return await self._tokens.request_token(
+                endpoint, form, self._client(upstream), upstream=upstream.name, deadline=deadline
+            )
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
             self._log.warning(
                 "token request failed",

@@ -78,6 +78,7 @@ FAILURE_KINDS = frozenset(
         "close",
         "custom",
         "override",
+        "drip",
     }
 )
 
@@ -167,6 +168,8 @@ class _Response:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     close: bool = False
+    #: When > 0, the headers go out at once and then the body one byte every ``drip`` seconds.
+    drip: float = 0.0
 
 
 @dataclass
@@ -421,10 +424,24 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(response.body)))
             self.end_headers()
+            if response.drip > 0:
+                self._drip(response)
+                return
             self.wfile.write(response.body)
             self.wfile.flush()
         except OSError:  # the client went away (BrokenPipe, ConnectionReset, ...)
             self.close_connection = True
+
+    def _drip(self, response: _Response) -> None:
+        """Headers now, then one body byte every ``response.drip`` seconds (a slow-loris answer)."""
+        self.wfile.flush()
+        stopping = self.server.auth._stop_event
+        for index in range(len(response.body)):
+            if stopping.wait(response.drip):
+                self.close_connection = True  # stopping: drop the rest unanswered
+                return
+            self.wfile.write(response.body[index : index + 1])
+            self.wfile.flush()
 
 
 class AuthServer:
@@ -598,6 +615,8 @@ class AuthServer:
         (oauth_error), ``retry_after`` (adds a Retry-After header to "500"/"503"), ``delay``
         (any kind: wait that many seconds before answering). "override" processes the request
         normally, then sets the successful answer's fields to ``fields`` (a dict; None removes one).
+        "drip" processes the request normally (a refresh token is used and rotated) and sends the
+        headers at once, then the body one byte every ``seconds`` (default 1).
         """
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {sorted(FAILURE_KINDS)}")
@@ -876,7 +895,10 @@ class AuthServer:
         headers = {}
         if status == 401:
             headers["WWW-Authenticate"] = 'Basic realm="authserver"'  # RFC 6749 §5.2
-        return _json_response(status, payload, headers)
+        response = _json_response(status, payload, headers)
+        if kind == "drip":
+            response.drip = float(options.get("seconds", 1.0))
+        return response
 
     def _failure_response(
         self, kind: str, options: dict[str, Any], request: RecordedRequest
@@ -889,7 +911,7 @@ class AuthServer:
             if self._stop_event.wait(float(options.get("seconds", 5))):
                 return _Response(close=True)  # stopping: drop the request unanswered
             return None
-        if kind in ("negative_expiry", "huge_expiry", "no_refresh_token", "override"):
+        if kind in ("negative_expiry", "huge_expiry", "no_refresh_token", "override", "drip"):
             return None
         if kind in ("500", "503"):
             headers = {}

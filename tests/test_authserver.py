@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import socket
 import threading
@@ -811,6 +812,24 @@ def test_fail_timeout_trips_client_timeout(server: AuthServer, client: Client) -
         post_token(h, server, client, _exchange_form(server))
 
 
+def test_fail_drip_sends_headers_at_once_then_one_byte_at_a_time(
+    server: AuthServer, http: httpx.Client, client: Client
+) -> None:
+    server.fail_next("drip", seconds=0.004)
+    start = time.monotonic()
+    headers = {"Authorization": basic_header(client.client_id, client.client_secret or "")}
+    form = _exchange_form(server)
+    with http.stream("POST", server.token_endpoint, data=form, headers=headers) as response:
+        headers_after = time.monotonic() - start
+        chunks = list(response.iter_raw())
+    elapsed = time.monotonic() - start
+    body = b"".join(chunks)
+    assert response.status_code == 200 and headers_after < 0.5
+    assert len(chunks) > len(body) // 2  # the bytes came (mostly) one at a time
+    assert elapsed >= len(body) * 0.004
+    assert json.loads(body)["token_type"] == "Bearer"  # processed normally, then dripped
+
+
 def test_fail_junk(server: AuthServer, http: httpx.Client, client: Client) -> None:
     server.fail_next("junk")
     response = post_token(http, server, client, _exchange_form(server))
@@ -954,6 +973,7 @@ def test_every_failure_kind_is_covered() -> None:
         "close",
         "custom",
         "override",
+        "drip",
     }
     assert covered == FAILURE_KINDS
 
@@ -1120,7 +1140,7 @@ def test_no_internal_errors_after_a_busy_session(
     server: AuthServer, http: httpx.Client, client: Client
 ) -> None:
     # (gzip_bomb is left out: httpx would inflate all of it in memory.)
-    for kind in sorted(FAILURE_KINDS - {"timeout", "close", "gzip_bomb"}):
+    for kind in sorted(FAILURE_KINDS - {"timeout", "close", "gzip_bomb", "drip"}):
         server.fail_next(kind)
         post_token(http, server, client, _exchange_form(server))
     code_grant(http, server, client)

@@ -77,8 +77,41 @@ def test_one_claimer_wins_across_replicas(replicas: tuple[Any, Any]) -> None:
     row = b.get_credential("alice", KEY)
     assert row.status == "refreshing"
     assert not b.claim_refresh("alice", KEY, generation, "late", 120.0, 30.0)  # lease still live
-    assert b.claim_refresh("alice", KEY, generation, "late", 131.0, 30.0)  # the holder crashed: expired
     assert not a.claim_refresh("alice", KEY, generation + 1, "x", 200.0, 30.0)  # wrong generation
+
+
+def test_a_crashed_holders_lease_expires(replicas: tuple[Any, Any], store_backend: str) -> None:
+    a, b = replicas
+    generation = _seed(a)
+    if store_backend == "sqlite":  # judged by the claimer's clock (one host shares one file)
+        assert a.claim_refresh("alice", KEY, generation, "crashed", 100.0, 30.0)
+        assert not b.claim_refresh("alice", KEY, generation, "late", 129.0, 30.0)
+        assert b.claim_refresh("alice", KEY, generation, "late", 131.0, 30.0)
+        return
+    # PostgreSQL judges by the database's clock: the lease runs 0.5 s whatever the claimers say.
+    assert a.claim_refresh("alice", KEY, generation, "crashed", time.time(), 0.5)
+    assert not b.claim_refresh("alice", KEY, generation, "late", time.time(), 30.0)
+    time.sleep(0.7)
+    assert b.claim_refresh("alice", KEY, generation, "late", time.time(), 30.0)
+
+
+def test_postgres_lease_expiry_is_judged_by_the_database_clock(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Replicas whose clocks disagree with the database (ahead, behind) still see one lease."""
+    a = _open("postgres", request, tmp_path)
+    b = _open("postgres", request, tmp_path)
+    try:
+        generation = _seed(a)
+        behind, ahead = time.time() - 3600, time.time() + 3600
+        assert a.claim_refresh("alice", KEY, generation, "slow-clock", behind, 30.0)
+        # A replica an hour ahead would think that lease long expired; the database knows better.
+        assert not b.claim_refresh("alice", KEY, generation, "fast-clock", ahead, 30.0)
+        (until,) = a._read("SELECT lease_until FROM credentials WHERE user_id = %s", ("alice",))[0]
+        assert abs(until - (time.time() + 30.0)) < 5.0  # the database's now, not the claimer's
+    finally:
+        a.close()
+        b.close()
 
 
 def test_failure_and_save_release_the_lease(replicas: tuple[Any, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,19 @@ class ClientCredentials:
 
 class TokenEndpointClient:
     """Posts token requests. The transport is injectable; bodies are capped at ``max_bytes``
-    after decompression; every failure becomes an UpstreamUnavailable or TokenRequestRejected."""
+    after decompression; every failure becomes an UpstreamUnavailable or TokenRequestRejected.
+
+    Bulkheads, so one slow or hung authorization server never delays another:
+
+    - each token endpoint host (scheme, host, port) gets its own connection pool;
+    - each upstream gets at most ``max_concurrent_requests`` requests in flight at once (the
+      others wait for a slot). Requests made without an upstream (revocation) share one
+      bulkhead per host.
+
+    ``timeout`` bounds each request as a whole, by an asyncio deadline: the wait for a slot,
+    connect, send, and every byte of the answer. A server that answers one byte at a time is
+    cut at the deadline, not let run for as long as each read stays under a per-read timeout.
+    """
 
     def __init__(
         self,
@@ -46,33 +59,86 @@ class TokenEndpointClient:
         timeout: float,
         max_bytes: int,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_concurrent_requests: int = 10,
     ) -> None:
+        self.timeout = timeout
         self._max_bytes = max_bytes
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            follow_redirects=False,
-            trust_env=False,
-            headers={"Accept": "application/json", "Accept-Encoding": "gzip, identity"},
-        )
+        self._transport = transport
+        self._max_concurrent = max_concurrent_requests
+        self._pools: dict[tuple[str, str, int | None], httpx.AsyncClient] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    def _pool(self, origin: tuple[str, str, int | None]) -> httpx.AsyncClient:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = httpx.AsyncClient(
+                # The per-operation timeouts are a backstop; the deadline in post_form rules.
+                timeout=httpx.Timeout(self.timeout),
+                # Concurrency is bounded per upstream by the slots below, not by the pool, so a
+                # pool never makes a request wait behind another upstream's.
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=self._max_concurrent),
+                transport=self._transport,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"Accept": "application/json", "Accept-Encoding": "gzip, identity"},
+            )
+        return pool
+
+    def _slot(self, key: str) -> asyncio.Semaphore:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = asyncio.Semaphore(self._max_concurrent)
+        return slot
 
     async def request_token(
-        self, endpoint: str, form: Sequence[tuple[str, str]], credentials: ClientCredentials
+        self,
+        endpoint: str,
+        form: Sequence[tuple[str, str]],
+        credentials: ClientCredentials,
+        *,
+        upstream: str | None = None,
+        deadline: float | None = None,
     ) -> TokenResponse:
-        status, body = await self.post_form(endpoint, form, credentials)
+        """Post a token request and parse the answer. ``upstream`` picks the bulkhead;
+        ``deadline`` (event-loop time) replaces "now + timeout" when the caller must know the
+        request is over by then (a refresh under a lease)."""
+        status, body = await self.post_form(endpoint, form, credentials, upstream=upstream, deadline=deadline)
         return parse_token_response(status, body)
 
     async def post_form(
-        self, endpoint: str, form: Sequence[tuple[str, str]], credentials: ClientCredentials
+        self,
+        endpoint: str,
+        form: Sequence[tuple[str, str]],
+        credentials: ClientCredentials,
+        *,
+        upstream: str | None = None,
+        deadline: float | None = None,
     ) -> tuple[int, bytes]:
         fields = list(form)
         headers: dict[str, str] = {}
         credentials.apply(fields, headers)
+        url = httpx.URL(endpoint)
+        origin = (url.scheme, url.host, url.port)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.timeout if deadline is None else deadline
+        have_slot = False
         try:
-            async with self._http.stream("POST", endpoint, data=dict_multi(fields), headers=headers) as resp:
-                body = await self._read(resp)
-                return resp.status_code, body
-        except httpx.TimeoutException:
+            async with (
+                asyncio.timeout_at(until),
+                self._slot(upstream or f"{url.scheme}://{url.netloc.decode()}"),
+            ):
+                have_slot = True
+                async with self._pool(origin).stream(
+                    "POST", url, data=dict_multi(fields), headers=headers
+                ) as resp:
+                    body = await self._read(resp)
+                    return resp.status_code, body
+        except (TimeoutError, httpx.TimeoutException):
+            if not have_slot:
+                raise UpstreamUnavailable(
+                    "timed out waiting for a free token request slot for this upstream "
+                    "(http.max_concurrent_requests); the authorization server is slow"
+                ) from None
             raise UpstreamUnavailable("the authorization server timed out") from None
         except httpx.HTTPError:
             # The exception text can name the URL; it is dropped on purpose.
@@ -99,7 +165,9 @@ class TokenEndpointClient:
         return bytes(out)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
 
 
 def dict_multi(fields: Sequence[tuple[str, str]]) -> dict[str, str | list[str]]:

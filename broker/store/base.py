@@ -193,7 +193,9 @@ class CredentialStore(Protocol):
         """Take the refresh lease of a credential, atomically: only if it is still at
         ``generation`` and nobody else holds an unexpired lease. Sets status "refreshing".
         True when ``owner`` now holds it. A later ``save_credential`` or ``record_failure``
-        releases it; a crashed holder's lease simply expires."""
+        releases it; a crashed holder's lease simply expires. The lease runs ``lease_seconds``
+        from ``now`` (SQLite), or from the database's own clock (PostgreSQL, which ignores
+        ``now``, so replicas whose clocks disagree still agree on when a lease ends)."""
 
     def sealed_records(self, after_position: int, limit: int, skip_kek_id: str) -> list[SealedRecord]:
         """Up to ``limit`` sealed records (both tables) with position > ``after_position`` whose

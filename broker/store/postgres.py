@@ -12,6 +12,7 @@ Atomicity across replicas:
 - ``claim_refresh`` (the refresh lease, the same as SQLite's) is one ``UPDATE ... WHERE
   generation = %s AND <no live lease>``: a concurrent claimer waits for the row lock, re-checks
   the WHERE on the committed row and matches nothing, so exactly one process holds the lease.
+  The lease is timed by the database's clock (``LEASE_CLOCK``), not the replicas'.
 
 Errors: every psycopg/pool error becomes a StoreError (UNAVAILABLE) here, once. Messages carry
 the error class and SQLSTATE, never the DSN or its password. After a connection failure, reads
@@ -128,6 +129,10 @@ class PostgresStore(SharedQueries):
     schema_version = SCHEMA_VERSION
     PLACEHOLDER = "%s"
     INSERT_ORDER = "seq"
+    # Replicas on different hosts judge a refresh lease by the database's clock, never their
+    # own: clock_timestamp() is the time the statement runs (after any row-lock wait), where
+    # now() would be the transaction's start.
+    LEASE_CLOCK = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
     def __init__(self, dsn: str, *, pool_size: int = 10, name: str = "credential-broker") -> None:
         self._dsn = dsn

@@ -29,6 +29,9 @@ class SharedQueries:
     PLACEHOLDER = "?"
     # The column that orders rows by insertion (the tie-break between flows of the same instant).
     INSERT_ORDER = "rowid"
+    # SQL for the database's "now" in epoch seconds, when the database's clock times refresh
+    # leases; None: the claimer's clock (SQLite: every process sharing the file is on one host).
+    LEASE_CLOCK: str | None = None
 
     def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         raise NotImplementedError
@@ -75,15 +78,19 @@ class SharedQueries:
         # One statement. PostgreSQL: a concurrent claimer blocks on the row lock, then re-evaluates
         # the WHERE on the committed row (READ COMMITTED) and matches nothing; SQLite: the write
         # transaction is BEGIN IMMEDIATE, so claims are serialized.
+        # With LEASE_CLOCK set, the database's clock times the lease (when it starts, whether it
+        # ended) and ``now`` is unused, so replicas whose clocks disagree agree on the lease.
+        clock = self.LEASE_CLOCK or "?"
+        at: tuple[float, ...] = () if self.LEASE_CLOCK else (now,)
         with self._write() as conn:
             cursor = conn.execute(
                 self._q(
-                    "UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = ? "
+                    f"UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = {clock} + ? "
                     "WHERE user_id = ? AND upstream_key = ? AND generation = ? "
                     "AND status != 'needs_reauth' "
-                    "AND (lease_until IS NULL OR lease_until <= ? OR lease_owner = ?)"
+                    f"AND (lease_until IS NULL OR lease_until <= {clock} OR lease_owner = ?)"
                 ),
-                (owner, now + lease_seconds, user_id, upstream_key, generation, now, owner),
+                (owner, *at, lease_seconds, user_id, upstream_key, generation, *at, owner),
             )
             return bool(cursor.rowcount == 1)
 
