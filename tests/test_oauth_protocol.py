@@ -89,3 +89,12 @@ def test_error_codes_are_allow_listed_and_descriptions_dropped() -> None:
         rfc6749.parse_token_response(400, _body(error=f"<b>{secret}</b>"))
     assert info.value.oauth_error is None and secret not in str(info.value)
     assert info.value.metadata == {"http_status": "400"}
+
+
+def test_deeply_nested_metadata_is_not_json_not_a_crash() -> None:
+    """A hostile discovery answer nested past the JSON decoder's recursion limit is a plain
+    'not JSON' refusal (start-up names the issuer), never a RecursionError."""
+    from broker.oauth.rfc8414 import parse_metadata
+
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_metadata("https://as.test", 200, b"[" * 100_000 + b"]" * 100_000)

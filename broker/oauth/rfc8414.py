@@ -38,7 +38,7 @@ def parse_metadata(issuer: str, status: int, body: bytes) -> dict[str, Any]:
         raise ValueError(f"HTTP {status}")
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the decoder's limit
         raise ValueError("not JSON") from None
     if not isinstance(document, dict):
         raise ValueError("not a JSON object")
