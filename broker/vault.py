@@ -19,6 +19,7 @@ from typing import Any, cast
 from broker.crypto.envelope import EnvelopeCipher, RecordContext, key_id_of
 from broker.errors import DecryptionError
 from broker.models import Credential, CredentialStatus, PendingFlow, Secrets
+from broker.oauth import rfc6749
 from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow, SealedRecord
 
 _CREDENTIALS = "credentials"
@@ -170,6 +171,12 @@ class CredentialVault:
         else:
             plain = self._cipher.open(row.sealed, self._context(_CREDENTIALS, *key))
             secrets, meta = _secrets_from(plain)
+            # A record an older version stored from an unchecked answer (a lone surrogate, a
+            # control character) fails closed for its user instead of breaking every answer.
+            if not rfc6749.well_formed(
+                secrets.access_token, secrets.refresh_token, row.token_type, row.scopes
+            ):
+                raise DecryptionError()
             self._cache[key] = (row.generation, row.sealed, secrets, meta)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

@@ -286,3 +286,45 @@ async def test_exchange_answers_go_through_the_same_checks(
     assert auth_server.access_token_info(good.access_token) is not None
     assert [r["token_type"] for r in broker.rows("SELECT token_type FROM credentials")] == ["Bearer"]
     await _serving(broker)
+
+
+# -- records an older version stored ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"scopes": ("read", "\ud800")},
+        {"token_type": "Bearer\r\nX-Injected: 1"},
+        {"secrets": "at_\udfff"},
+    ],
+    ids=["scope lone surrogate", "token_type CR/LF", "access_token lone surrogate"],
+)
+async def test_a_hostile_record_stored_by_an_older_version_fails_closed_for_its_user(
+    broker: Broker, change: dict[str, Any]
+) -> None:
+    """Before answers were checked, a hostile answer could be stored as is. Such a record must
+    not answer UNKNOWN on every call: it fails closed for its own user (RECONNECT_REQUIRED, a
+    reconnect replaces it), and everyone else keeps resolving."""
+    import dataclasses
+
+    from broker.models import Secrets
+
+    await broker.connect("alice")
+    await broker.connect("bob")
+    vault = broker.app.vault
+    found = vault.get("alice", broker.app.config.upstreams[0].key)
+    assert found is not None
+    credential, row = found
+    if "secrets" in change:
+        change = {"secrets": Secrets(change["secrets"], credential.secrets.refresh_token)}
+    # What an older version's refresh wrote: the same row, sealed with the hostile value.
+    assert vault.save(dataclasses.replace(credential, **change), row.generation, credential.updated_at)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.resolve("alice")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(info.value).reason == "RECONNECT_REQUIRED"
+    assert (await broker.resolve("bob")).access_token
+    await _serving(broker)
+    await broker.connect("alice")  # a reconnect replaces the record
+    assert (await broker.resolve("alice")).access_token

@@ -155,6 +155,22 @@ def _issued_token_type(data: Mapping[str, object]) -> str | None:
     return value
 
 
+def well_formed(access_token: str, refresh_token: str | None, token_type: str, scopes: Sequence[str]) -> bool:
+    """Whether stored token fields have the syntax an answer must have (appendix A): a record
+    written before answers were checked is refused on read rather than served malformed."""
+    return (
+        len(access_token) <= MAX_TOKEN_LENGTH
+        and _VSCHAR.fullmatch(access_token) is not None
+        and (
+            refresh_token is None
+            or (len(refresh_token) <= MAX_TOKEN_LENGTH and _VSCHAR.fullmatch(refresh_token) is not None)
+        )
+        and len(token_type) <= MAX_TOKEN_TYPE_LENGTH
+        and _TOKEN_TYPE.fullmatch(token_type) is not None
+        and all(_NQCHAR.fullmatch(scope) is not None for scope in scopes)
+    )
+
+
 def parse_token_response(status: int, body: bytes) -> TokenResponse:
     """Parse a token endpoint answer, or raise the broker error it amounts to.
 
