@@ -14,6 +14,7 @@ import yaml
 from broker.crypto import keyfile
 from broker.crypto.keyring import FileKeySource, Keyring, generate_keyring_file, new_key_entry
 from broker.errors import KeyringError
+from broker.store import SqliteStore
 from tests.brokerproc import run_cli
 from tests.conftest import Broker
 
@@ -22,10 +23,13 @@ PREDICTABLE = ("keyring.json.tmp", ".keyring.json.tmp", "keyring.json.new", "key
 
 
 def _config(tmp_path: Path, keyring: Path) -> Path:
+    """A config for ``keyring`` and a store that exists (``keys`` commands need one)."""
     path = tmp_path / "broker.yaml"
+    store = tmp_path / "data" / "broker.db"
+    SqliteStore(store).close()
     document = {
         "listen": ["127.0.0.1:0"],
-        "store": {"path": str(tmp_path / "data" / "broker.db")},
+        "store": {"path": str(store)},
         "keyring": {"file": str(keyring)},
     }
     path.write_text(yaml.safe_dump(document))
