@@ -73,7 +73,14 @@ class SharedQueries:
             )
 
     def claim_refresh(
-        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+        self,
+        user_id: str,
+        upstream_key: str,
+        generation: int,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        failure_count: int | None = None,
     ) -> bool:
         # One statement. PostgreSQL: a concurrent claimer blocks on the row lock, then re-evaluates
         # the WHERE on the committed row (READ COMMITTED) and matches nothing; SQLite: the write
@@ -82,15 +89,19 @@ class SharedQueries:
         # ended) and ``now`` is unused, so replicas whose clocks disagree agree on the lease.
         clock = self.LEASE_CLOCK or "?"
         at: tuple[float, ...] = () if self.LEASE_CLOCK else (now,)
+        # With failure_count: only if no failure was recorded since the claimer read the row (a
+        # failure does not change the generation), so a claim made on a stale read fails.
+        same_failures = "" if failure_count is None else " AND COALESCE(failure_count, 0) = ?"
+        failures: tuple[int, ...] = () if failure_count is None else (failure_count,)
         with self._write() as conn:
             cursor = conn.execute(
                 self._q(
                     f"UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = {clock} + ? "
                     "WHERE user_id = ? AND upstream_key = ? AND generation = ? "
                     "AND status != 'needs_reauth' "
-                    f"AND (lease_until IS NULL OR lease_until <= {clock} OR lease_owner = ?)"
+                    f"AND (lease_until IS NULL OR lease_until <= {clock} OR lease_owner = ?){same_failures}"
                 ),
-                (owner, *at, lease_seconds, user_id, upstream_key, generation, *at, owner),
+                (owner, *at, lease_seconds, user_id, upstream_key, generation, *at, owner, *failures),
             )
             return bool(cursor.rowcount == 1)
 
