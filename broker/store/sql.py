@@ -47,7 +47,7 @@ class SharedQueries:
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
         rows = self._read(
-            self._q(f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?"),
+            self._q(f"SELECT {self.CRED_READ} FROM credentials WHERE user_id = ? AND upstream_key = ?"),
             (user_id, upstream_key),
         )
         return credential_from_row(rows[0]) if rows else None
@@ -139,13 +139,14 @@ class SharedQueries:
         creds: list[CredentialRow | PendingFlowRow] = [
             credential_from_row(r)
             for r in self._read(
-                self._q(f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
+                self._q(f"SELECT {self.CRED_READ} FROM credentials WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
             )
         ]
         flows = [
             flow_from_row(r)
             for r in self._read(
-                self._q(f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
+                self._q(f"SELECT {self.FLOW_READ} FROM pending_flows WHERE kek_id = ? LIMIT ?"),
+                (kek_id, limit),
             )
         ]
         return creds + flows
@@ -189,7 +190,7 @@ class SharedQueries:
     def newest_pending_flow(self, user_id: str, upstream_key: str, now: float) -> PendingFlowRow | None:
         rows = self._read(
             self._q(
-                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
+                f"SELECT {self.FLOW_READ} FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
                 f"AND expires_at > ? ORDER BY created_at DESC, {self.INSERT_ORDER} DESC LIMIT 1"
             ),
             (user_id, upstream_key, now),
@@ -275,8 +276,11 @@ class SharedQueries:
 
     # -- per-key check values (broker/key_checks.py) --------------------------------------
 
-    # The sealed column read as bytes whatever a damaged row holds (SQLite can hold text there).
+    # The sealed column read as bytes whatever a damaged row holds (SQLite can hold text there),
+    # and the column lists that reads select with it.
     SEALED_AS_BYTES = "sealed"
+    CRED_READ = CRED_SELECT
+    FLOW_READ = FLOW_COLUMNS
 
     def key_checks(self) -> dict[str, bytes]:
         rows = self._read(self._q("SELECT kek_id, check_value FROM key_checks"), ())
