@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Go-built tools the ecosystem checks need, at pinned versions:
 #   grpcurl, buf, protoc-gen-go, protoc-gen-go-grpc, and kustomize (renders deploy/kubernetes
-#   for the manifest tests where kubectl is not installed)
+#   for the manifest tests where kubectl is not installed), and helm (lint/template of
+#   deploy/helm in tests/deploy); plus the cert-manager Go module, whose CRDs
+#   (deploy/crds) the chart tests validate cert-manager objects against
 # Everything is built from source with `go install` through the Go module proxy
 # (no release-binary downloads). Idempotent: a tool already in GOBIN at the
 # pinned version is skipped. Prints what it did and how long each step took.
@@ -16,6 +18,8 @@ BUF_VERSION="${BUF_VERSION:-v1.75.0}"
 PROTOC_GEN_GO_VERSION="${PROTOC_GEN_GO_VERSION:-v1.36.12}"
 PROTOC_GEN_GO_GRPC_VERSION="${PROTOC_GEN_GO_GRPC_VERSION:-v1.6.2}"
 KUSTOMIZE_VERSION="${KUSTOMIZE_VERSION:-v5.5.0}"
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+CERT_MANAGER_VERSION="${CERT_MANAGER_VERSION:-v1.16.2}"
 
 if ! command -v go >/dev/null 2>&1; then
   echo "install-tools: go is not on PATH; install Go >= 1.26.7 (buf v1.75.0 needs it) first" >&2
@@ -63,6 +67,12 @@ install_one buf github.com/bufbuild/buf/cmd/buf "$BUF_VERSION"
 if ! command -v kubectl >/dev/null 2>&1; then
   install_one kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION"
 fi
+install_one helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+
+# Only the module source (its CRDs), into the module cache; nothing is built.
+cm_start="$(date +%s)"
+cm_dir="$(go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" | awk -F'"' '$2 == "Dir" { print $4 }')"
+echo "install-tools: cert-manager $CERT_MANAGER_VERSION CRDs in $cm_dir/deploy/crds ($(( $(date +%s) - cm_start ))s)"
 
 case ":$PATH:" in
   *":$GOBIN:"*) ;;

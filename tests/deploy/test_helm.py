@@ -80,7 +80,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "broker": {
             "enabled": True,
             "metricsPort": 9090,
-            "callers": [{"name": "shop", "token_sha256": TOKEN_SHA256, "upstreams": ["github"]}],
+            "callers": [{"name": "shop", "token_sha256": TOKEN_SHA256, "methods": ["Resolve"]}],
             "store": {
                 "sqlite": {"persistence": {"enabled": True, "size": "2Gi", "storageClassName": "fast"}}
             },
@@ -634,7 +634,7 @@ def test_config_change_rolls_the_broker_pods(tmp_path: Path) -> None:
             {"certificates": {"source": "existing"}, "injector": {"tls": {"secretName": "t"}}},
             "set injector.tls.caBundle",
         ),
-        ({"certificates": {"source": "self-signed"}}, "certificates.source"),
+        ({"certificates": {"source": "self-signed"}}, "/certificates/source"),
         ({"injector": {"replicaCount": 2}}, "replicaCount"),
         ({"injector": {"webhook": {"failurePolicy": "Sometimes"}}}, "failurePolicy"),
         ({"broker": {"callers": [{"name": "x", "token_sha256": "not-a-hash"}]}}, "token_sha256"),
