@@ -28,12 +28,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
+# No pip in the final image: remove the base image's own pip (python:3.11-slim has one on PATH)
+# and the pip wheels ensurepip would install.
 RUN groupadd --system --gid 10001 credential-broker \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin credential-broker \
     && mkdir -p /etc/credential-broker /var/lib/credential-broker /var/run/credential-broker \
     && chown 10001:10001 /var/lib/credential-broker /var/run/credential-broker \
-    && chmod 0750 /var/lib/credential-broker
+    && chmod 0750 /var/lib/credential-broker \
+    && if python -m pip --version >/dev/null 2>&1; then python -m pip uninstall --yes --quiet pip; fi \
+    && rm -f /usr/share/python-wheels/pip-*.whl /usr/local/lib/python3*/ensurepip/_bundled/pip-*.whl
 COPY --from=build /opt/venv /opt/venv
 # Data (sqlite store) and the unix socket live on volumes, so the root filesystem can be
 # mounted read-only. The configuration and keyring are mounted read-only into
