@@ -17,21 +17,26 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.config import load_config
 from broker.inject import webhook
+from tests.brokerproc import ServerProcess, run_cli
 from tests.deploy import helmchart
 from tests.deploy.helmchart import CHART, render, template, write_values
 from tests.inject.conftest import validate_k8s
+from tests.pki import TestCA
 
 REQUIRED = os.environ.get("CI", "").lower() == "true" or os.environ.get("REQUIRE_HELM") == "1"
 HELM = helmchart.find_helm()
@@ -666,3 +671,63 @@ def test_helm_is_the_pinned_version() -> None:
         ["go", "version", "-m", str(HELM)], capture_output=True, text=True, check=True
     ).stdout
     assert re.search(r"^\s*mod\s+helm\.sh/helm/v3\s+v3\.22\.0\b", out, re.MULTILINE), out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_standalone_broker_serves_with_the_charts_config_and_certificates(tmp_path: Path) -> None:
+    """A real broker process runs the chart's rendered config.yaml with the chart-generated
+    serving certificate and a caller CA, as the pod would: the file paths are moved under
+    tmp_path and the listeners onto loopback, nothing else is changed. A caller with a
+    certificate from the caller CA reaches it over TLS, verifying the chart's CA and the
+    Service's DNS name; a caller without one is refused."""
+    port, health_port = _free_port(), _free_port()
+    values = {
+        "broker": {"enabled": True, "port": port, "healthPort": health_port, "tls": {"clientCASecret": "ca"}}
+    }
+    docs = render(write_values(tmp_path, values), namespace=NAMESPACE)
+    text = find(docs, "ConfigMap", "credential-broker-config")["data"]["config.yaml"]
+    secret = find(docs, "Secret", "credential-broker-tls")["data"]
+    root = tmp_path / "pod"
+    text = text.replace("/etc/credential-broker/", f"{root}/etc/").replace(
+        "/var/lib/credential-broker/", f"{root}/data/"
+    )
+    text = text.replace("0.0.0.0:", "127.0.0.1:")
+    for directory in ("etc/tls", "etc/client-ca", "etc/keyring", "data"):
+        (root / directory).mkdir(parents=True, mode=0o700)
+    for key in ("tls.crt", "tls.key"):
+        (root / "etc/tls" / key).write_bytes(base64.b64decode(secret[key]))
+        (root / "etc/tls" / key).chmod(0o600)
+    callers_ca = TestCA("callers")
+    (root / "etc/client-ca/ca.crt").write_bytes(callers_ca.pem)
+    run_cli("keys", "generate", "--output", str(root / "etc/keyring/keyring.json"))
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+
+    server = ServerProcess(config, tmp_path / "broker.log")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+        service_name = f"credential-broker.{NAMESPACE}.svc"
+        options = [("grpc.ssl_target_name_override", service_name)]
+        chart_ca = base64.b64decode(secret["ca.crt"])
+        caller = callers_ca.issue("shop", dns=["shop.example"], server=False)
+        creds = grpc.ssl_channel_credentials(chart_ca, caller.key_pem, caller.cert_pem)
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+        anonymous = grpc.ssl_channel_credentials(chart_ca)
+        with grpc.secure_channel(f"127.0.0.1:{port}", anonymous, options=options) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
