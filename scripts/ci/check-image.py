@@ -141,17 +141,6 @@ def check_image(image: str, version: str | None, checks: Checks) -> None:
             return
         result = run_in_image(root, env, [*entrypoint, "--version"])
         out = (result.stdout + result.stderr).strip()
-        if result.returncode == 2 and re.search(r"unrecognized arguments|invalid choice|required", out):
-            # TODO(lead): drop this fallback once `credential-broker --version` is on main.
-            print("check-image: NOTE this build has no --version; checking --help instead")
-            result = run_in_image(root, env, [*entrypoint, "--help"])
-            out = (result.stdout + result.stderr).strip()
-            checks.check(
-                result.returncode == 0 and "usage: credential-broker" in out,
-                f"entrypoint {entrypoint} --help runs as uid 10001",
-                out.splitlines()[0] if out else f"exit {result.returncode}",
-            )
-            return
         ok = result.returncode == 0 and (
             version is None or re.search(rf"\b{re.escape(version)}\b", out) is not None
         )
