@@ -15,8 +15,9 @@
 # $ROOTFS_MAX_AGE_DAYS (security updates), so a fresh machine works without any cache.
 #
 # pip inside the build uses this machine's pip settings: the effective `pip config` (index,
-# certificate, trusted hosts) is written to a pip.conf that is bind-mounted into the build
-# containers together with the CA bundle it names; nothing of it ends up in the image.
+# certificate, trusted hosts) is written to a user pip.conf that is bind-mounted, with the CA
+# bundle it names, read-only over /root in the build containers; nothing of it ends up in
+# the image (check-image.py checks that no pip.conf is left).
 #
 # Must run as root (buildah with chroot isolation, chroot for the entrypoint check).
 # Usage: scripts/ci/build-image.sh [IMAGE_TAG]     (default localhost/credential-broker:ci)
@@ -114,22 +115,25 @@ for key, value in settings.items():
             continue
         with open(value, "rb") as src, open(os.path.join(work, key + ".pem"), "wb") as dst:
             dst.write(src.read())
-        value = f"/run/credential-broker-ci/{key}.pem"
+        value = f"/root/{key}.pem"
     conf["global"][key] = value
-with open(os.path.join(work, "pip.conf"), "w") as f:
+os.makedirs(os.path.join(work, ".config", "pip"))
+with open(os.path.join(work, ".config", "pip", "pip.conf"), "w") as f:
     conf.write(f)
 print("build-image: pip settings passed to the build:", ", ".join(sorted(conf["global"])) or "none")
 EOF
-mounts+=(--volume "$work/pip.conf:/etc/pip.conf:ro")
-for pem in "$work"/*.pem; do
-  [ -f "$pem" ] && mounts+=(--volume "$pem:/run/credential-broker-ci/$(basename "$pem"):ro")
-done
+# Mounted over root's home, which exists in the base image, so that no mount point is
+# created in the image (a bind mount onto a missing path leaves an empty file behind).
+mounts+=(--volume "$work:/root:ro")
 proxy_args=()
 for var in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
   [ -n "${!var:-}" ] && proxy_args+=(--build-arg "$var=${!var}")
 done
 
 # --- build -------------------------------------------------------------------------------
+# Drop the untagged layers of earlier builds (any code change invalidates them anyway), so
+# buildah's storage does not grow with every CI run; the base image is tagged and stays.
+buildah rmi --prune >/dev/null 2>&1 || true
 say "buildah build $IMAGE (PYTHON_IMAGE=$BASE_IMAGE)"
 build_start=$(date +%s)
 buildah build --quiet --isolation chroot --layers \

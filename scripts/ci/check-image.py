@@ -9,8 +9,8 @@ status is 1 if any check fails.
 Checks:
   * the image config runs as user 10001:10001, and /etc/passwd names uid 10001;
   * no C compiler in the filesystem (gcc, cc, c++, g++, clang, tcc, ... anywhere);
-  * no pip: no pip executable, no interpreter in the image can import pip, and no pip wheel
-    that ensurepip could install;
+  * no pip: no pip executable, no interpreter in the image can import pip, no pip wheel
+    that ensurepip could install, and no pip.conf (the build's settings are not left behind);
   * the entrypoint runs as uid 10001: ``<entrypoint> --version`` prints the package version.
 
 Usage: check-image.py [--version X.Y.Z] [--quiet] IMAGE   (run as root)
@@ -101,13 +101,11 @@ def check_image(image: str, version: str | None, checks: Checks) -> None:
                 compilers.append("/" + str(path.relative_to(root)))
             if PIP_NAME.match(name) and (path.is_symlink() or path.is_file()):
                 pips.append("/" + str(path.relative_to(root)))
-            if PIP_WHEEL.match(name):
+            if PIP_WHEEL.match(name) or name == "pip.conf":
                 wheels.append("/" + str(path.relative_to(root)))
         checks.check(not compilers, "no C compiler", ", ".join(compilers) or "none found")
         checks.check(not pips, "no pip executable", ", ".join(pips) or "none found")
-        checks.check(
-            not wheels, "no pip wheel (nothing for ensurepip to install)", ", ".join(wheels) or "none"
-        )
+        checks.check(not wheels, "no pip wheel or pip.conf", ", ".join(wheels) or "none")
 
         interpreters = sorted(
             {
