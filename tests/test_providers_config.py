@@ -221,3 +221,11 @@ def test_cli_providers_list_and_show(tmp_path: Path) -> None:
         "credential-broker: unknown provider 'slak'; did you mean slack? (see: credential-broker providers list)"
     )
     assert unknown.stdout == ""
+
+
+def test_docs_providers_md_lists_every_catalogue_entry() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "providers.md").read_text()
+    for name, entry in provider_catalogue().items():
+        assert f"(`{name}`)" in text, name
+        for url in entry.docs:
+            assert url in text, (name, url)
