@@ -286,3 +286,30 @@ async def test_google_offline_access_and_consent(make_broker: BrokerFactory, goo
     assert len(google.grants) == 1  # a refresh token was issued (only with offline + consent)
     await broker.stub.Refresh(pb.RefreshRequest(user_id="alice", upstream="up"))
     assert google.token_requests()[-1].form()["grant_type"] == "refresh_token"
+
+
+async def test_http_200_error_is_a_rejection_even_without_a_preset(
+    make_broker: BrokerFactory, github: GitHub
+) -> None:
+    """The rule holds for every upstream: an answer carrying ``error`` is a refusal, not an
+    invalid answer (UNAVAILABLE, retried with backoff forever)."""
+    auth = {
+        "mode": "oauth_connect",
+        "client_id": CLIENT_ID,
+        "client_secret": github.client_secret,
+        "token_endpoint_auth_method": "client_secret_post",
+        "redirect_uri": REDIRECT_URI,
+        **github.endpoints(),
+    }
+    broker = await make_broker(
+        upstreams=[{"name": "up", "url": "https://api.github.com", "auth_broker": auth}]
+    )
+    started = await broker.stub.BuildAuthorizationURL(
+        pb.BuildAuthorizationURLRequest(user_id="alice", upstream="up")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code="code-never-issued", user_id="alice")
+        )
+    assert error_info(info.value).reason == "TOKEN_REQUEST_REJECTED"
+    assert "oauth_error" not in error_info(info.value).metadata  # not declared by this upstream: dropped
