@@ -648,18 +648,23 @@ def _apply_providers(document: Mapping[str, Any], base_dir: Path) -> Mapping[str
     """Each upstream's ``auth_broker`` with its ``provider`` preset merged under it (the config's
     keys win; mapping knobs merge key by key, and a null value there drops the preset's key)."""
     upstreams = document.get("upstreams")
-    if not isinstance(upstreams, list | tuple) or not any(
+    if not isinstance(upstreams, list | tuple):
+        upstreams = []
+    uses_presets = any(
         isinstance(u, dict) and isinstance(u.get("auth_broker"), dict) and "provider" in u["auth_broker"]
         for u in upstreams
-    ):
-        return document
+    )
+    if not uses_presets and not document.get("providers_file"):
+        return document  # the catalogue is read only when something uses it
     from broker.providers import presets
 
     file = document.get("providers_file")
     path = None
     if isinstance(file, str) and file:
         path = Path(file) if Path(file).is_absolute() else base_dir / file
-    catalogue = provider_catalogue(path)
+    catalogue = provider_catalogue(path)  # a providers_file is checked even when unused
+    if not uses_presets:
+        return document
     merged: list[Any] = []
     problems: list[str] = []
     for index, upstream in enumerate(upstreams):
@@ -743,6 +748,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
             "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
+            "providers_file": rooted(config.providers_file) if config.providers_file else None,
         }
     )
 

@@ -108,6 +108,7 @@ def test_providers_file_adds_and_replaces_entries(tmp_path: Path) -> None:
     assert config.upstreams[0].auth_broker.token_request_format == "json"
     assert config.upstreams[1].auth_broker.token_endpoint == "https://ghe.test/login/oauth/access_token"
     assert config.upstreams[1].auth_broker.reconnect_errors == ()  # replaced, not merged
+    assert config.providers_file == tmp_path / "providers.yaml"  # relative to the config's folder
 
 
 @pytest.mark.parametrize(
@@ -229,3 +230,13 @@ def test_docs_providers_md_lists_every_catalogue_entry() -> None:
         assert f"(`{name}`)" in text, name
         for url in entry.docs:
             assert url in text, (name, url)
+
+
+def test_a_providers_file_is_checked_even_when_no_upstream_uses_it(tmp_path: Path) -> None:
+    doc = _doc(tmp_path, {"mode": "oauth_connect", "token_endpoint": "https://t.test/token", **_client()})
+    doc["upstreams"][0]["auth_broker"]["authorization_endpoint"] = "https://t.test/authorize"
+    load_config(doc, environ={}, base_dir=tmp_path)  # fine without one
+    doc["providers_file"] = "missing.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, environ={}, base_dir=tmp_path)
+    assert info.value.message.startswith(f"providers_file: cannot read {tmp_path / 'missing.yaml'}")
