@@ -67,6 +67,7 @@ class Emulator:
     codes: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
     grants: dict[str, Grant] = field(default_factory=dict)  # by refresh token
     lock: threading.Lock = field(default_factory=threading.Lock)
+    minted: set[str] = field(default_factory=set)
 
     def start(self) -> Emulator:
         emulator = self
@@ -164,6 +165,7 @@ class Emulator:
     def mint(self, kind: str) -> str:
         value = f"{kind}-{secrets.token_urlsafe(18)}"
         leakcheck.add_secret(value)
+        self.minted.add(value)
         return value
 
     def take_code(self, code: str | None) -> tuple[str, dict[str, str]] | None:
