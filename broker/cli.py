@@ -1,4 +1,5 @@
-"""Command line: ``credential-broker serve | keys generate|add|promote|rewrap|retire|status | config check``."""
+"""Command line: ``credential-broker serve | keys generate|add|promote|rewrap|retire|status | config check
+| providers list|show``."""
 
 from __future__ import annotations
 
@@ -176,6 +177,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", required=True, help="the YAML config file to check")
 
+    providers = commands.add_parser(
+        "providers", help="the provider presets for `provider: NAME` (providers COMMAND --help)"
+    ).add_subparsers(dest="providers_command", required=True)
+    listing = providers.add_parser("list", help="every provider preset, by name")
+    show = providers.add_parser("show", help="what one preset sets, its documentation and setup")
+    show.add_argument("name", metavar="NAME", help="the provider's name (see providers list)")
+    for sub in (listing, show):
+        sub.add_argument(
+            "--providers-file",
+            metavar="PATH",
+            help="also read this providers_file (its entries add to or replace the built-in ones)",
+        )
+
     # Its arguments are parsed by broker.inject.webhook.main; listed here for --help.
     commands.add_parser("inject-webhook", help="run the Kubernetes sidecar-injection admission webhook")
     return parser
@@ -214,6 +228,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "keys" and args.keys_command != "generate":
             config, _ = _load(args, env)
             return _keys(args, config)
+        if args.command == "providers":
+            return _providers(args)
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
             return _check(config)
@@ -227,6 +243,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"credential-broker: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def _providers(args: argparse.Namespace) -> int:
+    from broker.config import provider_catalogue
+    from broker.providers import describe
+
+    extra = Path(args.providers_file) if args.providers_file else None
+    catalogue = provider_catalogue(extra)
+    if args.providers_command == "list":
+        print(describe.list_text(catalogue))
+    else:
+        print(describe.show_text(catalogue, args.name))
+    return 0
 
 
 def _check(config: BrokerConfig) -> int:

@@ -7,6 +7,7 @@ error names the field it is about, e.g. ``upstreams[0].auth_broker.token_endpoin
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
@@ -42,10 +43,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A dotted path into a token answer (``authed_user.access_token``): names, not expressions.
+# Up to three alternatives separated by "|": the first one present is read (Slack nests a
+# user token under authed_user in the code answer but not in the refresh answer).
+_STEP = r"[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,7}"
+_ANSWER_PATH = rf"^{_STEP}(\|{_STEP}){{0,2}}$"
+# A provider's own error code (``bad_refresh_token``): shown to callers, so short and plain.
+_ERROR_CODE = r"^[A-Za-z0-9_.-]{1,64}$"
+# Request parameters the broker sets itself; extra parameters may not replace them.
+RESERVED_AUTHORIZATION_PARAMS = frozenset(
+    {"response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method"}
+)
+RESERVED_TOKEN_PARAMS = frozenset(
+    {"grant_type", "code", "redirect_uri", "code_verifier", "refresh_token", "client_id", "client_secret"}
+)
+
+
+class TokenResponsePaths(_Strict):
+    """Where each value sits in a token answer, as a dotted path (``authed_user.access_token``).
+    A path set to null is not read (``token_type: null``: the answer's type is not a token type,
+    and the token is sent as Bearer). ``ok`` names a field that must be true (Slack)."""
+
+    access_token: str = Field(default="access_token", pattern=_ANSWER_PATH)
+    refresh_token: str | None = Field(default="refresh_token", pattern=_ANSWER_PATH)
+    expires_in: str | None = Field(default="expires_in", pattern=_ANSWER_PATH)
+    refresh_token_expires_in: str | None = Field(default="refresh_token_expires_in", pattern=_ANSWER_PATH)
+    scope: str | None = Field(default="scope", pattern=_ANSWER_PATH)
+    token_type: str | None = Field(default="token_type", pattern=_ANSWER_PATH)
+    ok: str | None = Field(default=None, pattern=_ANSWER_PATH)
+
+
 class AuthBrokerConfig(_Strict):
     """How the credential for one upstream is obtained."""
 
     mode: Mode
+    # A preset from the provider catalogue (broker/providers/catalogue.yaml, or providers_file);
+    # merged under this mapping before validation, so every key here overrides the preset's.
+    provider: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    # Provider quirks, as data (see broker/providers/shaping.py).
+    authorization_params: dict[str, str] = Field(default_factory=dict)
+    token_params: dict[str, str] = Field(default_factory=dict)
+    refresh_params: dict[str, str] = Field(default_factory=dict)
+    refresh_endpoint: str | None = None
+    token_request_format: Literal["form", "json"] = "form"
+    scope_separator: str = Field(default=" ", min_length=1, max_length=4)
+    scope_param: str = Field(default="scope", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    pkce: Literal["s256", "none"] = "s256"
+    token_response: TokenResponsePaths = TokenResponsePaths()
+    reconnect_errors: tuple[str, ...] = ()
+    default_expires_in: int | None = Field(default=None, ge=1, le=10 * 365 * 24 * 3600)
     # Optional when ``issuer`` is set: discovered from RFC 8414 metadata at start-up.
     token_endpoint: str | None = None
     authorization_endpoint: str | None = None
@@ -70,12 +116,44 @@ class AuthBrokerConfig(_Strict):
     authorization_response_iss_parameter_supported: bool | None = None
 
     @field_validator(
-        "token_endpoint", "authorization_endpoint", "redirect_uri", "issuer", "revocation_endpoint"
+        "token_endpoint",
+        "authorization_endpoint",
+        "redirect_uri",
+        "issuer",
+        "revocation_endpoint",
+        "refresh_endpoint",
     )
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None:
             _check_url(value)
+        return value
+
+    @field_validator("authorization_params")
+    @classmethod
+    def _authorization_params(cls, value: dict[str, str]) -> dict[str, str]:
+        return _extra_params(value, RESERVED_AUTHORIZATION_PARAMS)
+
+    @field_validator("token_params", "refresh_params")
+    @classmethod
+    def _token_params(cls, value: dict[str, str]) -> dict[str, str]:
+        return _extra_params(value, RESERVED_TOKEN_PARAMS)
+
+    @field_validator("reconnect_errors")
+    @classmethod
+    def _reconnect_errors(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for code in value:
+            if not re.fullmatch(_ERROR_CODE, code):
+                raise ValueError(
+                    f"{code[:40]!r} is not an error code (1 to 64 letters, digits, '_', '.', '-')"
+                )
+        return value
+
+    @field_validator("scope_separator")
+    @classmethod
+    def _scope_separator(cls, value: str) -> str:
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError("must be printable ASCII, such as ' ' or ','")
         return value
 
     @field_validator("header")
@@ -307,6 +385,8 @@ class BrokerConfig(_Strict):
     # by this process drops the memory at once; this bounds how late a change made by another
     # process (a replica's Disconnect, a tampered row) is seen. 0 reads the store every time.
     read_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+    # More provider presets (or replacements for built-in ones), in the catalogue's schema.
+    providers_file: Path | None = None
     upstreams: tuple[UpstreamConfig, ...] = ()
     identity: IdentityConfig | None = None
     policy: PolicyConfig | None = None
@@ -329,6 +409,19 @@ class BrokerConfig(_Strict):
             if upstream.name == name:
                 return upstream
         return None
+
+
+def _extra_params(value: dict[str, str], reserved: frozenset[str]) -> dict[str, str]:
+    """Extra request parameters: plain names, printable values, and none the broker sets itself
+    (so a preset or config can never replace state, the PKCE challenge or the redirect URI)."""
+    for key, item in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]{1,64}", key):
+            raise ValueError(f"{key[:40]!r} is not a parameter name")
+        if key in reserved:
+            raise ValueError(f"{key!r} is set by the broker and cannot be overridden")
+        if len(item) > 2048 or not item.isprintable():
+            raise ValueError(f"{key}: the value must be printable text of at most 2048 characters")
+    return value
 
 
 def check_listen_address(address: str) -> None:
@@ -499,8 +592,108 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
         )
 
 
+class ProviderEntry(_Strict):
+    """One preset of the provider catalogue: ``auth_broker`` keys validated by the same schema as
+    an upstream's (a preset sets no client id or secret), the provider's documentation it was
+    written from, and what a user must set up on the provider's side."""
+
+    title: str = Field(min_length=1, max_length=120)
+    docs: tuple[str, ...] = Field(min_length=1)
+    setup: str = ""
+    auth_broker: AuthBrokerConfig
+
+    @field_validator("docs")
+    @classmethod
+    def _docs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            _check_url(url)
+        return value
+
+    @field_validator("auth_broker")
+    @classmethod
+    def _no_client(cls, value: AuthBrokerConfig) -> AuthBrokerConfig:
+        for key in ("client_id", "client_secret", "client_secret_file", "client_secret_env", "provider"):
+            if getattr(value, key) is not None:
+                raise ValueError(f"a preset may not set {key}; it belongs in the upstream's config")
+        return value
+
+
+def provider_catalogue(providers_file: Path | None = None) -> dict[str, ProviderEntry]:
+    """The built-in presets, plus (replacing same-named ones) those of ``providers_file``. Each
+    entry is validated; a bad one is a ConfigError naming the file and the entry."""
+    from broker.providers import presets  # data files only; imports nothing of the broker
+
+    raw = {"built-in": presets.builtin_entries()}
+    if providers_file is not None:
+        raw[str(providers_file)] = presets.read_entries(providers_file)
+    out: dict[str, ProviderEntry] = {}
+    problems: list[str] = []
+    for source, entries in raw.items():
+        for name, entry in entries.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
+                problems.append(
+                    f"{source}: provider name {name[:40]!r} must be lowercase letters, digits, '-', '_'"
+                )
+                continue
+            try:
+                out[name] = ProviderEntry.model_validate(entry)
+            except ValidationError as exc:
+                problems += [f"{source}: {name}.{line}" for line in validation_problems(exc, ProviderEntry)]
+    if problems:
+        raise ConfigError(format_errors(problems))
+    return out
+
+
+def _apply_providers(document: Mapping[str, Any], base_dir: Path) -> Mapping[str, Any]:
+    """Each upstream's ``auth_broker`` with its ``provider`` preset merged under it (the config's
+    keys win; mapping knobs merge key by key, and a null value there drops the preset's key)."""
+    upstreams = document.get("upstreams")
+    if not isinstance(upstreams, list | tuple):
+        upstreams = []
+    uses_presets = any(
+        isinstance(u, dict) and isinstance(u.get("auth_broker"), dict) and "provider" in u["auth_broker"]
+        for u in upstreams
+    )
+    if not uses_presets and not document.get("providers_file"):
+        return document  # the catalogue is read only when something uses it
+    from broker.providers import presets
+
+    file = document.get("providers_file")
+    path = None
+    if isinstance(file, str) and file:
+        path = Path(file) if Path(file).is_absolute() else base_dir / file
+    catalogue = provider_catalogue(path)  # a providers_file is checked even when unused
+    if not uses_presets:
+        return document
+    merged: list[Any] = []
+    problems: list[str] = []
+    for index, upstream in enumerate(upstreams):
+        auth = upstream.get("auth_broker") if isinstance(upstream, dict) else None
+        name = auth.get("provider") if isinstance(auth, dict) else None
+        if not isinstance(name, str):
+            merged.append(upstream)
+            continue
+        entry = catalogue.get(name)
+        if entry is None:
+            close = presets.closest(name, sorted(catalogue))
+            hint = f"; did you mean {close}?" if close else ""
+            problems.append(
+                f"upstreams[{index}].auth_broker.provider: unknown provider {name[:64]!r}{hint} "
+                "(credential-broker providers list)"
+            )
+            merged.append(upstream)
+            continue
+        preset = entry.auth_broker.model_dump(mode="json", exclude_unset=True)
+        assert isinstance(auth, dict)  # it has a provider key
+        merged.append({**upstream, "auth_broker": presets.merge(preset, auth)})
+    if problems:
+        raise ConfigError(format_errors(problems))
+    return {**document, "upstreams": merged}
+
+
 def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base_dir: Path) -> BrokerConfig:
     """Validate a parsed config document. Relative paths are taken from ``base_dir``."""
+    document = _apply_providers(document, base_dir)
     try:
         config = BrokerConfig.model_validate(document)
     except ValidationError as exc:
@@ -555,6 +748,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
             "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
+            "providers_file": rooted(config.providers_file) if config.providers_file else None,
         }
     )
 

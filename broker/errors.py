@@ -114,7 +114,7 @@ class TokenRequestRejected(BrokerError):
 
     code = "TOKEN_REQUEST_REJECTED"
 
-    def __init__(self, status: int, oauth_error: str | None) -> None:
+    def __init__(self, status: int, oauth_error: str | None, *, reconnect: bool = False) -> None:
         detail = f", error {oauth_error}" if oauth_error else ""
         super().__init__(
             f"the token endpoint refused the request (HTTP {status}{detail})",
@@ -125,6 +125,8 @@ class TokenRequestRejected(BrokerError):
         )
         self.status = status
         self.oauth_error = oauth_error
+        #: The provider's code says the grant is dead (an upstream's ``reconnect_errors``).
+        self.reconnect = reconnect
 
 
 class UpstreamUnavailable(BrokerError):

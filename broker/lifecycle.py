@@ -24,7 +24,9 @@ BACKOFF_CAP_SECONDS = 300.0
 
 def is_terminal(error: BrokerError) -> bool:
     """True when the user must reconnect (after the caller's own race check)."""
-    return isinstance(error, TokenRequestRejected) and error.oauth_error in TERMINAL_OAUTH_ERRORS
+    return isinstance(error, TokenRequestRejected) and (
+        error.oauth_error in TERMINAL_OAUTH_ERRORS or error.reconnect
+    )
 
 
 def error_class(error: BrokerError) -> str:

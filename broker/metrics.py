@@ -190,12 +190,13 @@ class MeteredTokenClient(TokenEndpointClient):
         *,
         upstream: str | None = None,
         deadline: float | None = None,
+        **options: Any,
     ) -> TokenResponse:
         grant = next((v for k, v in form if k == "grant_type"), "")
         outcome = "error"
         try:
             response = await super().request_token(
-                endpoint, form, credentials, upstream=upstream, deadline=deadline
+                endpoint, form, credentials, upstream=upstream, deadline=deadline, **options
             )
             outcome = "ok"
             return response

@@ -50,6 +50,7 @@ from broker.oauth import rfc6749, rfc7636
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
 from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
+from broker.providers import shaping
 from broker.singleflight import SingleFlight
 from broker.vault import CredentialVault
 
@@ -168,17 +169,7 @@ class BrokerService:
         auth = upstream.auth_broker
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
         state, verifier = flow.state, flow.verifier
-        params = [
-            ("response_type", "code"),
-            ("client_id", auth.client_id),
-            ("redirect_uri", auth.redirect_uri),
-            ("state", state),
-            ("code_challenge", rfc7636.challenge_s256(verifier)),
-            ("code_challenge_method", "S256"),
-        ]
-        if auth.scopes:
-            params.append(("scope", " ".join(auth.scopes)))
-        params += [("resource", r) for r in auth.resources()]
+        params = shaping.authorization_params(auth, state, verifier)
         url = rfc6749.authorization_url(auth.authorization_endpoint, params)
         return AuthorizationRequest(url, state, flow.expires_at)
 
@@ -232,14 +223,7 @@ class BrokerService:
             raise PermissionDenied("this connect flow was started by a different user")
         check_iss(upstream, iss)
         auth = upstream.auth_broker
-        assert auth.redirect_uri is not None
-        form = [
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", auth.redirect_uri),
-            ("code_verifier", flow.verifier),
-        ]
-        form += [("resource", r) for r in auth.resources()]
+        form = shaping.code_grant_form(auth, code, flow.verifier)
         token = await self._request(upstream, form, user)
         now = self._clock.now()
         credential = self._credential(user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now)
@@ -460,13 +444,13 @@ class BrokerService:
         None means the stored refresh token changed meanwhile and the caller should look again.
 
         No scope parameter: RFC 6749 section 6, the original grant stands."""
-        auth = upstream.auth_broker
-        form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
-        form += [("resource", r) for r in auth.resources()]
+        form = shaping.refresh_grant_form(upstream.auth_broker, refresh_token)
         try:
             token = await self._request(upstream, form, user, deadline)
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
-            if isinstance(exc, TokenRequestRejected) and exc.oauth_error == "invalid_grant":
+            if isinstance(exc, TokenRequestRejected) and (
+                exc.oauth_error == "invalid_grant" or exc.reconnect
+            ):
                 # A race, not a revocation, when someone stored a new refresh token meanwhile.
                 fresh = self._load(user, upstream)
                 if (
@@ -539,11 +523,17 @@ class BrokerService:
         user: str,
         deadline: float | None = None,
     ) -> TokenResponse:
-        endpoint = upstream.auth_broker.token_endpoint
-        assert endpoint is not None  # by config, or discovered at start-up
+        auth = upstream.auth_broker
+        refreshing = shaping.is_refresh(form)
         try:
             return await self._tokens.request_token(
-                endpoint, form, self._client(upstream), upstream=upstream.name, deadline=deadline
+                shaping.token_endpoint(auth, refreshing),
+                form,
+                self._client(upstream),
+                upstream=upstream.name,
+                deadline=deadline,
+                json_body=auth.token_request_format == "json",
+                parse=shaping.answer_parser(auth, refreshing),
             )
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
             self._log.warning(

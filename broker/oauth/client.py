@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -98,12 +98,17 @@ class TokenEndpointClient:
         *,
         upstream: str | None = None,
         deadline: float | None = None,
+        json_body: bool = False,
+        parse: Callable[[int, bytes], TokenResponse] = parse_token_response,
     ) -> TokenResponse:
         """Post a token request and parse the answer. ``upstream`` picks the bulkhead;
         ``deadline`` (event-loop time) replaces "now + timeout" when the caller must know the
-        request is over by then (a refresh under a lease)."""
-        status, body = await self.post_form(endpoint, form, credentials, upstream=upstream, deadline=deadline)
-        return parse_token_response(status, body)
+        request is over by then (a refresh under a lease). ``json_body`` sends the fields as a
+        JSON object instead of a form; ``parse`` reads the answer (an upstream's knobs)."""
+        status, body = await self.post_form(
+            endpoint, form, credentials, upstream=upstream, deadline=deadline, json_body=json_body
+        )
+        return parse(status, body)
 
     async def post_form(
         self,
@@ -113,6 +118,7 @@ class TokenEndpointClient:
         *,
         upstream: str | None = None,
         deadline: float | None = None,
+        json_body: bool = False,
     ) -> tuple[int, bytes]:
         fields = list(form)
         headers: dict[str, str] = {}
@@ -128,8 +134,13 @@ class TokenEndpointClient:
                 self._slot(upstream or f"{url.scheme}://{url.netloc.decode()}"),
             ):
                 have_slot = True
+                values = dict_multi(fields)
                 async with self._pool(origin).stream(
-                    "POST", url, data=dict_multi(fields), headers=headers
+                    "POST",
+                    url,
+                    headers=headers,
+                    data=None if json_body else values,
+                    json=values if json_body else None,
                 ) as resp:
                     body = await self._read(resp)
                     return resp.status_code, body

@@ -185,12 +185,22 @@ def parse_token_response(status: int, body: bytes) -> TokenResponse:
         raise TokenRequestRejected(status, _error_code(body))
     if status != 200:
         raise UpstreamUnavailable(f"the token endpoint answered HTTP {status}")
+    return token_response_from(json_object(body))
+
+
+def json_object(body: bytes) -> dict[str, object]:
+    """A token answer's body as a JSON object, or the invalid-answer error."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _bad("not JSON") from None
     if not isinstance(data, dict):
         raise _bad("not a JSON object")
+    return data
+
+
+def token_response_from(data: Mapping[str, object]) -> TokenResponse:
+    """A successful answer's fields, each checked against its syntax and length (appendix A)."""
     access = _token(data, "access_token")
     if access is None:
         raise _bad("no access_token")
@@ -202,6 +212,11 @@ def parse_token_response(status: int, body: bytes) -> TokenResponse:
         scope=_scope(data),
         issued_token_type=_issued_token_type(data),
     )
+
+
+def expires_in(value: object) -> int | None:
+    """A lifetime in seconds checked as ``expires_in`` is (appendix A.14)."""
+    return _expires_in(value)
 
 
 def _expires_in(value: object) -> int | None:
@@ -221,12 +236,21 @@ def _expires_in(value: object) -> int | None:
 
 
 def _error_code(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+    return error_code(body, frozenset())
+
+
+def error_code(body: bytes | Mapping[str, object], also: frozenset[str]) -> str | None:
+    """The ``error`` of an error answer when it is a section 5.2 code or one in ``also`` (codes a
+    provider preset declares); None for anything else, which is untrusted free text."""
+    if isinstance(body, bytes):
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+    else:
+        data = body
     code = data.get("error") if isinstance(data, dict) else None
-    return code if isinstance(code, str) and code in ALLOWED_ERROR_CODES else None
+    return code if isinstance(code, str) and (code in ALLOWED_ERROR_CODES or code in also) else None
 
 
 # Section 4.1.2.1: the error codes an authorization response may carry.

@@ -1,0 +1,62 @@
+"""Microsoft Entra ID, from learn.microsoft.com "Microsoft identity platform and OAuth 2.0
+authorization code flow".
+
+Quirks covered here: the tenant sits in the path (the preset fixes it as ``common``); a refresh
+token is issued only for the ``offline_access`` scope; refresh tokens are replaced on each use
+(the broker must store the new one); a revoked grant is 400 ``invalid_grant`` with an AADSTS
+description. Not covered yet: a per-connection tenant, private_key_jwt, client assertions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.providers.emulator import CLIENT_ID, Emulator, Request
+
+
+class Microsoft(Emulator):
+    provider = "microsoft"
+    authorize_path = "/common/oauth2/v2.0/authorize"
+    token_path = "/common/oauth2/v2.0/token"
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "authorization_endpoint": self.base + self.authorize_path,
+            "token_endpoint": self.base + self.token_path,
+        }
+
+    def token(self, request: Request) -> tuple[int, dict[str, Any]]:
+        form = request.form()
+        if request.path != self.token_path:
+            return 404, {"error": "invalid_request"}
+        if form.get("client_id") != CLIENT_ID or form.get("client_secret") != self.client_secret:
+            return 401, {
+                "error": "invalid_client",
+                "error_description": "AADSTS7000215: Invalid client secret.",
+            }
+        if form.get("grant_type") == "refresh_token":
+            grant = self.use_refresh(form.get("refresh_token"))
+            if grant is None:
+                return 400, {
+                    "error": "invalid_grant",
+                    "error_description": "AADSTS70008: The refresh token has expired.",
+                }
+        else:
+            taken = self.take_code(form.get("code"))
+            if taken is None:
+                return 400, {"error": "invalid_grant", "error_description": "AADSTS70000: code is invalid"}
+            user, query = taken
+            scope = query.get("scope", "")
+            grant = self.new_grant(
+                user, scope.replace("offline_access", "").strip(), refresh="offline_access" in scope.split()
+            )
+        answer = {
+            "token_type": "Bearer",
+            "scope": grant.scope,
+            "expires_in": 4477,
+            "ext_expires_in": 4477,
+            "access_token": self.mint("eyJ0eXAi"),
+        }
+        if grant.refresh_token:
+            answer["refresh_token"] = grant.refresh_token
+        return 200, answer
