@@ -21,7 +21,8 @@ from tests.brokerproc import ServerProcess, write_config
 from tests.conftest import UPSTREAM, Broker, RequestHeader
 
 
-async def _connect(stub: pb_grpc.CredentialBrokerStub, auth: AuthServer, user: str) -> None:
+async def connect_over_grpc(stub: pb_grpc.CredentialBrokerStub, auth: AuthServer, user: str) -> None:
+    """A whole connect flow through ``stub`` (a broker process) and the authorization server."""
     started = await stub.BuildAuthorizationURL(
         pb.BuildAuthorizationURLRequest(user_id=user, upstream=UPSTREAM)
     )
@@ -41,7 +42,7 @@ async def test_two_processes_200_resolves_on_a_stale_credential_make_one_refresh
     try:
         stubs = [pb_grpc.CredentialBrokerStub(c) for c in channels]
         auth.access_ttl = 61  # inside the 60 s refresh window almost at once
-        await _connect(stubs[0], auth, "alice")
+        await connect_over_grpc(stubs[0], auth, "alice")
         auth.access_ttl = 3600
         await asyncio.sleep(1.2)  # now stale for every process, whatever its clock
         auth.fail_next("timeout", seconds=0.3)  # a slow answer: every caller piles up
@@ -92,7 +93,7 @@ async def test_kill_9_during_writes_loses_no_committed_credential(
                 counter += 1
                 user = f"user{counter}"
                 try:
-                    await _connect(stub, auth, user)
+                    await connect_over_grpc(stub, auth, user)
                     acknowledged.add(user)
                     await stub.Refresh(pb.RefreshRequest(user_id=user, upstream=UPSTREAM))
                 except grpc.aio.AioRpcError:

@@ -18,9 +18,9 @@ import pytest
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
-from tests.authserver import AuthServer
 from tests.brokerproc import ServerProcess, write_config
 from tests.conftest import UPSTREAM, Broker, BrokerFactory, RequestHeader, error_info
+from tests.test_processes import connect_over_grpc
 
 DEADLINE = 1.0  # http.timeout_seconds in these tests
 MARGIN = 2.0  # what a loaded machine adds on top (gRPC, a store write, process scheduling)
@@ -70,14 +70,6 @@ async def test_the_deadline_covers_connect_and_a_slow_first_byte(make_broker: Br
     assert took <= DEADLINE + MARGIN
 
 
-async def _connect(stub: pb_grpc.CredentialBrokerStub, auth: AuthServer, user: str) -> None:
-    started = await stub.BuildAuthorizationURL(
-        pb.BuildAuthorizationURLRequest(user_id=user, upstream=UPSTREAM)
-    )
-    callback = await asyncio.to_thread(auth.authorize, started.authorization_url, user)
-    await stub.Complete(pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user))
-
-
 @pytest.mark.parametrize("store_backend", ["sqlite", "postgres"])
 async def test_two_processes_and_a_dripping_server_present_the_refresh_token_once(
     broker: Broker, tmp_path: Path
@@ -90,7 +82,7 @@ async def test_two_processes_and_a_dripping_server_present_the_refresh_token_onc
     try:
         stubs = [pb_grpc.CredentialBrokerStub(c) for c in channels]
         auth.access_ttl = 61  # inside the 60 s refresh window almost at once
-        await _connect(stubs[0], auth, "alice")
+        await connect_over_grpc(stubs[0], auth, "alice")
         auth.access_ttl = 3600
         await asyncio.sleep(1.2)  # stale now for both processes, still valid for a minute
         auth.fail_next("drip", seconds=DRIP)  # the refresh is processed, its answer dripped
