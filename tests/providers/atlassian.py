@@ -20,12 +20,6 @@ class Atlassian(Emulator):
     authorize_path = "/authorize"
     token_path = "/oauth/token"
 
-    def endpoints(self) -> dict[str, str]:
-        return {
-            "authorization_endpoint": self.base + self.authorize_path,
-            "token_endpoint": self.base + self.token_path,
-        }
-
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
         try:
             body = json.loads(request.body)

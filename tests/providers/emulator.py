@@ -141,10 +141,14 @@ class Emulator:
 
     provider: ClassVar[str] = ""  # the catalogue name it emulates
     authorize_path: ClassVar[str] = "/authorize"
+    token_path: ClassVar[str] = "/token"
 
     def endpoints(self) -> dict[str, str]:
         """The auth_broker keys that point the preset at this emulator."""
-        raise NotImplementedError
+        return {
+            "authorization_endpoint": self.base + self.authorize_path,
+            "token_endpoint": self.base + self.token_path,
+        }
 
     def route(self, request: Request) -> tuple[int, dict[str, str], bytes]:
         if request.method == "GET" and request.path == self.authorize_path:

@@ -21,12 +21,6 @@ class GitHub(Emulator):
     authorize_path = "/login/oauth/authorize"
     token_path = "/login/oauth/access_token"
 
-    def endpoints(self) -> dict[str, str]:
-        return {
-            "authorization_endpoint": self.base + self.authorize_path,
-            "token_endpoint": self.base + self.token_path,
-        }
-
     def route(self, request: Request) -> tuple[int, dict[str, str], bytes]:
         status, headers, body = super().route(request)
         if request.method == "POST" and "application/json" not in request.headers.get("accept", ""):

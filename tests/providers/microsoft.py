@@ -19,12 +19,6 @@ class Microsoft(Emulator):
     authorize_path = "/common/oauth2/v2.0/authorize"
     token_path = "/common/oauth2/v2.0/token"
 
-    def endpoints(self) -> dict[str, str]:
-        return {
-            "authorization_endpoint": self.base + self.authorize_path,
-            "token_endpoint": self.base + self.token_path,
-        }
-
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
         form = request.form()
         if request.path != self.token_path:

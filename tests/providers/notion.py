@@ -17,12 +17,6 @@ class Notion(Emulator):
     authorize_path = "/v1/oauth/authorize"
     token_path = "/v1/oauth/token"
 
-    def endpoints(self) -> dict[str, str]:
-        return {
-            "authorization_endpoint": self.base + self.authorize_path,
-            "token_endpoint": self.base + self.token_path,
-        }
-
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
         if request.basic() != (CLIENT_ID, self.client_secret):
             return 401, {"object": "error", "status": 401, "code": "unauthorized", "error": "invalid_client"}

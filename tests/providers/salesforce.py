@@ -18,12 +18,6 @@ class Salesforce(Emulator):
     authorize_path = "/services/oauth2/authorize"
     token_path = "/services/oauth2/token"
 
-    def endpoints(self) -> dict[str, str]:
-        return {
-            "authorization_endpoint": self.base + self.authorize_path,
-            "token_endpoint": self.base + self.token_path,
-        }
-
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
         form = request.form()
         if form.get("client_id") != CLIENT_ID or form.get("client_secret") != self.client_secret:

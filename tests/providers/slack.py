@@ -19,12 +19,6 @@ class Slack(Emulator):
     authorize_path = "/oauth/v2/authorize"
     token_path = "/api/oauth.v2.access"
 
-    def endpoints(self) -> dict[str, str]:
-        return {
-            "authorization_endpoint": self.base + self.authorize_path,
-            "token_endpoint": self.base + self.token_path,
-        }
-
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
         form = request.form()
         if request.basic() != (CLIENT_ID, self.client_secret):
