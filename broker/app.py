@@ -28,6 +28,7 @@ from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
+from broker.refresher import BackgroundRefresher
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
@@ -54,6 +55,7 @@ class App:
     #: The bound metrics address once started (None when metrics are off).
     metrics_address: str | None = None
     flow_purger: FlowPurger | None = None
+    refresher: BackgroundRefresher | None = None
 
     async def start(self) -> None:
         await self.server.start()
@@ -66,9 +68,13 @@ class App:
                 raise ConfigError(f"metrics.listen: {reason}") from None
         if self.flow_purger is not None:
             self.flow_purger.start()
+        if self.refresher is not None:
+            self.refresher.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        if self.refresher is not None:
+            await self.refresher.stop()
         if self.flow_purger is not None:
             await self.flow_purger.stop()
         if self.metrics is not None:
@@ -147,6 +153,11 @@ def build_app(
         flow_purger = FlowPurger(
             timed_store(store, metrics), clock, config.flow_purge_interval_seconds, logger
         )
+        refresher = None
+        if config.background_refresh.enabled:
+            refresher = BackgroundRefresher(config, timed_store(store, metrics), service, clock, logger)
+            stats = refresher.stats
+            metrics.watch_background_refresh(lambda: dict(stats.outcomes), lambda: stats.lag_seconds)
         methods = pb_methods()
         interceptor = CallerInterceptor(
             CallerPolicy(config, methods),
@@ -181,6 +192,7 @@ def build_app(
         metrics=metrics,
         connections=connections,
         flow_purger=flow_purger,
+        refresher=refresher,
     )
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from broker import lifecycle, validation
@@ -362,7 +362,41 @@ class BrokerService:
         self._audit.record("refresh", "success", user=user, upstream=upstream.name)
         return credential
 
-    async def _refresh(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
+    async def refresh_if_due(
+        self, user: str, upstream_key: str, due: Callable[[Credential, float], bool]
+    ) -> bool:
+        """Background refresh (broker/refresher.py): refresh (user, upstream) through the same
+        single flight and refresh lease as Resolve, while ``due(credential, now)`` holds for the
+        row as re-read here (after any other process's refresh). True when this process made
+        the grant; False when it was no longer due. Raises as a refresh does."""
+        upstream = self._by_key.get(upstream_key)
+        if upstream is None or upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+            return False
+        verdict: list[bool] = []
+
+        def still_due(credential: Credential, now: float) -> bool:
+            verdict.append(due(credential, now))
+            return verdict[-1]
+
+        try:
+            await self._flights.run(
+                (user, upstream.key), lambda: self._refresh(user, upstream, None, still_due)
+            )
+        except BrokerError as exc:
+            self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
+            raise
+        if verdict and verdict[-1]:
+            self._audit.record("refresh", "success", user=user, upstream=upstream.name)
+            return True
+        return False  # not due any more, or a Resolve's refresh already in flight did it
+
+    async def _refresh(
+        self,
+        user: str,
+        upstream: UpstreamConfig,
+        window: int | None,
+        due: Callable[[Credential, float], bool] | None = None,
+    ) -> Credential:
         """One refresh_token grant, inside this process's single flight for (user, upstream).
 
         ``window`` None forces the refresh; otherwise a credential that another caller already
@@ -381,6 +415,8 @@ class BrokerService:
             if credential is None:
                 raise await self._connect_error(NotConnected, user, upstream)
             now = self._clock.now()
+            if due is not None and not due(credential, now):
+                return credential  # a background refresh that is no longer due (refresh_if_due)
             if first_generation is None:
                 first_generation = credential.generation
             elif (

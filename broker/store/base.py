@@ -39,6 +39,16 @@ class CredentialRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DueCredential:
+    """A credential the background refresher found due: clear metadata only, no ciphertext."""
+
+    user_id: str
+    upstream_key: str
+    expires_at: float | None
+    last_refresh_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class PendingFlowRow:
     """A started connect flow. The state is stored only as its hash; the verifier sealed."""
 
@@ -157,6 +167,16 @@ class CredentialStore(Protocol):
         refresh lease. Never deletes anything."""
 
     def delete_credential(self, user_id: str, upstream_key: str) -> bool: ...
+
+    def due_for_refresh(self, expires_before: float, now: float, limit: int) -> list[DueCredential]:
+        """Up to ``limit`` credentials (soonest first) expiring before ``expires_before`` and not
+        in a backoff at ``now``, never needs_reauth ones; an index range scan (no full scan)."""
+
+    def idle_for_refresh(
+        self, upstream_key: str, refreshed_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key`` (longest idle first) last refreshed
+        before ``refreshed_before`` and not in a backoff at ``now``, never needs_reauth ones."""
 
     def count_credentials(self, now: float) -> dict[str, int]:
         """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""

@@ -41,10 +41,10 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import SharedQueries
+from broker.store.sql import REFRESH_SCHEDULE_INDEXES, SharedQueries
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
 _READ_WAIT_SECONDS = 1.0  # pool wait for a read on the event loop when the database is healthy
@@ -110,7 +110,12 @@ _MIGRATION_KEY_CHECKS = (
 )
 
 # Each migration is a list of statements run in one transaction; index i is version i + 1.
-MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2, _MIGRATION_KEY_CHECKS]
+MIGRATIONS: list[Sequence[str]] = [
+    _MIGRATION_1,
+    _MIGRATION_2,
+    _MIGRATION_KEY_CHECKS,
+    REFRESH_SCHEDULE_INDEXES,  # SQLite's _migrate_refresh_schedule: the refresher's scan indexes
+]
 
 
 def describe(exc: BaseException) -> str:

@@ -16,10 +16,24 @@ from broker.store.base import (
     CRED_SELECT,
     FLOW_COLUMNS,
     CredentialRow,
+    DueCredential,
     PendingFlowRow,
     SealedRecord,
     credential_from_row,
     flow_from_row,
+)
+
+# When the background refresher should look at a credential next: its expiry, or a later retry
+# time after a failed refresh (a backoff). The scan and the index use this exact expression.
+REFRESH_DUE = "(CASE WHEN next_attempt_at > expires_at THEN next_attempt_at ELSE expires_at END)"
+# Rows the refresher never scans: those that need reconnecting (and, for the expiry scan, those
+# whose token does not expire). Written identically in the index and the query, so both
+# SQLite's and PostgreSQL's planners see that the query implies the partial index.
+_SCHEDULED = "status != 'needs_reauth' AND expires_at IS NOT NULL"
+_KEPT_ALIVE = "status != 'needs_reauth' AND last_refresh_at IS NOT NULL"
+REFRESH_SCHEDULE_INDEXES = (
+    f"CREATE INDEX credentials_refresh_due ON credentials ({REFRESH_DUE}) WHERE {_SCHEDULED}",
+    f"CREATE INDEX credentials_keep_alive ON credentials (upstream_key, last_refresh_at) WHERE {_KEPT_ALIVE}",
 )
 
 
@@ -93,6 +107,37 @@ class SharedQueries:
                 (owner, *at, lease_seconds, user_id, upstream_key, generation, *at, owner),
             )
             return bool(cursor.rowcount == 1)
+
+    def due_for_refresh(self, expires_before: float, now: float, limit: int) -> list[DueCredential]:
+        """Up to ``limit`` credentials, soonest first, whose access token expires before
+        ``expires_before`` and that are not waiting out a backoff at ``now``; never those that
+        need reconnecting. One range scan of ``credentials_refresh_due``: the cost grows with
+        ``limit`` (and with the few rows whose retry time falls between ``now`` and
+        ``expires_before``), not with the number of credentials stored."""
+        rows = self._read(
+            self._q(
+                f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_SCHEDULED} AND {REFRESH_DUE} <= ? "
+                f"AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY {REFRESH_DUE} LIMIT ?"
+            ),
+            (expires_before, now, limit),
+        )
+        return [_due(row) for row in rows]
+
+    def idle_for_refresh(
+        self, upstream_key: str, refreshed_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key``, longest idle first, last refreshed
+        (or connected) before ``refreshed_before`` and not waiting out a backoff at ``now``;
+        never those that need reconnecting. One range scan of ``credentials_keep_alive``."""
+        rows = self._read(
+            self._q(
+                f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_KEPT_ALIVE} AND upstream_key = ? "
+                "AND last_refresh_at <= ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                "ORDER BY last_refresh_at LIMIT ?"
+            ),
+            (upstream_key, refreshed_before, now, limit),
+        )
+        return [_due(row) for row in rows]
 
     def delete_credential(self, user_id: str, upstream_key: str) -> bool:
         with self._write() as conn:
@@ -315,3 +360,16 @@ class SharedQueries:
             SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos), str(up))
             for pos, t, u, k, kid, g, sealed, up in rows
         ]
+
+
+_DUE_COLUMNS = "user_id, upstream_key, expires_at, last_refresh_at"
+
+
+def _due(row: Sequence[Any]) -> DueCredential:
+    user, key, expires, last = row
+    return DueCredential(
+        str(user),
+        str(key),
+        None if expires is None else float(expires),
+        None if last is None else float(last),
+    )

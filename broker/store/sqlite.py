@@ -27,9 +27,9 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import SharedQueries
+from broker.store.sql import REFRESH_SCHEDULE_INDEXES, SharedQueries
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -93,7 +93,20 @@ def _migrate_key_checks(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_key_checks]
+def _migrate_refresh_schedule(db: sqlite_utils.Database) -> None:
+    """Indexes the background refresher's scans use (broker/refresher.py): by refresh due time
+    (expiry, or a later retry after a failure), and by last refresh per upstream (keep-alive).
+    Partial: credentials that need reconnecting are never scanned again."""
+    for statement in REFRESH_SCHEDULE_INDEXES:
+        db.execute(statement)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migrate_1,
+    _migrate_2,
+    _migrate_key_checks,
+    _migrate_refresh_schedule,
+]
 
 
 class SqliteStore(SharedQueries):
