@@ -16,6 +16,7 @@ from broker.config import BrokerConfig
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import ConfigError
+from broker.events import EVENT_FALLBACK_POLL_SECONDS, EVENT_POLL_SECONDS, EventHub
 from broker.exchange import TokenExchanger
 from broker.flow_purge import FlowPurger
 from broker.identity import IdentityVerifier, UserAuthenticator
@@ -56,8 +57,11 @@ class App:
     metrics_address: str | None = None
     flow_purger: FlowPurger | None = None
     refresher: BackgroundRefresher | None = None
+    events: EventHub | None = None
 
     async def start(self) -> None:
+        if self.events is not None:
+            await self.events.start()
         await self.server.start()
         if self.metrics is not None and self.config.metrics.listen is not None:
             try:
@@ -75,6 +79,8 @@ class App:
         await self.server.stop(grace)
         if self.refresher is not None:
             await self.refresher.stop()
+        if self.events is not None:
+            await self.events.stop()
         if self.flow_purger is not None:
             await self.flow_purger.stop()
         if self.metrics is not None:
@@ -158,6 +164,13 @@ def build_app(
             refresher = BackgroundRefresher(config, timed_store(store, metrics), service, clock, logger)
             stats = refresher.stats
             metrics.watch_background_refresh(lambda: dict(stats.outcomes), lambda: stats.lag_seconds)
+        events = EventHub(
+            timed_store(store, metrics),
+            {u.key: u.name for u in config.upstreams},
+            EVENT_POLL_SECONDS if config.store.backend == "sqlite" else EVENT_FALLBACK_POLL_SECONDS,
+            listen=getattr(store, "listen_events", None),
+            logger=logger,
+        )
         methods = pb_methods()
         interceptor = CallerInterceptor(
             CallerPolicy(config, methods),
@@ -167,7 +180,12 @@ def build_app(
         )
         server = BrokerServer(
             CredentialBrokerServicer(
-                service, logger, UserAuthenticator(identity), auditor=auditor, connections=connections
+                service,
+                logger,
+                UserAuthenticator(identity),
+                auditor=auditor,
+                connections=connections,
+                events=events,
             ),
             config.listeners(),
             health_listen=config.health_listen,
@@ -193,6 +211,7 @@ def build_app(
         connections=connections,
         flow_purger=flow_purger,
         refresher=refresher,
+        events=events,
     )
 
 

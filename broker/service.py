@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import lifecycle, validation
+from broker import events, lifecycle, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -243,7 +243,9 @@ class BrokerService:
         token = await self._request(upstream, form, user)
         now = self._clock.now()
         credential = self._credential(user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now)
-        await asyncio.to_thread(self._vault.save, credential, None, now)
+        await asyncio.to_thread(
+            self._vault.save, credential, None, now, events.connected(user, upstream.key, now)
+        )
         self._log.info("connected", extra=fields(user_id=user, upstream=upstream.name))
         return self._info(credential, upstream)
 
@@ -510,7 +512,8 @@ class BrokerService:
         # access token and a rotated refresh token are written together, in one row, before
         # either is handed to anyone.
         renewed = self._credential(user, upstream, token, credential.obtained_via, credential, now)
-        generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now)
+        event = events.refreshed(credential, now)
+        generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now, event)
         if generation is None:
             # Someone rewrote the row meanwhile (a reconnect, or a lease that expired): theirs wins.
             winner = self._load(user, upstream)
@@ -552,6 +555,7 @@ class BrokerService:
             kind,
             credential.generation,
             retry_at,
+            events.refresh_failed(user, upstream.key, status, kind, self._clock.now()),
         )
 
     async def _request(

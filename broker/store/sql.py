@@ -15,6 +15,7 @@ from typing import Any
 from broker.store.base import (
     CRED_SELECT,
     FLOW_COLUMNS,
+    ConnectionEventRow,
     CredentialRow,
     DueCredential,
     PendingFlowRow,
@@ -31,6 +32,12 @@ REFRESH_DUE = "(CASE WHEN next_attempt_at > expires_at THEN next_attempt_at ELSE
 # SQLite's and PostgreSQL's planners see that the query implies the partial index.
 _SCHEDULED = "status != 'needs_reauth' AND expires_at IS NOT NULL"
 _KEPT_ALIVE = "status != 'needs_reauth' AND last_refresh_at IS NOT NULL"
+# The events table (broker/events.py) beyond its sequence column, which each backend declares.
+EVENT_COLUMNS = (
+    "user_id text NOT NULL, upstream_key text NOT NULL, kind text NOT NULL, status text NOT NULL, "
+    "last_error text, at double precision NOT NULL"
+)
+EVENT_USER_INDEX = "CREATE INDEX connection_events_user ON connection_events (user_id, seq)"
 REFRESH_SCHEDULE_INDEXES = (
     f"CREATE INDEX credentials_refresh_due ON credentials ({REFRESH_DUE}) WHERE {_SCHEDULED}",
     f"CREATE INDEX credentials_keep_alive ON credentials (upstream_key, last_refresh_at) WHERE {_KEPT_ALIVE}",
@@ -74,9 +81,10 @@ class SharedQueries:
         error_class: str,
         generation: int,
         next_attempt_at: float | None = None,
+        event: ConnectionEventRow | None = None,
     ) -> None:
         with self._write() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 self._q(
                     "UPDATE credentials SET status = ?, last_error = ?, "
                     "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = ?, "
@@ -85,6 +93,8 @@ class SharedQueries:
                 ),
                 (status, error_class, next_attempt_at, user_id, upstream_key, generation),
             )
+            if event is not None and cursor.rowcount == 1:
+                self._add_event(conn, event)
 
     def claim_refresh(
         self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
@@ -139,13 +149,68 @@ class SharedQueries:
         )
         return [_due(row) for row in rows]
 
-    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
+    def delete_credential(
+        self, user_id: str, upstream_key: str, event: ConnectionEventRow | None = None
+    ) -> bool:
         with self._write() as conn:
             cursor = conn.execute(
                 self._q("DELETE FROM credentials WHERE user_id = ? AND upstream_key = ?"),
                 (user_id, upstream_key),
             )
-            return bool(cursor.rowcount > 0)
+            deleted = bool(cursor.rowcount > 0)
+            if event is not None and deleted:
+                self._add_event(conn, event)
+            return deleted
+
+    # -- connection events (broker/events.py) ---------------------------------------------
+
+    # Run in the writing transaction before the event insert (PostgreSQL: a transaction-scoped
+    # lock, so events commit in sequence order) and after it (PostgreSQL: NOTIFY, delivered on
+    # commit, wakes the watchers of every replica). SQLite serializes writers already.
+    EVENT_LOCK: str | None = None
+    EVENT_NOTIFY: str | None = None
+
+    def _add_event(self, conn: Any, event: ConnectionEventRow) -> None:
+        if self.EVENT_LOCK:
+            conn.execute(self.EVENT_LOCK)
+        conn.execute(
+            self._q(
+                "INSERT INTO connection_events (user_id, upstream_key, kind, status, last_error, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            (event.user_id, event.upstream_key, event.kind, event.status, event.last_error, event.at),
+        )
+        if self.EVENT_NOTIFY:
+            conn.execute(self.EVENT_NOTIFY)
+
+    def events_after(
+        self, after_sequence: int, limit: int, user_id: str | None = None
+    ) -> list[ConnectionEventRow]:
+        where = "seq > ?" + (" AND user_id = ?" if user_id is not None else "")
+        params: tuple[object, ...] = (after_sequence,) if user_id is None else (after_sequence, user_id)
+        rows = self._read(
+            self._q(
+                "SELECT seq, user_id, upstream_key, kind, status, last_error, at FROM connection_events "
+                f"WHERE {where} ORDER BY seq LIMIT ?"
+            ),
+            (*params, limit),
+        )
+        return [
+            ConnectionEventRow(
+                str(user),
+                str(key),
+                str(kind),
+                str(status),
+                None if err is None else str(err),
+                float(at),
+                int(seq),
+            )
+            for seq, user, key, kind, status, err, at in rows
+        ]
+
+    def last_event_sequence(self) -> int:
+        rows = self._read("SELECT MAX(seq) FROM connection_events", ())
+        return int(rows[0][0] or 0) if rows else 0
 
     def count_credentials(self, now: float) -> dict[str, int]:
         """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
