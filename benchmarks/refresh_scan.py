@@ -9,7 +9,7 @@ one large (``--large``, default 100,000; use 1,000,000 for the issue's figure):
 - 1% in a backoff after a failure: expired, retry time an hour away;
 - the rest expiring evenly over the next 30 days, half of them on a keep-alive upstream.
 
-A tick is what ``BackgroundRefresher._scan`` runs: one ``due_for_refresh`` range scan plus one
+A tick is what ``BackgroundRefresher.scan`` runs: one ``due_for_refresh`` range scan plus one
 ``idle_for_refresh`` per keep-alive upstream, each bounded by the batch size. The script prints
 the median tick time at each size and the ratio large/small (an O(batch) scan stays near 1x; a
 full scan would grow with the row count), and the query plans. Rows are loaded straight into
@@ -137,7 +137,7 @@ def _tick_seconds(store: Any, rounds: int) -> tuple[float, int]:
         times, found = [], 0
         for _ in range(rounds):
             started = time.perf_counter()
-            found = len(await refresher._scan(NOW))
+            found = len(await refresher.scan(NOW))
             times.append(time.perf_counter() - started)
         return times, found
 

@@ -166,7 +166,7 @@ class BackgroundRefresher:
 
     # -- one tick ------------------------------------------------------------------------
 
-    async def _scan(self, now: float) -> list[tuple[DueCredential, UpstreamConfig, float]]:
+    async def scan(self, now: float) -> list[tuple[DueCredential, UpstreamConfig, float]]:
         """The due credentials of this tick with their upstream and scheduled time."""
         found = await asyncio.to_thread(self._store.due_for_refresh, now + self._ahead, now, BATCH_SIZE)
         for upstream in self._by_key.values():
@@ -191,7 +191,7 @@ class BackgroundRefresher:
         is logged, never raised: the next tick tries again."""
         now = self._clock.now()
         try:
-            due = await self._scan(now)
+            due = await self.scan(now)
         except BrokerError as exc:
             self._log.warning("background refresh scan failed", extra=fields(error=exc.code))
             return 0
@@ -200,10 +200,10 @@ class BackgroundRefresher:
             self.stats.lag_seconds = 0.0
             return 0
         self.stats.lag_seconds = max(0.0, max(now - at for _, _, at in due))
-        done = await asyncio.gather(*(self._one(row, upstream) for row, upstream, _ in due))
+        done = await asyncio.gather(*(self.refresh_one(row, upstream) for row, upstream, _ in due))
         return sum(done)
 
-    async def _one(self, row: DueCredential, upstream: UpstreamConfig) -> int:
+    async def refresh_one(self, row: DueCredential, upstream: UpstreamConfig) -> int:
         async with self._slots[upstream.key]:
             if self._stopping.is_set():
                 return 0

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.authserver import AuthServer
 from tests.brokerproc import ServerProcess, write_config
@@ -156,3 +157,23 @@ async def test_two_processes_refresh_each_due_credential_exactly_once(broker: Br
             await channel.close()
         for server in servers:
             server.stop()
+
+
+async def test_a_credential_refreshed_after_the_scan_is_not_refreshed_again(
+    make_broker: BrokerFactory,
+) -> None:
+    """The row is re-read and the schedule asked again under the lease: a scan result that went
+    stale (another process or a Refresh renewed it meanwhile) makes no second grant."""
+    broker = await make_broker(background_refresh={**FAST, "interval_seconds": 3600})
+    await broker.connect("alice")
+    broker.clock.advance(3600 - 200)
+    refresher = broker.app.refresher
+    assert refresher is not None
+    found = await refresher.scan(broker.clock.now())
+    assert [row.user_id for row, _, _ in found] == ["alice"]
+    await broker.stub.Refresh(pb.RefreshRequest(user_id="alice", upstream=UPSTREAM))
+    assert _refreshes(broker.auth) == 1
+    ((row, upstream, _),) = found
+    assert await refresher.refresh_one(row, upstream) == 0
+    assert _refreshes(broker.auth) == 1
+    assert refresher.stats.count("skipped") == 1 and refresher.stats.count("done") == 0
