@@ -9,8 +9,8 @@ one large (``--large``, default 100,000; use 1,000,000 for the issue's figure):
 - 1% in a backoff after a failure: expired, retry time an hour away;
 - the rest expiring evenly over the next 30 days, half of them on a keep-alive upstream.
 
-A tick is what ``BackgroundRefresher.scan`` runs: one ``due_for_refresh`` range scan plus one
-``idle_for_refresh`` per keep-alive upstream, each bounded by the batch size. The script prints
+A tick is what ``BackgroundRefresher.scan`` runs: one ``due_for_refresh`` range scan per
+upstream plus one ``idle_for_refresh`` per keep-alive upstream, each bounded by the batch size. The script prints
 the median tick time at each size and the ratio large/small (an O(batch) scan stays near 1x; a
 full scan would grow with the row count), and the query plans. Rows are loaded straight into
 the store with dummy ciphertext: the scan never opens a record.
@@ -147,8 +147,9 @@ def _tick_seconds(store: Any, rounds: int) -> tuple[float, int]:
 
 def _plans(store: Any, backend: str) -> list[str]:
     due = (
-        f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_SCHEDULED} AND {REFRESH_DUE} <= ? "
-        f"AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY {REFRESH_DUE} LIMIT ?"
+        f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_SCHEDULED} AND upstream_key = ? "
+        f"AND {REFRESH_DUE} <= ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+        f"ORDER BY {REFRESH_DUE} LIMIT ?"
     )
     idle = (
         f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_KEPT_ALIVE} AND upstream_key = ? "
@@ -156,7 +157,7 @@ def _plans(store: Any, backend: str) -> list[str]:
         "ORDER BY last_refresh_at LIMIT ?"
     )
     params: list[tuple[Any, ...]] = [
-        (NOW + 300, NOW, BATCH_SIZE),
+        (KEYS[0], NOW + 300, NOW, BATCH_SIZE),
         (KEYS[1], NOW - 80 * 86400, NOW, BATCH_SIZE),
     ]
     out = []

@@ -12,6 +12,10 @@ broker/store/sql.py):
 - **keep-alive**: an upstream with ``refresh_token_idle_seconds`` has its credentials refreshed
   before that idle limit (with the same lead and jitter), even if nobody calls Resolve.
 
+Only ``oauth_connect`` upstreams are scanned, one by one (exchanged credentials, and those of
+upstreams no longer configured, are never read). A credential found without a refresh token is
+left out of later scans (``defer_refresh``) until it is written again.
+
 Each refresh goes through :meth:`BrokerService.refresh_if_due`: the same single flight as
 Resolve in this process, and the same refresh lease across processes and replicas. The row is
 re-read there, and ``due`` asked again, after any other process's refresh: so one credential is
@@ -46,6 +50,9 @@ from broker.store.base import CredentialStore, DueCredential
 BATCH_SIZE = 500
 # Each credential's lead is shortened by up to this fraction (spreads a herd).
 JITTER_FRACTION = 0.2
+# A credential without a refresh token is left out of the scans this long (a reconnect, which
+# writes the row again, brings it back at once).
+DEFER_UNREFRESHABLE_SECONDS = 365 * 86400.0
 # Never schedule a refresh sooner than this after the previous one (degenerate token lifetimes).
 MIN_GAP_SECONDS = 1.0
 
@@ -91,6 +98,8 @@ class BackgroundRefresher:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = RefreshStats()
+        # Credentials without a refresh token met by ``due``, by (user, upstream key): generation.
+        self._unrefreshable: dict[tuple[str, str], int] = {}
 
     # -- schedule ------------------------------------------------------------------------
 
@@ -128,9 +137,12 @@ class BackgroundRefresher:
         if (
             upstream is None
             or credential.status is CredentialStatus.NEEDS_REAUTH
-            or not credential.secrets.refresh_token
             or (credential.next_attempt_at is not None and now < credential.next_attempt_at)
         ):
+            return False
+        if not credential.secrets.refresh_token:
+            # Never refreshable until the user connects again: keep it out of later scans.
+            self._unrefreshable[(credential.user_id, credential.upstream_key)] = credential.generation
             return False
         at = self.scheduled_at(
             upstream, credential.user_id, credential.expires_at, credential.last_refresh_at
@@ -168,8 +180,11 @@ class BackgroundRefresher:
 
     async def scan(self, now: float) -> list[tuple[DueCredential, UpstreamConfig, float]]:
         """The due credentials of this tick with their upstream and scheduled time."""
-        found = await asyncio.to_thread(self._store.due_for_refresh, now + self._ahead, now, BATCH_SIZE)
+        found: list[DueCredential] = []
         for upstream in self._by_key.values():
+            found += await asyncio.to_thread(
+                self._store.due_for_refresh, upstream.key, now + self._ahead, now, BATCH_SIZE
+            )
             idle = upstream.refresh_token_idle_seconds
             if idle is not None:
                 before = now - idle + min(self._ahead, idle / 2)
@@ -216,5 +231,14 @@ class BackgroundRefresher:
                     extra=fields(user_id=row.user_id, upstream=upstream.name, error=exc.code),
                 )
                 return 0
+            generation = self._unrefreshable.pop((row.user_id, upstream.key), None)
+            if generation is not None:
+                until = self._clock.now() + DEFER_UNREFRESHABLE_SECONDS
+                try:
+                    await asyncio.to_thread(
+                        self._store.defer_refresh, row.user_id, upstream.key, generation, until
+                    )
+                except BrokerError as exc:
+                    self._log.warning("background refresh defer failed", extra=fields(error=exc.code))
         self.stats.outcomes[(upstream.name, "done" if refreshed else "skipped")] += 1
         return 1 if refreshed else 0

@@ -177,3 +177,19 @@ async def test_a_credential_refreshed_after_the_scan_is_not_refreshed_again(
     assert await refresher.refresh_one(row, upstream) == 0
     assert _refreshes(broker.auth) == 1
     assert refresher.stats.count("skipped") == 1 and refresher.stats.count("done") == 0
+
+
+async def test_a_credential_without_a_refresh_token_is_left_out_of_later_scans(
+    make_broker: BrokerFactory, auth_server: AuthServer
+) -> None:
+    auth_server.issue_refresh_token = False
+    broker = await make_broker(background_refresh=FAST)
+    await broker.connect("alice")
+    broker.clock.advance(3600 - 100)
+    refresher = broker.app.refresher
+    assert refresher is not None
+    await _until(lambda: refresher.stats.count("skipped") >= 1)
+    await _until(lambda: (_row(broker, "alice")["next_attempt_at"] or 0) > broker.clock.now() + 86400)
+    assert await refresher.scan(broker.clock.now()) == []  # no longer read by each tick
+    assert _refreshes(auth_server) == 0
+    assert _row(broker, "alice")["status"] == "connected"

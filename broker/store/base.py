@@ -200,9 +200,16 @@ class CredentialStore(Protocol):
     def last_event_sequence(self) -> int:
         """The highest committed event sequence (0 when there is none)."""
 
-    def due_for_refresh(self, expires_before: float, now: float, limit: int) -> list[DueCredential]:
-        """Up to ``limit`` credentials (soonest first) expiring before ``expires_before`` and not
-        in a backoff at ``now``, never needs_reauth ones; an index range scan (no full scan)."""
+    def due_for_refresh(
+        self, upstream_key: str, expires_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key`` (soonest first) expiring before
+        ``expires_before`` and not in a backoff at ``now``, never needs_reauth ones; an index
+        range scan (no full scan)."""
+
+    def defer_refresh(self, user_id: str, upstream_key: str, generation: int, until: float) -> None:
+        """Keep a credential that cannot be refreshed out of the refresher's scans until
+        ``until``, if still at ``generation`` (sets next_attempt_at; a save clears it)."""
 
     def idle_for_refresh(
         self, upstream_key: str, refreshed_before: float, now: float, limit: int

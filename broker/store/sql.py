@@ -39,7 +39,7 @@ EVENT_COLUMNS = (
 )
 EVENT_USER_INDEX = "CREATE INDEX connection_events_user ON connection_events (user_id, seq)"
 REFRESH_SCHEDULE_INDEXES = (
-    f"CREATE INDEX credentials_refresh_due ON credentials ({REFRESH_DUE}) WHERE {_SCHEDULED}",
+    f"CREATE INDEX credentials_refresh_due ON credentials (upstream_key, {REFRESH_DUE}) WHERE {_SCHEDULED}",
     f"CREATE INDEX credentials_keep_alive ON credentials (upstream_key, last_refresh_at) WHERE {_KEPT_ALIVE}",
 )
 
@@ -118,20 +118,35 @@ class SharedQueries:
             )
             return bool(cursor.rowcount == 1)
 
-    def due_for_refresh(self, expires_before: float, now: float, limit: int) -> list[DueCredential]:
-        """Up to ``limit`` credentials, soonest first, whose access token expires before
-        ``expires_before`` and that are not waiting out a backoff at ``now``; never those that
-        need reconnecting. One range scan of ``credentials_refresh_due``: the cost grows with
-        ``limit`` (and with the few rows whose retry time falls between ``now`` and
+    def due_for_refresh(
+        self, upstream_key: str, expires_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key``, soonest first, whose access token
+        expires before ``expires_before`` and that are not waiting out a backoff at ``now``; never
+        those that need reconnecting. One range scan of ``credentials_refresh_due``: the cost
+        grows with ``limit`` (and with the few rows whose retry time falls between ``now`` and
         ``expires_before``), not with the number of credentials stored."""
         rows = self._read(
             self._q(
-                f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_SCHEDULED} AND {REFRESH_DUE} <= ? "
-                f"AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY {REFRESH_DUE} LIMIT ?"
+                f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_SCHEDULED} AND upstream_key = ? "
+                f"AND {REFRESH_DUE} <= ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                f"ORDER BY {REFRESH_DUE} LIMIT ?"
             ),
-            (expires_before, now, limit),
+            (upstream_key, expires_before, now, limit),
         )
         return [_due(row) for row in rows]
+
+    def defer_refresh(self, user_id: str, upstream_key: str, generation: int, until: float) -> None:
+        """Leave a credential out of the refresher's scans until ``until`` (one that cannot be
+        refreshed: no refresh token), if still at ``generation``; a later save undoes it."""
+        with self._write() as conn:
+            conn.execute(
+                self._q(
+                    "UPDATE credentials SET next_attempt_at = ? "
+                    "WHERE user_id = ? AND upstream_key = ? AND generation = ?"
+                ),
+                (until, user_id, upstream_key, generation),
+            )
 
     def idle_for_refresh(
         self, upstream_key: str, refreshed_before: float, now: float, limit: int
