@@ -411,6 +411,7 @@ class BrokerService:
         # re-reads the row, so a waiter that gives up has just re-checked for a fresh credential.
         give_up = loop.time() + min(self._lease_seconds + 1.0, self._config.store.lock_timeout_seconds)
         first_generation: int | None = None
+        first_failures = 0
         raced = False
         while True:
             credential = self._load(user, upstream)
@@ -420,13 +421,25 @@ class BrokerService:
             if due is not None and not due(credential, now):
                 return credential  # a background refresh that is no longer due (refresh_if_due)
             if first_generation is None:
-                first_generation = credential.generation
+                first_generation, first_failures = credential.generation, credential.failure_count
             elif (
                 window is None
                 and credential.generation != first_generation
                 and credential.status is not CredentialStatus.NEEDS_REAUTH
             ):
                 return credential  # another process refreshed while this one waited
+            elif (
+                window is None
+                and credential.generation == first_generation
+                and credential.failure_count > first_failures
+                and credential.status is CredentialStatus.ERROR
+            ):
+                # Another process's refresh failed while this one waited: that attempt was made
+                # for us too. Presenting the same refresh token at once could collide with a
+                # request the server is still answering.
+                raise UpstreamUnavailable(
+                    "another broker process's refresh of this credential just failed; try again later"
+                )
             if window is not None and (
                 credential.valid_for(now, window) or self._refreshed_recently(credential, now)
             ):
@@ -454,6 +467,7 @@ class BrokerService:
                 self._owner,
                 now,
                 self._lease_seconds,
+                credential.failure_count,  # a failure recorded since this read voids the claim
             )
             if claimed:
                 renewed = await self._refresh_claimed(user, upstream, credential, refresh_token, deadline)

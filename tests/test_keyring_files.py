@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from broker.config import load_config_file
 from broker.crypto import keyfile
 from broker.crypto.keyring import FileKeySource, Keyring, generate_keyring_file, new_key_entry
 from broker.errors import KeyringError
+from broker.store import open_store
 from tests.brokerproc import run_cli
 from tests.conftest import Broker
 
@@ -22,6 +24,7 @@ PREDICTABLE = ("keyring.json.tmp", ".keyring.json.tmp", "keyring.json.new", "key
 
 
 def _config(tmp_path: Path, keyring: Path) -> Path:
+    """A config on a store that exists (``keys`` commands work only on an existing store)."""
     path = tmp_path / "broker.yaml"
     document = {
         "listen": ["127.0.0.1:0"],
@@ -29,6 +32,8 @@ def _config(tmp_path: Path, keyring: Path) -> Path:
         "keyring": {"file": str(keyring)},
     }
     path.write_text(yaml.safe_dump(document))
+    (tmp_path / "data").mkdir(exist_ok=True)
+    open_store(load_config_file(path, environ={}).store).close()
     return path
 
 

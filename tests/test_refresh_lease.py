@@ -203,3 +203,46 @@ async def _stale_connected(broker: Broker) -> None:
     broker.auth.access_ttl = 30  # inside the refresh window at once
     await broker.connect("alice")
     broker.auth.access_ttl = 3600
+
+
+def test_a_claim_made_on_a_stale_read_fails(replicas: tuple[Any, Any]) -> None:
+    """A failure recorded between a claimer's read and its claim (the generation does not
+    change) voids the claim: the claimer must look again, and see the backoff."""
+    a, b = replicas
+    generation = _seed(a)
+    read = b.get_credential("alice", KEY)  # b reads while a holds the lease ...
+    assert a.claim_refresh("alice", KEY, generation, "holder", time.time(), 30.0)
+    a.record_failure("alice", KEY, "error", "timeout", generation, next_attempt_at=time.time() + 60)
+    # ... and claims after a's failure released it: refused, the row is not what b read.
+    assert not b.claim_refresh("alice", KEY, generation, "waiter", time.time(), 30.0, read.failure_count)
+    again = b.get_credential("alice", KEY)
+    assert b.claim_refresh("alice", KEY, generation, "waiter", time.time(), 30.0, again.failure_count)
+
+
+@pytest.mark.parametrize("rpc", ["Refresh", "Resolve"])
+async def test_a_waiter_does_not_present_the_token_after_the_holders_refresh_failed(
+    make_broker: BrokerFactory, store_doc: dict[str, Any], rpc: str
+) -> None:
+    broker = await make_broker(store={**store_doc, "lock_timeout_seconds": 5})
+    await _stale_connected(broker)
+    _take_lease(broker)
+    before = len(broker.auth.token_requests("refresh_token"))
+    cached = broker.app.vault.get("alice", broker.app.config.upstreams[0].key)
+    assert cached is not None
+    call = broker.stub.Refresh(_refresh_request()) if rpc == "Refresh" else broker.resolve("alice")
+    waiting = asyncio.ensure_future(call)
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    # The other replica's request timed out: it records the failure, which releases the lease.
+    row = cached[1]
+    broker.app.store.record_failure(
+        "alice", row.upstream_key, "error", "timeout", row.generation, broker.clock.now() + 60
+    )
+    if rpc == "Refresh":
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(waiting, 5)
+        assert error_info(caught.value).reason == "UPSTREAM_UNAVAILABLE"
+    else:  # the cached token is still valid for 30 s: it is served
+        answer = await asyncio.wait_for(waiting, 5)
+        assert answer.access_token == cached[0].secrets.access_token
+    assert len(broker.auth.token_requests("refresh_token")) == before  # never presented again

@@ -174,3 +174,44 @@ async def test_a_corrupt_pending_flow_fails_closed_without_a_crash(broker: Broke
     assert broker.rows("SELECT * FROM pending_flows WHERE user_id = 'alice'") == []
     await broker.connect("bob")
     await _serving(broker)
+
+
+async def test_a_sealed_column_turned_to_text_fails_closed_and_is_never_quoted(broker: Broker) -> None:
+    """SQLite lets a damaged row hold TEXT (invalid UTF-8) where the sealed bytes were. Reading
+    it must fail closed for that user, like any damaged record, and the error must not quote the
+    column's contents (sqlite3's decode error does)."""
+    if broker.app.config.store.backend != "sqlite":
+        pytest.skip("PostgreSQL's bytea column cannot hold text")
+    await broker.connect("alice")
+    await broker.connect("bob")
+    sealed = _get(broker, "sealed")
+    broker.query("UPDATE credentials SET sealed = substr(sealed, 2) || 'x' WHERE user_id = 'alice'")
+    assert broker.rows("SELECT typeof(sealed) AS t FROM credentials WHERE user_id = 'alice'") == [
+        {"t": "text"}
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.resolve("alice")
+    assert (info.value.code(), error_info(info.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RECONNECT_REQUIRED",
+    ), info.value.details()
+    assert repr(sealed[2:12])[2:-1] not in (info.value.details() or "")
+    await _serving(broker)
+
+
+async def test_a_text_column_that_is_not_utf8_is_an_error_that_quotes_nothing(broker: Broker) -> None:
+    """A damaged row whose clear text column holds invalid UTF-8: the store error says what is
+    wrong without quoting the column (sqlite3's own message would)."""
+    if broker.app.config.store.backend != "sqlite":
+        pytest.skip("PostgreSQL refuses invalid UTF-8 in text columns")
+    await broker.connect("alice")
+    await broker.connect("bob")
+    broker.query(
+        "UPDATE credentials SET token_type = CAST(X'42ff65617265725365637265745a' AS TEXT) "
+        "WHERE user_id = 'alice'"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.resolve("alice")
+    details = info.value.details() or ""
+    assert "not UTF-8" in details and "earerSecret" not in details, details
+    await _serving(broker)

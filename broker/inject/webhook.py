@@ -84,6 +84,8 @@ CONFIG_DIR = "/etc/credential-broker"
 CONFIG_KEY = "config.yaml"
 CONFIG_PATH = CONFIG_DIR + "/" + CONFIG_KEY
 KEYRING_DIR = CONFIG_DIR + "/keyring"
+# The keyring Secret's file mode (octal 0440): owner and group may read, nobody else.
+KEYRING_MODE = 0o440
 DATA_DIR = "/var/lib/credential-broker"
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
@@ -186,9 +188,29 @@ def _volumes(config_map: str, keyring_secret: str) -> list[dict[str, Any]]:
             "name": VOLUME_CONFIG,
             "configMap": {"name": config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
         },
-        {"name": VOLUME_KEYRING, "secret": {"secretName": keyring_secret}},
+        # Group-readable only: the broker refuses a keyring others can read. The kubelet makes
+        # the files root:fsGroup, and fsGroup is a supplementary group of every container.
+        {"name": VOLUME_KEYRING, "secret": {"secretName": keyring_secret, "defaultMode": KEYRING_MODE}},
         {"name": VOLUME_DATA, "emptyDir": {}},
     ]
+
+
+def _fs_group_ops(
+    spec: dict[str, Any], settings: InjectSettings, warnings: list[str]
+) -> list[dict[str, Any]]:
+    """A pod without an fsGroup gets the sidecar's group as its fsGroup, so the sidecar can read
+    its group-only keyring; a pod's own fsGroup is kept (the sidecar is in that group too)."""
+    context = spec.get("securityContext")
+    if context is not None and not isinstance(context, dict):
+        raise _Reject("spec.securityContext is not an object")
+    if context is not None and context.get("fsGroup") is not None:
+        return []
+    warnings.append(
+        f"spec.securityContext.fsGroup set to {settings.run_as_user} so the sidecar can read its keyring"
+    )
+    if context is None:
+        return [{"op": "add", "path": "/spec/securityContext", "value": {"fsGroup": settings.run_as_user}}]
+    return [{"op": "add", "path": "/spec/securityContext/fsGroup", "value": settings.run_as_user}]
 
 
 def _list_field(obj: dict[str, Any], key: str, what: str) -> list[Any] | None:
@@ -299,6 +321,7 @@ def _pod_patch(
     else:
         patch.append({"op": "add", "path": "/spec/initContainers", "value": [_sidecar(settings)]})
     patch += _append_ops("/spec/volumes", volumes, _volumes(config_map, keyring_secret))
+    patch += _fs_group_ops(spec, settings, warnings)
     patch += container_ops
     # The inject annotation is present, so metadata.annotations exists: add one key to it.
     patch.append(

@@ -247,10 +247,18 @@ class CredentialStore(Protocol):
     def sample_records(self, kek_id: str, limit: int) -> list[CredentialRow | PendingFlowRow]: ...
 
     def claim_refresh(
-        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+        self,
+        user_id: str,
+        upstream_key: str,
+        generation: int,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        failure_count: int | None = None,
     ) -> bool:
         """Take the refresh lease of a credential, atomically: only if it is still at
-        ``generation`` and nobody else holds an unexpired lease. Sets status "refreshing".
+        ``generation`` (and, when given, still at ``failure_count``: no failure recorded since
+        the claimer read it) and nobody else holds an unexpired lease. Sets status "refreshing".
         True when ``owner`` now holds it. A later ``save_credential`` or ``record_failure``
         releases it; a crashed holder's lease simply expires. The lease runs ``lease_seconds``
         from ``now`` (SQLite), or from the database's own clock (PostgreSQL, which ignores

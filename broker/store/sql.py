@@ -68,7 +68,7 @@ class SharedQueries:
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None:
         rows = self._read(
-            self._q(f"SELECT {CRED_SELECT} FROM credentials WHERE user_id = ? AND upstream_key = ?"),
+            self._q(f"SELECT {self.CRED_READ} FROM credentials WHERE user_id = ? AND upstream_key = ?"),
             (user_id, upstream_key),
         )
         return credential_from_row(rows[0]) if rows else None
@@ -97,7 +97,14 @@ class SharedQueries:
                 self._add_event(conn, event)
 
     def claim_refresh(
-        self, user_id: str, upstream_key: str, generation: int, owner: str, now: float, lease_seconds: float
+        self,
+        user_id: str,
+        upstream_key: str,
+        generation: int,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        failure_count: int | None = None,
     ) -> bool:
         # One statement. PostgreSQL: a concurrent claimer blocks on the row lock, then re-evaluates
         # the WHERE on the committed row (READ COMMITTED) and matches nothing; SQLite: the write
@@ -106,15 +113,19 @@ class SharedQueries:
         # ended) and ``now`` is unused, so replicas whose clocks disagree agree on the lease.
         clock = self.LEASE_CLOCK or "?"
         at: tuple[float, ...] = () if self.LEASE_CLOCK else (now,)
+        # With failure_count: only if no failure was recorded since the claimer read the row (a
+        # failure does not change the generation), so a claim made on a stale read fails.
+        same_failures = "" if failure_count is None else " AND COALESCE(failure_count, 0) = ?"
+        failures: tuple[int, ...] = () if failure_count is None else (failure_count,)
         with self._write() as conn:
             cursor = conn.execute(
                 self._q(
                     f"UPDATE credentials SET status = 'refreshing', lease_owner = ?, lease_until = {clock} + ? "
                     "WHERE user_id = ? AND upstream_key = ? AND generation = ? "
                     "AND status != 'needs_reauth' "
-                    f"AND (lease_until IS NULL OR lease_until <= {clock} OR lease_owner = ?)"
+                    f"AND (lease_until IS NULL OR lease_until <= {clock} OR lease_owner = ?){same_failures}"
                 ),
-                (owner, *at, lease_seconds, user_id, upstream_key, generation, *at, owner),
+                (owner, *at, lease_seconds, user_id, upstream_key, generation, *at, owner, *failures),
             )
             return bool(cursor.rowcount == 1)
 
@@ -253,13 +264,14 @@ class SharedQueries:
         creds: list[CredentialRow | PendingFlowRow] = [
             credential_from_row(r)
             for r in self._read(
-                self._q(f"SELECT {CRED_SELECT} FROM credentials WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
+                self._q(f"SELECT {self.CRED_READ} FROM credentials WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
             )
         ]
         flows = [
             flow_from_row(r)
             for r in self._read(
-                self._q(f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE kek_id = ? LIMIT ?"), (kek_id, limit)
+                self._q(f"SELECT {self.FLOW_READ} FROM pending_flows WHERE kek_id = ? LIMIT ?"),
+                (kek_id, limit),
             )
         ]
         return creds + flows
@@ -303,7 +315,7 @@ class SharedQueries:
     def newest_pending_flow(self, user_id: str, upstream_key: str, now: float) -> PendingFlowRow | None:
         rows = self._read(
             self._q(
-                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
+                f"SELECT {self.FLOW_READ} FROM pending_flows WHERE user_id = ? AND upstream_key = ? "
                 f"AND expires_at > ? ORDER BY created_at DESC, {self.INSERT_ORDER} DESC LIMIT 1"
             ),
             (user_id, upstream_key, now),
@@ -389,8 +401,11 @@ class SharedQueries:
 
     # -- per-key check values (broker/key_checks.py) --------------------------------------
 
-    # The sealed column read as bytes whatever a damaged row holds (SQLite can hold text there).
+    # The sealed column read as bytes whatever a damaged row holds (SQLite can hold text there),
+    # and the column lists that reads select with it.
     SEALED_AS_BYTES = "sealed"
+    CRED_READ = CRED_SELECT
+    FLOW_READ = FLOW_COLUMNS
 
     def key_checks(self) -> dict[str, bytes]:
         rows = self._read(self._q("SELECT kek_id, check_value FROM key_checks"), ())

@@ -22,6 +22,7 @@ import sqlite_utils
 from broker.errors import StoreError
 from broker.store.base import (
     CRED_COLUMNS,
+    CRED_SELECT,
     FLOW_COLUMNS,
     ConnectionEventRow,
     CredentialRow,
@@ -124,6 +125,10 @@ class SqliteStore(SharedQueries):
     schema_version = SCHEMA_VERSION
     INSERT_ORDER = "rowid"
     SEALED_AS_BYTES = "CAST(sealed AS BLOB)"
+    # A damaged row holding text (invalid UTF-8) in the sealed column then fails closed as a
+    # record that does not open, instead of raising sqlite3's decode error, which quotes it.
+    CRED_READ = CRED_SELECT.replace("sealed", SEALED_AS_BYTES)
+    FLOW_READ = FLOW_COLUMNS.replace("sealed", SEALED_AS_BYTES)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -252,7 +257,7 @@ class SqliteStore(SharedQueries):
     def take_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
         with self._write() as conn:
             found = conn.execute(
-                f"SELECT {FLOW_COLUMNS} FROM pending_flows WHERE state_hash = ?", (state_hash,)
+                f"SELECT {self.FLOW_READ} FROM pending_flows WHERE state_hash = ?", (state_hash,)
             ).fetchone()
             if found is None:
                 return None
@@ -281,5 +286,11 @@ class SqliteStore(SharedQueries):
 
 
 def _describe(exc: BaseException) -> str:
-    # sqlite3 messages carry SQL or file paths, never bound values (we always bind parameters).
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    # sqlite3 messages carry SQL or file paths, not bound values (we always bind parameters);
+    # the one exception, the text decode error, quotes a column's contents, so it is replaced.
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    if text.startswith("Could not decode to UTF-8"):
+        return "a text column holds bytes that are not UTF-8 (a damaged row)"
+    return text

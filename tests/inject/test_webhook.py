@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
+from broker.crypto import keyfile
 from broker.inject import webhook
 from broker.inject.webhook import InjectSettings, mutate
 
@@ -181,7 +183,7 @@ def expected_volumes(config_map: str, secret: str) -> list[dict[str, Any]]:
                 "items": [{"key": "config.yaml", "path": "config.yaml"}],
             },
         },
-        {"name": "credential-broker-keyring", "secret": {"secretName": secret}},
+        {"name": "credential-broker-keyring", "secret": {"secretName": secret, "defaultMode": 0o440}},
         {"name": "credential-broker-data", "emptyDir": {}},
     ]
 
@@ -246,10 +248,14 @@ def test_injects_native_sidecar_into_annotated_pod(k8s_validate: Validator) -> N
     answer = mutate(make_review(pod), SETTINGS)
 
     assert pod == original, "mutate() must not modify its input"
-    assert "warnings" not in answer["response"]
+    assert answer["response"]["warnings"] == [
+        webhook.WARNING_PREFIX
+        + "spec.securityContext.fsGroup set to 10001 so the sidecar can read its keyring"
+    ]
     patched = apply(pod, answer)
 
     expected = copy.deepcopy(original)
+    expected["spec"]["securityContext"] = {"fsGroup": 10001}
     expected["metadata"]["annotations"]["credential-broker.io/status"] = "injected"
     expected["spec"]["initContainers"] = [EXPECTED_SIDECAR]
     expected["spec"]["volumes"] += expected_volumes("credential-broker-config", "credential-broker-keyring")
@@ -258,6 +264,40 @@ def test_injects_native_sidecar_into_annotated_pod(k8s_validate: Validator) -> N
     app["volumeMounts"].append(SOCKET_MOUNT)
     assert patched == expected
     k8s_validate(patched)
+
+
+@pytest.mark.parametrize(
+    "pod_fs_group",
+    [None, "no fsGroup", 3000],
+    ids=["no securityContext", "securityContext without fsGroup", "the pod's own fsGroup"],
+)
+def test_the_sidecar_can_read_its_keyring_and_the_broker_accepts_its_mode(
+    pod_fs_group: int | str | None, k8s_validate: Validator
+) -> None:
+    """The broker refuses a keyring others can read, so the injected Secret volume must give
+    the sidecar (uid 10001) a group-only file. What the kubelet does with a Secret volume: files
+    owned by root, group the pod's fsGroup (root without one), mode defaultMode (0644 when unset);
+    fsGroup is also a supplementary group of every container in the pod."""
+    pod = make_pod()
+    if pod_fs_group is not None:
+        pod["spec"]["securityContext"] = {"runAsNonRoot": True}
+    if isinstance(pod_fs_group, int):
+        pod["spec"]["securityContext"]["fsGroup"] = pod_fs_group
+    patched = apply(pod, mutate(make_review(pod), SETTINGS))
+    k8s_validate(patched)
+    fs_group = patched["spec"].get("securityContext", {}).get("fsGroup")
+    (volume,) = [v for v in patched["spec"]["volumes"] if v["name"] == webhook.VOLUME_KEYRING]
+    mode = volume["secret"].get("defaultMode", 0o644)
+    (sidecar,) = [c for c in patched["spec"]["initContainers"] if c["name"] == webhook.SIDECAR_NAME]
+    uid, gid = sidecar["securityContext"]["runAsUser"], sidecar["securityContext"]["runAsGroup"]
+    groups = {gid} | ({fs_group} if fs_group is not None else set())
+    file_group = fs_group if fs_group is not None else 0
+    assert mode & 0o004 or (mode & 0o040 and file_group in groups), "the sidecar cannot read its keyring"
+    assert keyfile.exposure(stat.S_IFREG | mode, 0, uid) is None, "the broker would refuse its keyring"
+    if isinstance(pod_fs_group, int):
+        assert fs_group == pod_fs_group  # the pod's own fsGroup is kept
+    if pod_fs_group is not None:
+        assert patched["spec"]["securityContext"]["runAsNonRoot"] is True  # the rest is kept
 
 
 def test_patch_escapes_slash_in_annotation_key() -> None:
