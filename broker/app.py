@@ -16,6 +16,7 @@ from broker.config import BrokerConfig
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
 from broker.errors import ConfigError
+from broker.events import EVENT_FALLBACK_POLL_SECONDS, EVENT_POLL_SECONDS, EventHub
 from broker.exchange import TokenExchanger
 from broker.flow_purge import FlowPurger
 from broker.identity import IdentityVerifier, UserAuthenticator
@@ -28,6 +29,7 @@ from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
+from broker.refresher import BackgroundRefresher
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
@@ -54,8 +56,12 @@ class App:
     #: The bound metrics address once started (None when metrics are off).
     metrics_address: str | None = None
     flow_purger: FlowPurger | None = None
+    refresher: BackgroundRefresher | None = None
+    events: EventHub | None = None
 
     async def start(self) -> None:
+        if self.events is not None:
+            await self.events.start()
         await self.server.start()
         if self.metrics is not None and self.config.metrics.listen is not None:
             try:
@@ -66,9 +72,15 @@ class App:
                 raise ConfigError(f"metrics.listen: {reason}") from None
         if self.flow_purger is not None:
             self.flow_purger.start()
+        if self.refresher is not None:
+            self.refresher.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        if self.refresher is not None:
+            await self.refresher.stop()
+        if self.events is not None:
+            await self.events.stop()
         if self.flow_purger is not None:
             await self.flow_purger.stop()
         if self.metrics is not None:
@@ -147,6 +159,18 @@ def build_app(
         flow_purger = FlowPurger(
             timed_store(store, metrics), clock, config.flow_purge_interval_seconds, logger
         )
+        refresher = None
+        if config.background_refresh.enabled:
+            refresher = BackgroundRefresher(config, timed_store(store, metrics), service, clock, logger)
+            stats = refresher.stats
+            metrics.watch_background_refresh(lambda: dict(stats.outcomes), lambda: stats.lag_seconds)
+        events = EventHub(
+            timed_store(store, metrics),
+            {u.key: u.name for u in config.upstreams},
+            EVENT_POLL_SECONDS if config.store.backend == "sqlite" else EVENT_FALLBACK_POLL_SECONDS,
+            listen=getattr(store, "listen_events", None),
+            logger=logger,
+        )
         methods = pb_methods()
         interceptor = CallerInterceptor(
             CallerPolicy(config, methods),
@@ -156,7 +180,12 @@ def build_app(
         )
         server = BrokerServer(
             CredentialBrokerServicer(
-                service, logger, UserAuthenticator(identity), auditor=auditor, connections=connections
+                service,
+                logger,
+                UserAuthenticator(identity),
+                auditor=auditor,
+                connections=connections,
+                events=events,
             ),
             config.listeners(),
             health_listen=config.health_listen,
@@ -181,6 +210,8 @@ def build_app(
         metrics=metrics,
         connections=connections,
         flow_purger=flow_purger,
+        refresher=refresher,
+        events=events,
     )
 
 

@@ -183,6 +183,9 @@ class UpstreamConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     url: str
     auth_broker: AuthBrokerConfig
+    # Keep-alive for providers that revoke a refresh token left unused this long: the background
+    # refresher (broker/refresher.py) refreshes before that, even if nobody calls Resolve.
+    refresh_token_idle_seconds: int | None = Field(default=None, ge=60, le=10 * 365 * 86400)
 
     @cached_property
     def key(self) -> str:  # looked up on every Resolve: hash once
@@ -347,6 +350,24 @@ class AuditConfig(_Strict):
     backup_count: int = Field(default=5, ge=0, le=100)
 
 
+class BackgroundRefreshConfig(_Strict):
+    """Refresh ahead of expiry without waiting for a Resolve (broker/refresher.py).
+
+    ``ahead_seconds``: a credential is refreshed once its access token has this long left (at
+    most half its lifetime, so short-lived tokens are not refreshed right after each refresh),
+    minus up to 20% jitter; 300 covers the common 1 hour tokens with room for a slow provider
+    and retries, and is well above ``refresh_window_seconds`` (60), so Resolve seldom has to
+    wait on a provider. ``max_concurrent``: background refreshes in flight per upstream per
+    process, further capped at half of ``http.max_concurrent_requests`` so Resolve always
+    keeps request slots. ``interval_seconds``: how often each process looks for due
+    credentials (one bounded, indexed query per tick)."""
+
+    enabled: bool = True
+    ahead_seconds: int = Field(default=300, ge=1, le=86400)
+    max_concurrent: int = Field(default=4, ge=1, le=1000)
+    interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+
 class MetricsConfig(_Strict):
     """The Prometheus endpoint, off unless ``listen`` is set (host:port, served at /metrics)."""
 
@@ -387,6 +408,7 @@ class BrokerConfig(_Strict):
     read_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     # More provider presets (or replacements for built-in ones), in the catalogue's schema.
     providers_file: Path | None = None
+    background_refresh: BackgroundRefreshConfig = BackgroundRefreshConfig()
     upstreams: tuple[UpstreamConfig, ...] = ()
     identity: IdentityConfig | None = None
     policy: PolicyConfig | None = None

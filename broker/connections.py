@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker import validation
+from broker import events, validation
 from broker.clock import Clock
 from broker.config import BrokerConfig, UpstreamConfig
 from broker.errors import DecryptionError, StoreError, UnknownUpstream
@@ -141,6 +141,7 @@ class ConnectionManager:
             secrets = credential.secrets if credential is not None else None
             token = getattr(secrets, hint) if secrets is not None else None
             outcomes.append(await self._revocation.revoke(endpoint, token, hint, client))
-        deleted = await asyncio.to_thread(self._vault.store.delete_credential, user, upstream.key)
+        event = events.disconnected(user, upstream.key, self._clock.now())
+        deleted = await asyncio.to_thread(self._vault.store.delete_credential, user, upstream.key, event)
         self._vault.forget(user, upstream.key)
         return Disconnection(deleted, tuple(outcomes))

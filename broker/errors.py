@@ -19,6 +19,7 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── UnknownUpstream            NOT_FOUND            no upstream of that name is configured
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
     ├── TooManyPendingFlows        RESOURCE_EXHAUSTED   max_pending_flows_total flows are pending
+    ├── WatcherTooSlow             RESOURCE_EXHAUSTED   a WatchConnections stream fell too far behind
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
     │   └── ReconnectRequired          the stored credential can no longer be refreshed
@@ -195,3 +196,10 @@ class TooManyPendingFlows(BrokerError):
     """A new connect flow was refused: ``max_pending_flows_total`` flows (all users) are pending."""
 
     code = "TOO_MANY_PENDING_FLOWS"
+
+
+class WatcherTooSlow(BrokerError):
+    """A WatchConnections stream was cut off: its reader fell so far behind that the events
+    waiting for it reached the per-watcher bound. Reconnect with the last sequence seen."""
+
+    code = "WATCH_TOO_SLOW"

@@ -81,6 +81,13 @@ class BrokerMetrics:
 
     # -- endpoint -----------------------------------------------------------------------
 
+    def watch_background_refresh(
+        self, outcomes: Callable[[], dict[tuple[str, str], int]], lag: Callable[[], float]
+    ) -> None:
+        """Background refreshes (broker/refresher.py) by upstream and outcome, and the latest
+        tick's lag behind schedule."""
+        self.registry.register(_BackgroundRefresh(outcomes, lag))
+
     def serve(self, address: str) -> str:
         """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound address."""
         host, _, port = address.rpartition(":")
@@ -155,6 +162,29 @@ class _FlowRefusals(Collector):
         )
         family.add_metric([], self._read())
         yield family
+
+
+class _BackgroundRefresh(Collector):
+    def __init__(self, outcomes: Callable[[], dict[tuple[str, str], int]], lag: Callable[[], float]) -> None:
+        self._outcomes = outcomes
+        self._lag = lag
+
+    def collect(self) -> Iterable[Metric]:
+        counts = CounterMetricFamily(
+            f"{PREFIX}_background_refreshes",
+            "Background refreshes by upstream and outcome: done (this process made the grant), "
+            "failed, skipped (no longer due, or done by another process or a Resolve)",
+            labels=["upstream", "outcome"],
+        )
+        for (upstream, outcome), count in sorted(self._outcomes().items()):
+            counts.add_metric([upstream, outcome], count)
+        yield counts
+        lag = GaugeMetricFamily(
+            f"{PREFIX}_background_refresh_lag_seconds",
+            "How far behind its schedule the most overdue credential of the latest tick was",
+        )
+        lag.add_metric([], self._lag())
+        yield lag
 
 
 class _CredentialsByStatus(Collector):

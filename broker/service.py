@@ -12,10 +12,10 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import lifecycle, validation
+from broker import events, lifecycle, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -227,7 +227,9 @@ class BrokerService:
         token = await self._request(upstream, form, user)
         now = self._clock.now()
         credential = self._credential(user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now)
-        await asyncio.to_thread(self._vault.save, credential, None, now)
+        await asyncio.to_thread(
+            self._vault.save, credential, None, now, events.connected(user, upstream.key, now)
+        )
         self._log.info("connected", extra=fields(user_id=user, upstream=upstream.name))
         return self._info(credential, upstream)
 
@@ -346,7 +348,41 @@ class BrokerService:
         self._audit.record("refresh", "success", user=user, upstream=upstream.name)
         return credential
 
-    async def _refresh(self, user: str, upstream: UpstreamConfig, window: int | None) -> Credential:
+    async def refresh_if_due(
+        self, user: str, upstream_key: str, due: Callable[[Credential, float], bool]
+    ) -> bool:
+        """Background refresh (broker/refresher.py): refresh (user, upstream) through the same
+        single flight and refresh lease as Resolve, while ``due(credential, now)`` holds for the
+        row as re-read here (after any other process's refresh). True when this process made
+        the grant; False when it was no longer due. Raises as a refresh does."""
+        upstream = self._by_key.get(upstream_key)
+        if upstream is None or upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+            return False
+        verdict: list[bool] = []
+
+        def still_due(credential: Credential, now: float) -> bool:
+            verdict.append(due(credential, now))
+            return verdict[-1]
+
+        try:
+            await self._flights.run(
+                (user, upstream.key), lambda: self._refresh(user, upstream, None, still_due)
+            )
+        except BrokerError as exc:
+            self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
+            raise
+        if verdict and verdict[-1]:
+            self._audit.record("refresh", "success", user=user, upstream=upstream.name)
+            return True
+        return False  # not due any more, or a Resolve's refresh already in flight did it
+
+    async def _refresh(
+        self,
+        user: str,
+        upstream: UpstreamConfig,
+        window: int | None,
+        due: Callable[[Credential, float], bool] | None = None,
+    ) -> Credential:
         """One refresh_token grant, inside this process's single flight for (user, upstream).
 
         ``window`` None forces the refresh; otherwise a credential that another caller already
@@ -366,6 +402,8 @@ class BrokerService:
             if credential is None:
                 raise await self._connect_error(NotConnected, user, upstream)
             now = self._clock.now()
+            if due is not None and not due(credential, now):
+                return credential  # a background refresh that is no longer due (refresh_if_due)
             if first_generation is None:
                 first_generation, first_failures = credential.generation, credential.failure_count
             elif (
@@ -472,7 +510,8 @@ class BrokerService:
         # access token and a rotated refresh token are written together, in one row, before
         # either is handed to anyone.
         renewed = self._credential(user, upstream, token, credential.obtained_via, credential, now)
-        generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now)
+        event = events.refreshed(credential, now)
+        generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now, event)
         if generation is None:
             # Someone rewrote the row meanwhile (a reconnect, or a lease that expired): theirs wins.
             winner = self._load(user, upstream)
@@ -514,6 +553,7 @@ class BrokerService:
             kind,
             credential.generation,
             retry_at,
+            events.refresh_failed(user, upstream.key, status, kind, self._clock.now()),
         )
 
     async def _request(

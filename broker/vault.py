@@ -20,7 +20,7 @@ from broker.crypto.envelope import EnvelopeCipher, RecordContext, key_id_of
 from broker.errors import DecryptionError
 from broker.models import Credential, CredentialStatus, PendingFlow, Secrets
 from broker.oauth import rfc6749
-from broker.store.base import CredentialRow, CredentialStore, PendingFlowRow, SealedRecord
+from broker.store.base import ConnectionEventRow, CredentialRow, CredentialStore, PendingFlowRow, SealedRecord
 
 _CREDENTIALS = "credentials"
 _FLOWS = "pending_flows"
@@ -70,6 +70,10 @@ class _WriteTracking:
             "sample_records",
             "sealed_records",
             "count_credentials",
+            "events_after",
+            "last_event_sequence",
+            "due_for_refresh",
+            "idle_for_refresh",
             "newest_pending_flow",
             "close",
         }
@@ -204,9 +208,19 @@ class CredentialVault:
             next_attempt_at=row.next_attempt_at,
         )
 
-    def save(self, credential: Credential, expected_generation: int | None, now: float) -> int | None:
-        """Seal and write; with ``expected_generation`` only if nobody wrote since (CAS)."""
-        return self.store.save_credential(self.seal_credential(credential, now), expected_generation)
+    def save(
+        self,
+        credential: Credential,
+        expected_generation: int | None,
+        now: float,
+        event: ConnectionEventRow | None = None,
+    ) -> int | None:
+        """Seal and write; with ``expected_generation`` only if nobody wrote since (CAS).
+        ``event`` (broker/events.py) is written in the same transaction."""
+        row = self.seal_credential(credential, now)
+        if event is None:
+            return self.store.save_credential(row, expected_generation)
+        return self.store.save_credential(row, expected_generation, event)
 
     def seal_credential(self, credential: Credential, now: float) -> CredentialRow:
         """The store row for ``credential``: its secrets (and a copy of its clear columns) sealed."""

@@ -313,6 +313,8 @@ async def make_broker(
             "upstreams": upstreams if upstreams is not None else [upstream_doc(auth_server, client)],
             **settings,
         }
+        # Background refresh is off unless a test asks for it: other tests count refresh grants.
+        document.setdefault("background_refresh", {"enabled": False})
         config = load_config(document, environ={}, base_dir=tmp_path)
         clock = clock or ManualClock(time.time())
         audit = MemorySink()

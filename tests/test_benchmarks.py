@@ -70,3 +70,20 @@ def test_workers_benchmark_runs_with_the_go_load_generator() -> None:
         broker = float(line.split(" in all, broker ")[1].split()[0])
         assert broker > 0 and 0 < machine <= (os.cpu_count() or 1), line
     assert "workers: calls/s 2 workers / 1 =" in out
+
+
+def test_refresh_scan_runs_and_prints_ratio() -> None:
+    out = _run(
+        "benchmarks/refresh_scan.py",
+        "--backend",
+        "sqlite",
+        "--small",
+        "300",
+        "--large",
+        "3000",
+        "--rounds",
+        "2",
+    )
+    assert "sqlite    ratio 3000/300:" in out
+    assert "USING INDEX credentials_refresh_due" in out  # the scan is an index range scan
+    assert "USING INDEX credentials_keep_alive" in out

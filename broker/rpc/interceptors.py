@@ -77,6 +77,9 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         if handler is not None and full.startswith(_REFLECTION_PREFIX) and handler.stream_stream:
             _decoded.set((asyncio.current_task(), handler_call_details.invocation_metadata))
             return self._guard_reflection(handler, full)
+        if handler is not None and full.startswith(_GUARDED_PREFIX) and handler.unary_stream is not None:
+            _decoded.set((asyncio.current_task(), handler_call_details.invocation_metadata))
+            return self._guard_unary_stream(handler, full)
         if handler is None or not full.startswith(_GUARDED_PREFIX) or handler.unary_unary is None:
             return handler
         _decoded.set((asyncio.current_task(), handler_call_details.invocation_metadata))
@@ -124,6 +127,24 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _guard_unary_stream(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
+        """A server-streaming RPC (WatchConnections) gets the same caller checks as the others."""
+        inner = handler.unary_stream
+        method = full.removeprefix(_GUARDED_PREFIX)
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            refused = self._admit(method, request, context)
+            if refused is not None:
+                await context.abort_with_status(refused)
+            async for response in inner(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
             guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

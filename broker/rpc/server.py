@@ -26,7 +26,11 @@ def _handlers(servicer: CredentialBrokerServicer) -> grpc.GenericRpcHandler:
     """The service's method handlers, built from its descriptor with a lenient deserializer."""
     service = pb.DESCRIPTOR.services_by_name["CredentialBroker"]
     handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
+        method.name: (
+            grpc.unary_stream_rpc_method_handler  # WatchConnections
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )(
             getattr(servicer, method.name),
             request_deserializer=lenient_deserializer(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,

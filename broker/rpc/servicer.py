@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -17,6 +17,7 @@ from broker.audit import Auditor
 from broker.callers import current_call
 from broker.connections import Connection, ConnectionManager, Disconnection
 from broker.errors import BrokerError, InvalidArgument, NotImplementedMode
+from broker.events import ConnectionEvent, EventHub, EventKind
 from broker.identity import UserAuthenticator, VerifiedUser
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
@@ -75,7 +76,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         *,
         auditor: Auditor | None = None,
         connections: ConnectionManager | None = None,
+        events: EventHub | None = None,
     ) -> None:
+        self._events = events
         self._service = service
         self._log = logger or get_logger()
         self._users = authenticator or UserAuthenticator()
@@ -240,6 +243,30 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             ],
         )
 
+    async def WatchConnections(
+        self, request: pb.WatchConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchConnectionsResponse]:
+        call = current_call.get()
+        who = call.who if call is not None else None
+        try:
+            self._check(request)
+            if self._events is None:
+                raise NotImplementedMode("connection events are not wired in this server")
+            if request.user_id or self._users.verifier is not None:
+                await self._user(context, request.user_id)  # with user tokens, one user only
+            after = request.after_sequence if request.HasField("after_sequence") else None
+            stream = self._events.watch_connections(
+                request.user_id or None,
+                list(request.upstreams),
+                after,
+                who.may_use if who else lambda _: True,
+            )
+            _audit(self._audit, "WatchConnections", request, "success", "", None)
+            async for event in stream:
+                yield pb.WatchConnectionsResponse(event=_event(event))
+        except Exception as exc:
+            await self._fail(context, "WatchConnections", request, exc)
+
     def _manager(self) -> ConnectionManager:
         if self._connections is None:
             raise NotImplementedMode("connection management is not wired in this server")
@@ -255,6 +282,7 @@ AUDIT_ACTIONS = {
     "Resolve": "inject",
     "ListConnections": "list",
     "Disconnect": "disconnect",
+    "WatchConnections": "list",
 }
 
 
@@ -292,4 +320,19 @@ def _connection(connection: Connection) -> pb.Connection:
         obtained_via=connection.obtained_via,
         updated_at=_timestamp(connection.updated_at),
         last_error=connection.last_error,
+    )
+
+
+_KINDS = {kind: pb.ConnectionEventKind.Value(f"CONNECTION_EVENT_KIND_{kind.name}") for kind in EventKind}
+
+
+def _event(event: ConnectionEvent) -> pb.ConnectionEvent:
+    return pb.ConnectionEvent(
+        sequence=event.sequence,
+        user_id=event.user_id,
+        upstream=event.upstream,
+        kind=_KINDS[event.kind],
+        status=event.status,
+        last_error=event.last_error or "",
+        at=_timestamp(event.at),
     )

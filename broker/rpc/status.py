@@ -35,6 +35,7 @@ STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.DecryptionError, grpc.StatusCode.INTERNAL),
     (errors.KeyRotationRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.TooManyPendingFlows, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.WatcherTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

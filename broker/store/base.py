@@ -39,6 +39,30 @@ class CredentialRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DueCredential:
+    """A credential the background refresher found due: clear metadata only, no ciphertext."""
+
+    user_id: str
+    upstream_key: str
+    expires_at: float | None
+    last_refresh_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEventRow:
+    """A change to a connection (broker/events.py), written in the transaction of the change.
+    ``sequence`` is assigned by the store (0 in a row about to be written). Never a secret."""
+
+    user_id: str
+    upstream_key: str
+    kind: str
+    status: str
+    last_error: str | None
+    at: float
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class PendingFlowRow:
     """A started connect flow. The state is stored only as its hash; the verifier sealed."""
 
@@ -139,9 +163,12 @@ class CredentialStore(Protocol):
 
     def get_credential(self, user_id: str, upstream_key: str) -> CredentialRow | None: ...
 
-    def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
+    def save_credential(
+        self, row: CredentialRow, expected_generation: int | None, event: ConnectionEventRow | None = None
+    ) -> int | None:
         """Write ``row``. With ``expected_generation`` set, only if the stored row still has that
-        generation (compare-and-swap); returns the new generation, or None when the swap lost."""
+        generation (compare-and-swap); returns the new generation, or None when the swap lost.
+        ``event`` is appended in the same transaction, only when the row was written."""
 
     def record_failure(
         self,
@@ -151,12 +178,44 @@ class CredentialStore(Protocol):
         error_class: str,
         generation: int,
         next_attempt_at: float | None = None,
+        event: ConnectionEventRow | None = None,
     ) -> None:
         """Mark a credential's status after a failed refresh, if still at ``generation``: count one
         more consecutive failure, keep the error class, set when to try again and release the
-        refresh lease. Never deletes anything."""
+        refresh lease. Never deletes anything. ``event``: appended in the same transaction, only
+        when the row was updated."""
 
-    def delete_credential(self, user_id: str, upstream_key: str) -> bool: ...
+    def delete_credential(
+        self, user_id: str, upstream_key: str, event: ConnectionEventRow | None = None
+    ) -> bool:
+        """Delete; ``event`` is appended in the same transaction when a row was deleted."""
+
+    def events_after(
+        self, after_sequence: int, limit: int, user_id: str | None = None
+    ) -> list[ConnectionEventRow]:
+        """Up to ``limit`` events with sequence > ``after_sequence`` (of ``user_id`` only, when
+        given), in sequence order. Sequences are in commit order: a reader that has seen
+        sequence n has seen every committed event before it."""
+
+    def last_event_sequence(self) -> int:
+        """The highest committed event sequence (0 when there is none)."""
+
+    def due_for_refresh(
+        self, upstream_key: str, expires_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key`` (soonest first) expiring before
+        ``expires_before`` and not in a backoff at ``now``, never needs_reauth ones; an index
+        range scan (no full scan)."""
+
+    def defer_refresh(self, user_id: str, upstream_key: str, generation: int, until: float) -> None:
+        """Keep a credential that cannot be refreshed out of the refresher's scans until
+        ``until``, if still at ``generation`` (sets next_attempt_at; a save clears it)."""
+
+    def idle_for_refresh(
+        self, upstream_key: str, refreshed_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key`` (longest idle first) last refreshed
+        before ``refreshed_before`` and not in a backoff at ``now``, never needs_reauth ones."""
 
     def count_credentials(self, now: float) -> dict[str, int]:
         """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""

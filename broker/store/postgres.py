@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,16 +37,20 @@ from broker.errors import StoreError
 from broker.store.base import (
     CRED_COLUMNS,
     FLOW_COLUMNS,
+    ConnectionEventRow,
     CredentialRow,
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import SharedQueries
+from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES, SharedQueries
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
+_EVENT_LOCK = 0x63625F657674  # advisory lock id for event inserts ("cb_evt")
+#: The channel NOTIFY wakes event watchers on (broker/events.py).
+EVENT_CHANNEL = "credential_broker_events"
 _READ_WAIT_SECONDS = 1.0  # pool wait for a read on the event loop when the database is healthy
 _SUSPECT_SECONDS = 2.0  # after a connection failure, reads fail fast for this long
 _SUSPECT_READ_WAIT_SECONDS = 0.02
@@ -110,7 +114,16 @@ _MIGRATION_KEY_CHECKS = (
 )
 
 # Each migration is a list of statements run in one transaction; index i is version i + 1.
-MIGRATIONS: list[Sequence[str]] = [_MIGRATION_1, _MIGRATION_2, _MIGRATION_KEY_CHECKS]
+MIGRATIONS: list[Sequence[str]] = [
+    _MIGRATION_1,
+    _MIGRATION_2,
+    _MIGRATION_KEY_CHECKS,
+    REFRESH_SCHEDULE_INDEXES,  # SQLite's _migrate_refresh_schedule: the refresher's scan indexes
+    (  # SQLite's _migrate_events: connection events, written with the change they describe
+        f"CREATE TABLE connection_events (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, {EVENT_COLUMNS})",
+        EVENT_USER_INDEX,
+    ),
+]
 
 
 def describe(exc: BaseException) -> str:
@@ -133,6 +146,11 @@ class PostgresStore(SharedQueries):
     # own: clock_timestamp() is the time the statement runs (after any row-lock wait), where
     # now() would be the transaction's start.
     LEASE_CLOCK = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
+    # Event inserts are serialized until commit, so sequences commit in order and a watcher that
+    # read sequence n never later finds a smaller one; the lock is taken last in the writing
+    # transaction (after its row locks) and held only until its commit. NOTIFY on commit.
+    EVENT_LOCK = f"SELECT pg_advisory_xact_lock({_EVENT_LOCK})"
+    EVENT_NOTIFY = f"NOTIFY {EVENT_CHANNEL}"
 
     def __init__(self, dsn: str, *, pool_size: int = 10, name: str = "credential-broker") -> None:
         self._dsn = dsn
@@ -224,7 +242,9 @@ class PostgresStore(SharedQueries):
 
     # -- credentials ---------------------------------------------------------------------
 
-    def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
+    def save_credential(
+        self, row: CredentialRow, expected_generation: int | None, event: ConnectionEventRow | None = None
+    ) -> int | None:
         values = (
             row.token_type,
             json.dumps(list(row.scopes)),
@@ -276,6 +296,8 @@ class PostgresStore(SharedQueries):
                         row.failure_count,
                     ),
                 ).fetchone()
+            if found is not None and event is not None:
+                self._add_event(conn, event)
             return None if found is None else int(found[0])
 
     def bulk_insert_credentials(self, rows: Sequence[CredentialRow]) -> None:
@@ -318,6 +340,25 @@ class PostgresStore(SharedQueries):
                 f"DELETE FROM pending_flows WHERE state_hash = %s RETURNING {FLOW_COLUMNS}", (state_hash,)
             ).fetchone()
             return None if found is None else flow_from_row(found)
+
+    # -- connection events (broker/events.py) ---------------------------------------------
+
+    def listen_events(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call ``wake()`` on every NOTIFY of an event commit, until ``stop`` is set. Runs in its
+        own thread on its own connection (outside the pool). A lost connection is re-made after
+        a pause, followed by one ``wake()``: events committed meanwhile are read then."""
+        while not stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._dsn, autocommit=True, application_name="credential-broker-listen"
+                ) as conn:
+                    conn.execute(f"LISTEN {EVENT_CHANNEL}")
+                    wake()
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            wake()
+            except psycopg.Error:
+                stop.wait(1.0)
 
     def close(self) -> None:
         self.pool.close()

@@ -15,11 +15,32 @@ from typing import Any
 from broker.store.base import (
     CRED_SELECT,
     FLOW_COLUMNS,
+    ConnectionEventRow,
     CredentialRow,
+    DueCredential,
     PendingFlowRow,
     SealedRecord,
     credential_from_row,
     flow_from_row,
+)
+
+# When the background refresher should look at a credential next: its expiry, or a later retry
+# time after a failed refresh (a backoff). The scan and the index use this exact expression.
+REFRESH_DUE = "(CASE WHEN next_attempt_at > expires_at THEN next_attempt_at ELSE expires_at END)"
+# Rows the refresher never scans: those that need reconnecting (and, for the expiry scan, those
+# whose token does not expire). Written identically in the index and the query, so both
+# SQLite's and PostgreSQL's planners see that the query implies the partial index.
+_SCHEDULED = "status != 'needs_reauth' AND expires_at IS NOT NULL"
+_KEPT_ALIVE = "status != 'needs_reauth' AND last_refresh_at IS NOT NULL"
+# The events table (broker/events.py) beyond its sequence column, which each backend declares.
+EVENT_COLUMNS = (
+    "user_id text NOT NULL, upstream_key text NOT NULL, kind text NOT NULL, status text NOT NULL, "
+    "last_error text, at double precision NOT NULL"
+)
+EVENT_USER_INDEX = "CREATE INDEX connection_events_user ON connection_events (user_id, seq)"
+REFRESH_SCHEDULE_INDEXES = (
+    f"CREATE INDEX credentials_refresh_due ON credentials (upstream_key, {REFRESH_DUE}) WHERE {_SCHEDULED}",
+    f"CREATE INDEX credentials_keep_alive ON credentials (upstream_key, last_refresh_at) WHERE {_KEPT_ALIVE}",
 )
 
 
@@ -60,9 +81,10 @@ class SharedQueries:
         error_class: str,
         generation: int,
         next_attempt_at: float | None = None,
+        event: ConnectionEventRow | None = None,
     ) -> None:
         with self._write() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 self._q(
                     "UPDATE credentials SET status = ?, last_error = ?, "
                     "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = ?, "
@@ -71,6 +93,8 @@ class SharedQueries:
                 ),
                 (status, error_class, next_attempt_at, user_id, upstream_key, generation),
             )
+            if event is not None and cursor.rowcount == 1:
+                self._add_event(conn, event)
 
     def claim_refresh(
         self,
@@ -105,13 +129,114 @@ class SharedQueries:
             )
             return bool(cursor.rowcount == 1)
 
-    def delete_credential(self, user_id: str, upstream_key: str) -> bool:
+    def due_for_refresh(
+        self, upstream_key: str, expires_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key``, soonest first, whose access token
+        expires before ``expires_before`` and that are not waiting out a backoff at ``now``; never
+        those that need reconnecting. One range scan of ``credentials_refresh_due``: the cost
+        grows with ``limit`` (and with the few rows whose retry time falls between ``now`` and
+        ``expires_before``), not with the number of credentials stored."""
+        rows = self._read(
+            self._q(
+                f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_SCHEDULED} AND upstream_key = ? "
+                f"AND {REFRESH_DUE} <= ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                f"ORDER BY {REFRESH_DUE} LIMIT ?"
+            ),
+            (upstream_key, expires_before, now, limit),
+        )
+        return [_due(row) for row in rows]
+
+    def defer_refresh(self, user_id: str, upstream_key: str, generation: int, until: float) -> None:
+        """Leave a credential out of the refresher's scans until ``until`` (one that cannot be
+        refreshed: no refresh token), if still at ``generation``; a later save undoes it."""
+        with self._write() as conn:
+            conn.execute(
+                self._q(
+                    "UPDATE credentials SET next_attempt_at = ? "
+                    "WHERE user_id = ? AND upstream_key = ? AND generation = ?"
+                ),
+                (until, user_id, upstream_key, generation),
+            )
+
+    def idle_for_refresh(
+        self, upstream_key: str, refreshed_before: float, now: float, limit: int
+    ) -> list[DueCredential]:
+        """Up to ``limit`` credentials of ``upstream_key``, longest idle first, last refreshed
+        (or connected) before ``refreshed_before`` and not waiting out a backoff at ``now``;
+        never those that need reconnecting. One range scan of ``credentials_keep_alive``."""
+        rows = self._read(
+            self._q(
+                f"SELECT {_DUE_COLUMNS} FROM credentials WHERE {_KEPT_ALIVE} AND upstream_key = ? "
+                "AND last_refresh_at <= ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                "ORDER BY last_refresh_at LIMIT ?"
+            ),
+            (upstream_key, refreshed_before, now, limit),
+        )
+        return [_due(row) for row in rows]
+
+    def delete_credential(
+        self, user_id: str, upstream_key: str, event: ConnectionEventRow | None = None
+    ) -> bool:
         with self._write() as conn:
             cursor = conn.execute(
                 self._q("DELETE FROM credentials WHERE user_id = ? AND upstream_key = ?"),
                 (user_id, upstream_key),
             )
-            return bool(cursor.rowcount > 0)
+            deleted = bool(cursor.rowcount > 0)
+            if event is not None and deleted:
+                self._add_event(conn, event)
+            return deleted
+
+    # -- connection events (broker/events.py) ---------------------------------------------
+
+    # Run in the writing transaction before the event insert (PostgreSQL: a transaction-scoped
+    # lock, so events commit in sequence order) and after it (PostgreSQL: NOTIFY, delivered on
+    # commit, wakes the watchers of every replica). SQLite serializes writers already.
+    EVENT_LOCK: str | None = None
+    EVENT_NOTIFY: str | None = None
+
+    def _add_event(self, conn: Any, event: ConnectionEventRow) -> None:
+        if self.EVENT_LOCK:
+            conn.execute(self.EVENT_LOCK)
+        conn.execute(
+            self._q(
+                "INSERT INTO connection_events (user_id, upstream_key, kind, status, last_error, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            (event.user_id, event.upstream_key, event.kind, event.status, event.last_error, event.at),
+        )
+        if self.EVENT_NOTIFY:
+            conn.execute(self.EVENT_NOTIFY)
+
+    def events_after(
+        self, after_sequence: int, limit: int, user_id: str | None = None
+    ) -> list[ConnectionEventRow]:
+        where = "seq > ?" + (" AND user_id = ?" if user_id is not None else "")
+        params: tuple[object, ...] = (after_sequence,) if user_id is None else (after_sequence, user_id)
+        rows = self._read(
+            self._q(
+                "SELECT seq, user_id, upstream_key, kind, status, last_error, at FROM connection_events "
+                f"WHERE {where} ORDER BY seq LIMIT ?"
+            ),
+            (*params, limit),
+        )
+        return [
+            ConnectionEventRow(
+                str(user),
+                str(key),
+                str(kind),
+                str(status),
+                None if err is None else str(err),
+                float(at),
+                int(seq),
+            )
+            for seq, user, key, kind, status, err, at in rows
+        ]
+
+    def last_event_sequence(self) -> int:
+        rows = self._read("SELECT MAX(seq) FROM connection_events", ())
+        return int(rows[0][0] or 0) if rows else 0
 
     def count_credentials(self, now: float) -> dict[str, int]:
         """Credentials by status; "connected" ones whose expiry has passed count as "expired"."""
@@ -330,3 +455,16 @@ class SharedQueries:
             SealedRecord(str(t), str(u), str(k), str(kid), int(g), bytes(sealed), int(pos), str(up))
             for pos, t, u, k, kid, g, sealed, up in rows
         ]
+
+
+_DUE_COLUMNS = "user_id, upstream_key, expires_at, last_refresh_at"
+
+
+def _due(row: Sequence[Any]) -> DueCredential:
+    user, key, expires, last = row
+    return DueCredential(
+        str(user),
+        str(key),
+        None if expires is None else float(expires),
+        None if last is None else float(last),
+    )

@@ -24,13 +24,14 @@ from broker.store.base import (
     CRED_COLUMNS,
     CRED_SELECT,
     FLOW_COLUMNS,
+    ConnectionEventRow,
     CredentialRow,
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import SharedQueries
+from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES, SharedQueries
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -94,7 +95,28 @@ def _migrate_key_checks(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2, _migrate_key_checks]
+def _migrate_refresh_schedule(db: sqlite_utils.Database) -> None:
+    """Indexes the background refresher's scans use (broker/refresher.py): by refresh due time
+    (expiry, or a later retry after a failure), and by last refresh per upstream (keep-alive).
+    Partial: credentials that need reconnecting are never scanned again."""
+    for statement in REFRESH_SCHEDULE_INDEXES:
+        db.execute(statement)
+
+
+def _migrate_events(db: sqlite_utils.Database) -> None:
+    """Connection events (broker/events.py): one row per change, written with the change; the
+    sequence is the row id (AUTOINCREMENT: never reused, so a watcher's position stays valid)."""
+    db.execute(f"CREATE TABLE connection_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, {EVENT_COLUMNS})")
+    db.execute(EVENT_USER_INDEX)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migrate_1,
+    _migrate_2,
+    _migrate_key_checks,
+    _migrate_refresh_schedule,
+    _migrate_events,
+]
 
 
 class SqliteStore(SharedQueries):
@@ -193,7 +215,9 @@ class SqliteStore(SharedQueries):
 
     # -- credentials ---------------------------------------------------------------------
 
-    def save_credential(self, row: CredentialRow, expected_generation: int | None) -> int | None:
+    def save_credential(
+        self, row: CredentialRow, expected_generation: int | None, event: ConnectionEventRow | None = None
+    ) -> int | None:
         with self._write() as conn:
             current = conn.execute(
                 "SELECT generation, created_at FROM credentials WHERE user_id = ? AND upstream_key = ?",
@@ -224,6 +248,8 @@ class SqliteStore(SharedQueries):
                     row.failure_count,
                 ),
             )
+            if event is not None:
+                self._add_event(conn, event)
             return int(generation)
 
     # -- pending flows -------------------------------------------------------------------

@@ -70,6 +70,11 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
                 _registered_method=True)
+        self.WatchConnections = channel.unary_stream(
+                '/credentialbroker.v1.CredentialBroker/WatchConnections',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsResponse.FromString,
+                _registered_method=True)
 
 
 class CredentialBrokerServicer:
@@ -125,6 +130,16 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchConnections(self, request, context):
+        """WatchConnections streams changes to connections as they are committed, on any replica:
+        connected, refreshed, refresh failed, needs reauth, recovered, disconnected. Never a token.
+        A stream that falls too far behind ends with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW);
+        reconnect with after_sequence set to the last sequence received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CredentialBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +177,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.Disconnect,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.SerializeToString,
+            ),
+            'WatchConnections': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConnections,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +374,33 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/Disconnect',
             credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/WatchConnections',
+            credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,291 @@
+"""Connection events: what changed about a user's connection, written with the change and
+streamed to WatchConnections watchers on every replica.
+
+Writing: the use cases build an event here (:func:`connected`, :func:`refreshed`,
+:func:`refresh_failed`, :func:`disconnected`) and hand it to the store call that makes the
+change; the store appends it in the same transaction, so an event exists exactly when its change
+was committed. Its sequence is assigned by the store, in commit order (SQLite serializes
+writers; PostgreSQL takes a transaction-scoped lock for the insert). An event carries the user,
+the upstream, the kind, the new status and an error class: never a token.
+
+Delivering: one :class:`EventHub` per process follows the event table from the highest sequence
+it has seen (one indexed read per wake-up) and fans new events out to its watchers. It is woken
+by PostgreSQL's NOTIFY (sent in the writing transaction, delivered on commit to every replica's
+LISTEN connection) and otherwise polls: every ``poll_seconds`` on SQLite (a primary-key range
+read that finds nothing costs microseconds), and every few seconds on PostgreSQL as a fallback.
+A watcher that names ``after_sequence`` first reads what it missed from the table, then follows
+the hub; events are delivered once each, in sequence order. Each watcher has a bounded queue:
+one that falls that far behind is cut off (WatcherTooSlow, RESOURCE_EXHAUSTED), so a slow
+reader cannot grow the broker's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+from enum import StrEnum
+
+from broker import validation
+from broker.errors import BrokerError, CallerNotPermitted, InvalidArgument, UnknownUpstream, WatcherTooSlow
+from broker.logs import fields, get_logger
+from broker.models import Credential, CredentialStatus
+from broker.store.base import ConnectionEventRow, CredentialStore
+
+# Events read from the store per query.
+PAGE = 500
+# Events that may wait for one watcher before it is cut off.
+WATCHER_QUEUE = 1024
+# How often the hub looks for new events: SQLite (no notifications across processes), and
+# PostgreSQL as a fallback to NOTIFY (a lost listen connection).
+EVENT_POLL_SECONDS = 0.1
+EVENT_FALLBACK_POLL_SECONDS = 2.0
+
+
+class EventKind(StrEnum):
+    """What happened (the proto's ConnectionEventKind, without its prefix)."""
+
+    CONNECTED = "connected"
+    REFRESHED = "refreshed"
+    REFRESH_FAILED = "refresh_failed"
+    NEEDS_REAUTH = "needs_reauth"
+    RECOVERED = "recovered"
+    DISCONNECTED = "disconnected"
+    SCOPES_CHANGED = "scopes_changed"
+
+
+# -- building events (called by the use cases, written by the store) ---------------------
+
+
+def connected(user_id: str, upstream_key: str, now: float) -> ConnectionEventRow:
+    """A connect flow completed (a first connection or a reconnection)."""
+    return ConnectionEventRow(user_id, upstream_key, EventKind.CONNECTED.value, "connected", None, now)
+
+
+def refreshed(previous: Credential, now: float) -> ConnectionEventRow:
+    """A refresh succeeded: RECOVERED when the refresh before it had failed, else REFRESHED."""
+    kind = EventKind.RECOVERED if previous.failure_count > 0 else EventKind.REFRESHED
+    return ConnectionEventRow(previous.user_id, previous.upstream_key, kind.value, "connected", None, now)
+
+
+def refresh_failed(
+    user_id: str, upstream_key: str, status: CredentialStatus, error_class: str, now: float
+) -> ConnectionEventRow:
+    """A refresh failed: NEEDS_REAUTH when the grant is gone, else REFRESH_FAILED (retried)."""
+    kind = EventKind.NEEDS_REAUTH if status is CredentialStatus.NEEDS_REAUTH else EventKind.REFRESH_FAILED
+    return ConnectionEventRow(user_id, upstream_key, kind.value, status.value, error_class, now)
+
+
+def disconnected(user_id: str, upstream_key: str, now: float) -> ConnectionEventRow:
+    """The credential was deleted (Disconnect)."""
+    return ConnectionEventRow(user_id, upstream_key, EventKind.DISCONNECTED.value, "not_connected", None, now)
+
+
+# -- delivering events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """An event as a watcher sees it: the upstream by name."""
+
+    sequence: int
+    user_id: str
+    upstream: str
+    kind: EventKind
+    status: str
+    last_error: str | None
+    at: float
+
+
+class _Watcher:
+    __slots__ = ("overflowed", "queue", "upstream_keys", "user_id")
+
+    def __init__(self, user_id: str | None, upstream_keys: Collection[str]) -> None:
+        self.user_id = user_id
+        self.upstream_keys = upstream_keys
+        self.queue: asyncio.Queue[ConnectionEventRow] = asyncio.Queue(WATCHER_QUEUE)
+        self.overflowed = False
+
+    def wants(self, row: ConnectionEventRow) -> bool:
+        return (
+            self.user_id is None or row.user_id == self.user_id
+        ) and row.upstream_key in self.upstream_keys
+
+
+class EventHub:
+    """Follows the event table and fans events out to this process's watchers."""
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        names: dict[str, str],
+        poll_seconds: float,
+        listen: Callable[[Callable[[], None], threading.Event], None] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        """``names``: upstream key -> name, for the configured upstreams (others are not sent).
+        ``listen(wake, stop)``: run in a thread, calls ``wake()`` whenever another process may
+        have committed events (PostgreSQL LISTEN), until ``stop`` is set."""
+        self._store = store
+        self._names = names
+        self._poll = poll_seconds
+        self._listen = listen
+        self._log = logger or get_logger()
+        self._watchers: set[_Watcher] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stop_listening = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: threading.Thread | None = None
+        self.position = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self.position = await asyncio.to_thread(self._store.last_event_sequence)
+        loop = asyncio.get_running_loop()
+        if self._listen is not None:
+            listen = self._listen
+
+            def wake() -> None:
+                loop.call_soon_threadsafe(self._wake.set)
+
+            self._stop_listening.clear()
+            self._listener = threading.Thread(
+                target=listen, args=(wake, self._stop_listening), name="event-listen", daemon=True
+            )
+            self._listener.start()
+        self._stopping.clear()
+        self._task = loop.create_task(self._run(), name="event-hub")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        self._stop_listening.set()
+        if task is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        await task
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join, 5.0)
+            self._listener = None
+
+    def wake(self) -> None:
+        """Look for new events now (this process just wrote one)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                await self._follow()
+            except BrokerError as exc:
+                self._log.warning("reading connection events failed", extra=fields(error=exc.code))
+            except Exception as exc:  # a bug must not end the hub for the life of the process
+                self._log.error("reading connection events failed", extra=fields(error=type(exc).__name__))
+
+    async def _follow(self) -> None:
+        while True:
+            rows = await asyncio.to_thread(self._store.events_after, self.position, PAGE)
+            for row in rows:
+                self.position = row.sequence
+                for watcher in list(self._watchers):
+                    if watcher.overflowed or not watcher.wants(row):
+                        continue
+                    try:
+                        watcher.queue.put_nowait(row)
+                    except asyncio.QueueFull:
+                        # Cut off: it raises once it reaches its (full) queue's end; it is never
+                        # blocked waiting meanwhile, since its queue is not empty.
+                        watcher.overflowed = True
+                        self._watchers.discard(watcher)
+            if len(rows) < PAGE:
+                return
+
+    # -- watching ------------------------------------------------------------------------
+
+    @property
+    def watchers(self) -> int:
+        return len(self._watchers)
+
+    async def watch(
+        self, user_id: str | None, upstream_keys: Collection[str], after_sequence: int | None
+    ) -> AsyncIterator[ConnectionEvent]:
+        """Events for ``user_id`` (every user when None) on ``upstream_keys``, in sequence
+        order, each once: those after ``after_sequence`` first (from the store), then live ones.
+        Without ``after_sequence``, only events committed from now on. Raises WatcherTooSlow
+        when the watcher fell ``WATCHER_QUEUE`` events behind."""
+        watcher = _Watcher(user_id, frozenset(upstream_keys))
+        self._watchers.add(watcher)  # before reading the backlog: nothing falls between the two
+        try:
+            last = self.position if after_sequence is None else after_sequence
+            if after_sequence is not None:
+                while True:
+                    rows = await asyncio.to_thread(self._store.events_after, last, PAGE, user_id)
+                    for row in rows:
+                        last = row.sequence
+                        if watcher.wants(row):
+                            yield self._event(row)
+                    if len(rows) < PAGE:
+                        break
+            while True:
+                if watcher.overflowed and watcher.queue.empty():
+                    raise WatcherTooSlow(
+                        "this watcher fell too far behind and was cut off; reconnect with "
+                        "after_sequence set to the last sequence it received"
+                    )
+                row = await watcher.queue.get()
+                if row.sequence <= last:
+                    continue  # already delivered from the backlog
+                last = row.sequence
+                yield self._event(row)
+        finally:
+            self._watchers.discard(watcher)
+
+    def watch_connections(
+        self,
+        user_id: str | None,
+        upstreams: Collection[str],
+        after_sequence: int | None,
+        may_use: Callable[[str], bool],
+    ) -> AsyncIterator[ConnectionEvent]:
+        """The WatchConnections use case: check the request, then :meth:`watch`. ``upstreams``
+        by name (each must be configured and usable by the caller); none: every upstream the
+        caller may use (``may_use``). Raises InvalidArgument, UnknownUpstream or
+        CallerNotPermitted before anything is streamed."""
+        user = None if user_id is None else validation.user_id(user_id)
+        if len(upstreams) > len(self._names) + 16:
+            raise InvalidArgument("upstreams: more names than there are upstreams")
+        by_name = {name: key for key, name in self._names.items()}
+        keys: set[str] = set()
+        for name in upstreams:
+            key = by_name.get(name)
+            if key is None:
+                validation.upstream(name)
+                raise UnknownUpstream(f"upstream {name!r} is not configured")
+            if not may_use(name):
+                raise CallerNotPermitted(f"this caller may not use upstream {name!r}")
+            keys.add(key)
+        if not upstreams:
+            keys = {key for key, name in self._names.items() if may_use(name)}
+        return self.watch(user, keys, after_sequence)
+
+    def _event(self, row: ConnectionEventRow) -> ConnectionEvent:
+        return ConnectionEvent(
+            row.sequence,
+            row.user_id,
+            self._names.get(row.upstream_key, ""),
+            EventKind(row.kind),
+            row.status,
+            row.last_error,
+            row.at,
+        )
