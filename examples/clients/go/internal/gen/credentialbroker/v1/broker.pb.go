@@ -27,6 +27,78 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// ConnectionEventKind says what happened to a connection.
+type ConnectionEventKind int32
+
+const (
+	ConnectionEventKind_CONNECTION_EVENT_KIND_UNSPECIFIED ConnectionEventKind = 0
+	// A connect flow completed (a first connection or a reconnection).
+	ConnectionEventKind_CONNECTION_EVENT_KIND_CONNECTED ConnectionEventKind = 1
+	// The credential was refreshed.
+	ConnectionEventKind_CONNECTION_EVENT_KIND_REFRESHED ConnectionEventKind = 2
+	// A refresh failed in a way that is retried after a backoff; last_error has its class.
+	ConnectionEventKind_CONNECTION_EVENT_KIND_REFRESH_FAILED ConnectionEventKind = 3
+	// The grant is gone: the user must reconnect.
+	ConnectionEventKind_CONNECTION_EVENT_KIND_NEEDS_REAUTH ConnectionEventKind = 4
+	// A refresh succeeded after failed ones.
+	ConnectionEventKind_CONNECTION_EVENT_KIND_RECOVERED ConnectionEventKind = 5
+	// The credential was deleted.
+	ConnectionEventKind_CONNECTION_EVENT_KIND_DISCONNECTED ConnectionEventKind = 6
+	// The granted scopes changed.
+	ConnectionEventKind_CONNECTION_EVENT_KIND_SCOPES_CHANGED ConnectionEventKind = 7
+)
+
+// Enum value maps for ConnectionEventKind.
+var (
+	ConnectionEventKind_name = map[int32]string{
+		0: "CONNECTION_EVENT_KIND_UNSPECIFIED",
+		1: "CONNECTION_EVENT_KIND_CONNECTED",
+		2: "CONNECTION_EVENT_KIND_REFRESHED",
+		3: "CONNECTION_EVENT_KIND_REFRESH_FAILED",
+		4: "CONNECTION_EVENT_KIND_NEEDS_REAUTH",
+		5: "CONNECTION_EVENT_KIND_RECOVERED",
+		6: "CONNECTION_EVENT_KIND_DISCONNECTED",
+		7: "CONNECTION_EVENT_KIND_SCOPES_CHANGED",
+	}
+	ConnectionEventKind_value = map[string]int32{
+		"CONNECTION_EVENT_KIND_UNSPECIFIED":    0,
+		"CONNECTION_EVENT_KIND_CONNECTED":      1,
+		"CONNECTION_EVENT_KIND_REFRESHED":      2,
+		"CONNECTION_EVENT_KIND_REFRESH_FAILED": 3,
+		"CONNECTION_EVENT_KIND_NEEDS_REAUTH":   4,
+		"CONNECTION_EVENT_KIND_RECOVERED":      5,
+		"CONNECTION_EVENT_KIND_DISCONNECTED":   6,
+		"CONNECTION_EVENT_KIND_SCOPES_CHANGED": 7,
+	}
+)
+
+func (x ConnectionEventKind) Enum() *ConnectionEventKind {
+	p := new(ConnectionEventKind)
+	*p = x
+	return p
+}
+
+func (x ConnectionEventKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ConnectionEventKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_credentialbroker_v1_broker_proto_enumTypes[0].Descriptor()
+}
+
+func (ConnectionEventKind) Type() protoreflect.EnumType {
+	return &file_credentialbroker_v1_broker_proto_enumTypes[0]
+}
+
+func (x ConnectionEventKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ConnectionEventKind.Descriptor instead.
+func (ConnectionEventKind) EnumDescriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{0}
+}
+
 // CredentialInfo describes a stored credential. It never carries a token.
 type CredentialInfo struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -1074,6 +1146,211 @@ func (x *DisconnectResponse) GetRevocations() []*TokenRevocation {
 	return nil
 }
 
+type WatchConnectionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only this user's connections; empty: every user's (refused when user tokens are verified).
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Only these upstreams; empty: every upstream the caller may use.
+	Upstreams []string `protobuf:"bytes,2,rep,name=upstreams,proto3" json:"upstreams,omitempty"`
+	// Replay the events after this sequence first (a reconnecting watcher passes the last one it
+	// received); unset: only events committed from now on.
+	AfterSequence *uint64 `protobuf:"varint,3,opt,name=after_sequence,json=afterSequence,proto3,oneof" json:"after_sequence,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchConnectionsRequest) Reset() {
+	*x = WatchConnectionsRequest{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchConnectionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchConnectionsRequest) ProtoMessage() {}
+
+func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchConnectionsRequest.ProtoReflect.Descriptor instead.
+func (*WatchConnectionsRequest) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WatchConnectionsRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *WatchConnectionsRequest) GetUpstreams() []string {
+	if x != nil {
+		return x.Upstreams
+	}
+	return nil
+}
+
+func (x *WatchConnectionsRequest) GetAfterSequence() uint64 {
+	if x != nil && x.AfterSequence != nil {
+		return *x.AfterSequence
+	}
+	return 0
+}
+
+// ConnectionEvent is one committed change to a connection. It never carries a token.
+type ConnectionEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Increases with every event, in commit order, across replicas.
+	Sequence uint64              `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	UserId   string              `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Upstream string              `protobuf:"bytes,3,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	Kind     ConnectionEventKind `protobuf:"varint,4,opt,name=kind,proto3,enum=credentialbroker.v1.ConnectionEventKind" json:"kind,omitempty"`
+	// The connection's status after the change: "connected", "error", "needs_reauth" or
+	// "not_connected".
+	Status string `protobuf:"bytes,5,opt,name=status,proto3" json:"status,omitempty"`
+	// The class of the last error (e.g. "invalid_grant", "http_5xx", "timeout"), when failed.
+	LastError     string                 `protobuf:"bytes,6,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	At            *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=at,proto3" json:"at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConnectionEvent) Reset() {
+	*x = ConnectionEvent{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConnectionEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConnectionEvent) ProtoMessage() {}
+
+func (x *ConnectionEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConnectionEvent.ProtoReflect.Descriptor instead.
+func (*ConnectionEvent) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ConnectionEvent) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *ConnectionEvent) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ConnectionEvent) GetUpstream() string {
+	if x != nil {
+		return x.Upstream
+	}
+	return ""
+}
+
+func (x *ConnectionEvent) GetKind() ConnectionEventKind {
+	if x != nil {
+		return x.Kind
+	}
+	return ConnectionEventKind_CONNECTION_EVENT_KIND_UNSPECIFIED
+}
+
+func (x *ConnectionEvent) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *ConnectionEvent) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *ConnectionEvent) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+type WatchConnectionsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Event         *ConnectionEvent       `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchConnectionsResponse) Reset() {
+	*x = WatchConnectionsResponse{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchConnectionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchConnectionsResponse) ProtoMessage() {}
+
+func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchConnectionsResponse.ProtoReflect.Descriptor instead.
+func (*WatchConnectionsResponse) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *WatchConnectionsResponse) GetEvent() *ConnectionEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
 var File_credentialbroker_v1_broker_proto protoreflect.FileDescriptor
 
 const file_credentialbroker_v1_broker_proto_rawDesc = "" +
@@ -1161,7 +1438,32 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"v\n" +
 	"\x12DisconnectResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\x12F\n" +
-	"\vrevocations\x18\x02 \x03(\v2$.credentialbroker.v1.TokenRevocationR\vrevocations2\xb1\x05\n" +
+	"\vrevocations\x18\x02 \x03(\v2$.credentialbroker.v1.TokenRevocationR\vrevocations\"\x8f\x01\n" +
+	"\x17WatchConnectionsRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1c\n" +
+	"\tupstreams\x18\x02 \x03(\tR\tupstreams\x12*\n" +
+	"\x0eafter_sequence\x18\x03 \x01(\x04H\x00R\rafterSequence\x88\x01\x01B\x11\n" +
+	"\x0f_after_sequence\"\x83\x02\n" +
+	"\x0fConnectionEvent\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x1a\n" +
+	"\bupstream\x18\x03 \x01(\tR\bupstream\x12<\n" +
+	"\x04kind\x18\x04 \x01(\x0e2(.credentialbroker.v1.ConnectionEventKindR\x04kind\x12\x16\n" +
+	"\x06status\x18\x05 \x01(\tR\x06status\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x06 \x01(\tR\tlastError\x12*\n" +
+	"\x02at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"V\n" +
+	"\x18WatchConnectionsResponse\x12:\n" +
+	"\x05event\x18\x01 \x01(\v2$.credentialbroker.v1.ConnectionEventR\x05event*\xcf\x02\n" +
+	"\x13ConnectionEventKind\x12%\n" +
+	"!CONNECTION_EVENT_KIND_UNSPECIFIED\x10\x00\x12#\n" +
+	"\x1fCONNECTION_EVENT_KIND_CONNECTED\x10\x01\x12#\n" +
+	"\x1fCONNECTION_EVENT_KIND_REFRESHED\x10\x02\x12(\n" +
+	"$CONNECTION_EVENT_KIND_REFRESH_FAILED\x10\x03\x12&\n" +
+	"\"CONNECTION_EVENT_KIND_NEEDS_REAUTH\x10\x04\x12#\n" +
+	"\x1fCONNECTION_EVENT_KIND_RECOVERED\x10\x05\x12&\n" +
+	"\"CONNECTION_EVENT_KIND_DISCONNECTED\x10\x06\x12(\n" +
+	"$CONNECTION_EVENT_KIND_SCOPES_CHANGED\x10\a2\xa4\x06\n" +
 	"\x10CredentialBroker\x12~\n" +
 	"\x15BuildAuthorizationURL\x121.credentialbroker.v1.BuildAuthorizationURLRequest\x1a2.credentialbroker.v1.BuildAuthorizationURLResponse\x12W\n" +
 	"\bComplete\x12$.credentialbroker.v1.CompleteRequest\x1a%.credentialbroker.v1.CompleteResponse\x12K\n" +
@@ -1170,7 +1472,8 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\aResolve\x12#.credentialbroker.v1.ResolveRequest\x1a$.credentialbroker.v1.ResolveResponse\x12l\n" +
 	"\x0fListConnections\x12+.credentialbroker.v1.ListConnectionsRequest\x1a,.credentialbroker.v1.ListConnectionsResponse\x12]\n" +
 	"\n" +
-	"Disconnect\x12&.credentialbroker.v1.DisconnectRequest\x1a'.credentialbroker.v1.DisconnectResponseb\x06proto3"
+	"Disconnect\x12&.credentialbroker.v1.DisconnectRequest\x1a'.credentialbroker.v1.DisconnectResponse\x12q\n" +
+	"\x10WatchConnections\x12,.credentialbroker.v1.WatchConnectionsRequest\x1a-.credentialbroker.v1.WatchConnectionsResponse0\x01b\x06proto3"
 
 var (
 	file_credentialbroker_v1_broker_proto_rawDescOnce sync.Once
@@ -1184,57 +1487,67 @@ func file_credentialbroker_v1_broker_proto_rawDescGZIP() []byte {
 	return file_credentialbroker_v1_broker_proto_rawDescData
 }
 
-var file_credentialbroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_credentialbroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_credentialbroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_credentialbroker_v1_broker_proto_goTypes = []any{
-	(*CredentialInfo)(nil),                // 0: credentialbroker.v1.CredentialInfo
-	(*BuildAuthorizationURLRequest)(nil),  // 1: credentialbroker.v1.BuildAuthorizationURLRequest
-	(*BuildAuthorizationURLResponse)(nil), // 2: credentialbroker.v1.BuildAuthorizationURLResponse
-	(*CompleteRequest)(nil),               // 3: credentialbroker.v1.CompleteRequest
-	(*CompleteResponse)(nil),              // 4: credentialbroker.v1.CompleteResponse
-	(*DenyRequest)(nil),                   // 5: credentialbroker.v1.DenyRequest
-	(*DenyResponse)(nil),                  // 6: credentialbroker.v1.DenyResponse
-	(*RefreshRequest)(nil),                // 7: credentialbroker.v1.RefreshRequest
-	(*RefreshResponse)(nil),               // 8: credentialbroker.v1.RefreshResponse
-	(*ResolveRequest)(nil),                // 9: credentialbroker.v1.ResolveRequest
-	(*ResolveResponse)(nil),               // 10: credentialbroker.v1.ResolveResponse
-	(*ListConnectionsRequest)(nil),        // 11: credentialbroker.v1.ListConnectionsRequest
-	(*Connection)(nil),                    // 12: credentialbroker.v1.Connection
-	(*ListConnectionsResponse)(nil),       // 13: credentialbroker.v1.ListConnectionsResponse
-	(*DisconnectRequest)(nil),             // 14: credentialbroker.v1.DisconnectRequest
-	(*TokenRevocation)(nil),               // 15: credentialbroker.v1.TokenRevocation
-	(*DisconnectResponse)(nil),            // 16: credentialbroker.v1.DisconnectResponse
-	(*timestamppb.Timestamp)(nil),         // 17: google.protobuf.Timestamp
+	(ConnectionEventKind)(0),              // 0: credentialbroker.v1.ConnectionEventKind
+	(*CredentialInfo)(nil),                // 1: credentialbroker.v1.CredentialInfo
+	(*BuildAuthorizationURLRequest)(nil),  // 2: credentialbroker.v1.BuildAuthorizationURLRequest
+	(*BuildAuthorizationURLResponse)(nil), // 3: credentialbroker.v1.BuildAuthorizationURLResponse
+	(*CompleteRequest)(nil),               // 4: credentialbroker.v1.CompleteRequest
+	(*CompleteResponse)(nil),              // 5: credentialbroker.v1.CompleteResponse
+	(*DenyRequest)(nil),                   // 6: credentialbroker.v1.DenyRequest
+	(*DenyResponse)(nil),                  // 7: credentialbroker.v1.DenyResponse
+	(*RefreshRequest)(nil),                // 8: credentialbroker.v1.RefreshRequest
+	(*RefreshResponse)(nil),               // 9: credentialbroker.v1.RefreshResponse
+	(*ResolveRequest)(nil),                // 10: credentialbroker.v1.ResolveRequest
+	(*ResolveResponse)(nil),               // 11: credentialbroker.v1.ResolveResponse
+	(*ListConnectionsRequest)(nil),        // 12: credentialbroker.v1.ListConnectionsRequest
+	(*Connection)(nil),                    // 13: credentialbroker.v1.Connection
+	(*ListConnectionsResponse)(nil),       // 14: credentialbroker.v1.ListConnectionsResponse
+	(*DisconnectRequest)(nil),             // 15: credentialbroker.v1.DisconnectRequest
+	(*TokenRevocation)(nil),               // 16: credentialbroker.v1.TokenRevocation
+	(*DisconnectResponse)(nil),            // 17: credentialbroker.v1.DisconnectResponse
+	(*WatchConnectionsRequest)(nil),       // 18: credentialbroker.v1.WatchConnectionsRequest
+	(*ConnectionEvent)(nil),               // 19: credentialbroker.v1.ConnectionEvent
+	(*WatchConnectionsResponse)(nil),      // 20: credentialbroker.v1.WatchConnectionsResponse
+	(*timestamppb.Timestamp)(nil),         // 21: google.protobuf.Timestamp
 }
 var file_credentialbroker_v1_broker_proto_depIdxs = []int32{
-	17, // 0: credentialbroker.v1.CredentialInfo.expires_at:type_name -> google.protobuf.Timestamp
-	17, // 1: credentialbroker.v1.CredentialInfo.updated_at:type_name -> google.protobuf.Timestamp
-	17, // 2: credentialbroker.v1.BuildAuthorizationURLResponse.expires_at:type_name -> google.protobuf.Timestamp
-	0,  // 3: credentialbroker.v1.CompleteResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
-	0,  // 4: credentialbroker.v1.RefreshResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
-	17, // 5: credentialbroker.v1.ResolveResponse.expires_at:type_name -> google.protobuf.Timestamp
-	17, // 6: credentialbroker.v1.Connection.expires_at:type_name -> google.protobuf.Timestamp
-	17, // 7: credentialbroker.v1.Connection.updated_at:type_name -> google.protobuf.Timestamp
-	12, // 8: credentialbroker.v1.ListConnectionsResponse.connections:type_name -> credentialbroker.v1.Connection
-	15, // 9: credentialbroker.v1.DisconnectResponse.revocations:type_name -> credentialbroker.v1.TokenRevocation
-	1,  // 10: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:input_type -> credentialbroker.v1.BuildAuthorizationURLRequest
-	3,  // 11: credentialbroker.v1.CredentialBroker.Complete:input_type -> credentialbroker.v1.CompleteRequest
-	5,  // 12: credentialbroker.v1.CredentialBroker.Deny:input_type -> credentialbroker.v1.DenyRequest
-	7,  // 13: credentialbroker.v1.CredentialBroker.Refresh:input_type -> credentialbroker.v1.RefreshRequest
-	9,  // 14: credentialbroker.v1.CredentialBroker.Resolve:input_type -> credentialbroker.v1.ResolveRequest
-	11, // 15: credentialbroker.v1.CredentialBroker.ListConnections:input_type -> credentialbroker.v1.ListConnectionsRequest
-	14, // 16: credentialbroker.v1.CredentialBroker.Disconnect:input_type -> credentialbroker.v1.DisconnectRequest
-	2,  // 17: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:output_type -> credentialbroker.v1.BuildAuthorizationURLResponse
-	4,  // 18: credentialbroker.v1.CredentialBroker.Complete:output_type -> credentialbroker.v1.CompleteResponse
-	6,  // 19: credentialbroker.v1.CredentialBroker.Deny:output_type -> credentialbroker.v1.DenyResponse
-	8,  // 20: credentialbroker.v1.CredentialBroker.Refresh:output_type -> credentialbroker.v1.RefreshResponse
-	10, // 21: credentialbroker.v1.CredentialBroker.Resolve:output_type -> credentialbroker.v1.ResolveResponse
-	13, // 22: credentialbroker.v1.CredentialBroker.ListConnections:output_type -> credentialbroker.v1.ListConnectionsResponse
-	16, // 23: credentialbroker.v1.CredentialBroker.Disconnect:output_type -> credentialbroker.v1.DisconnectResponse
-	17, // [17:24] is the sub-list for method output_type
-	10, // [10:17] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	21, // 0: credentialbroker.v1.CredentialInfo.expires_at:type_name -> google.protobuf.Timestamp
+	21, // 1: credentialbroker.v1.CredentialInfo.updated_at:type_name -> google.protobuf.Timestamp
+	21, // 2: credentialbroker.v1.BuildAuthorizationURLResponse.expires_at:type_name -> google.protobuf.Timestamp
+	1,  // 3: credentialbroker.v1.CompleteResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
+	1,  // 4: credentialbroker.v1.RefreshResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
+	21, // 5: credentialbroker.v1.ResolveResponse.expires_at:type_name -> google.protobuf.Timestamp
+	21, // 6: credentialbroker.v1.Connection.expires_at:type_name -> google.protobuf.Timestamp
+	21, // 7: credentialbroker.v1.Connection.updated_at:type_name -> google.protobuf.Timestamp
+	13, // 8: credentialbroker.v1.ListConnectionsResponse.connections:type_name -> credentialbroker.v1.Connection
+	16, // 9: credentialbroker.v1.DisconnectResponse.revocations:type_name -> credentialbroker.v1.TokenRevocation
+	0,  // 10: credentialbroker.v1.ConnectionEvent.kind:type_name -> credentialbroker.v1.ConnectionEventKind
+	21, // 11: credentialbroker.v1.ConnectionEvent.at:type_name -> google.protobuf.Timestamp
+	19, // 12: credentialbroker.v1.WatchConnectionsResponse.event:type_name -> credentialbroker.v1.ConnectionEvent
+	2,  // 13: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:input_type -> credentialbroker.v1.BuildAuthorizationURLRequest
+	4,  // 14: credentialbroker.v1.CredentialBroker.Complete:input_type -> credentialbroker.v1.CompleteRequest
+	6,  // 15: credentialbroker.v1.CredentialBroker.Deny:input_type -> credentialbroker.v1.DenyRequest
+	8,  // 16: credentialbroker.v1.CredentialBroker.Refresh:input_type -> credentialbroker.v1.RefreshRequest
+	10, // 17: credentialbroker.v1.CredentialBroker.Resolve:input_type -> credentialbroker.v1.ResolveRequest
+	12, // 18: credentialbroker.v1.CredentialBroker.ListConnections:input_type -> credentialbroker.v1.ListConnectionsRequest
+	15, // 19: credentialbroker.v1.CredentialBroker.Disconnect:input_type -> credentialbroker.v1.DisconnectRequest
+	18, // 20: credentialbroker.v1.CredentialBroker.WatchConnections:input_type -> credentialbroker.v1.WatchConnectionsRequest
+	3,  // 21: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:output_type -> credentialbroker.v1.BuildAuthorizationURLResponse
+	5,  // 22: credentialbroker.v1.CredentialBroker.Complete:output_type -> credentialbroker.v1.CompleteResponse
+	7,  // 23: credentialbroker.v1.CredentialBroker.Deny:output_type -> credentialbroker.v1.DenyResponse
+	9,  // 24: credentialbroker.v1.CredentialBroker.Refresh:output_type -> credentialbroker.v1.RefreshResponse
+	11, // 25: credentialbroker.v1.CredentialBroker.Resolve:output_type -> credentialbroker.v1.ResolveResponse
+	14, // 26: credentialbroker.v1.CredentialBroker.ListConnections:output_type -> credentialbroker.v1.ListConnectionsResponse
+	17, // 27: credentialbroker.v1.CredentialBroker.Disconnect:output_type -> credentialbroker.v1.DisconnectResponse
+	20, // 28: credentialbroker.v1.CredentialBroker.WatchConnections:output_type -> credentialbroker.v1.WatchConnectionsResponse
+	21, // [21:29] is the sub-list for method output_type
+	13, // [13:21] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_credentialbroker_v1_broker_proto_init() }
@@ -1242,18 +1555,20 @@ func file_credentialbroker_v1_broker_proto_init() {
 	if File_credentialbroker_v1_broker_proto != nil {
 		return
 	}
+	file_credentialbroker_v1_broker_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credentialbroker_v1_broker_proto_rawDesc), len(file_credentialbroker_v1_broker_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   17,
+			NumEnums:      1,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_credentialbroker_v1_broker_proto_goTypes,
 		DependencyIndexes: file_credentialbroker_v1_broker_proto_depIdxs,
+		EnumInfos:         file_credentialbroker_v1_broker_proto_enumTypes,
 		MessageInfos:      file_credentialbroker_v1_broker_proto_msgTypes,
 	}.Build()
 	File_credentialbroker_v1_broker_proto = out.File

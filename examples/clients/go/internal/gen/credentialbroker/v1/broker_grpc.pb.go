@@ -31,6 +31,7 @@ const (
 	CredentialBroker_Resolve_FullMethodName               = "/credentialbroker.v1.CredentialBroker/Resolve"
 	CredentialBroker_ListConnections_FullMethodName       = "/credentialbroker.v1.CredentialBroker/ListConnections"
 	CredentialBroker_Disconnect_FullMethodName            = "/credentialbroker.v1.CredentialBroker/Disconnect"
+	CredentialBroker_WatchConnections_FullMethodName      = "/credentialbroker.v1.CredentialBroker/WatchConnections"
 )
 
 // CredentialBrokerClient is the client API for CredentialBroker service.
@@ -53,6 +54,11 @@ type CredentialBrokerClient interface {
 	ListConnections(ctx context.Context, in *ListConnectionsRequest, opts ...grpc.CallOption) (*ListConnectionsResponse, error)
 	// Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
 	Disconnect(ctx context.Context, in *DisconnectRequest, opts ...grpc.CallOption) (*DisconnectResponse, error)
+	// WatchConnections streams changes to connections as they are committed, on any replica:
+	// connected, refreshed, refresh failed, needs reauth, recovered, disconnected. Never a token.
+	// A stream that falls too far behind ends with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW);
+	// reconnect with after_sequence set to the last sequence received.
+	WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error)
 }
 
 type credentialBrokerClient struct {
@@ -133,6 +139,25 @@ func (c *credentialBrokerClient) Disconnect(ctx context.Context, in *DisconnectR
 	return out, nil
 }
 
+func (c *credentialBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &CredentialBroker_ServiceDesc.Streams[0], CredentialBroker_WatchConnections_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchConnectionsRequest, WatchConnectionsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CredentialBroker_WatchConnectionsClient = grpc.ServerStreamingClient[WatchConnectionsResponse]
+
 // CredentialBrokerServer is the server API for CredentialBroker service.
 // All implementations must embed UnimplementedCredentialBrokerServer
 // for forward compatibility.
@@ -153,6 +178,11 @@ type CredentialBrokerServer interface {
 	ListConnections(context.Context, *ListConnectionsRequest) (*ListConnectionsResponse, error)
 	// Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
 	Disconnect(context.Context, *DisconnectRequest) (*DisconnectResponse, error)
+	// WatchConnections streams changes to connections as they are committed, on any replica:
+	// connected, refreshed, refresh failed, needs reauth, recovered, disconnected. Never a token.
+	// A stream that falls too far behind ends with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW);
+	// reconnect with after_sequence set to the last sequence received.
+	WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error
 	mustEmbedUnimplementedCredentialBrokerServer()
 }
 
@@ -183,6 +213,9 @@ func (UnimplementedCredentialBrokerServer) ListConnections(context.Context, *Lis
 }
 func (UnimplementedCredentialBrokerServer) Disconnect(context.Context, *DisconnectRequest) (*DisconnectResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Disconnect not implemented")
+}
+func (UnimplementedCredentialBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
 }
 func (UnimplementedCredentialBrokerServer) mustEmbedUnimplementedCredentialBrokerServer() {}
 func (UnimplementedCredentialBrokerServer) testEmbeddedByValue()                          {}
@@ -331,6 +364,17 @@ func _CredentialBroker_Disconnect_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CredentialBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchConnectionsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(CredentialBrokerServer).WatchConnections(m, &grpc.GenericServerStream[WatchConnectionsRequest, WatchConnectionsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CredentialBroker_WatchConnectionsServer = grpc.ServerStreamingServer[WatchConnectionsResponse]
+
 // CredentialBroker_ServiceDesc is the grpc.ServiceDesc for CredentialBroker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -367,6 +411,12 @@ var CredentialBroker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _CredentialBroker_Disconnect_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchConnections",
+			Handler:       _CredentialBroker_WatchConnections_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "credentialbroker/v1/broker.proto",
 }
