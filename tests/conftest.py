@@ -82,14 +82,24 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"fuzz: {total} cases run ({detail})")
 
 
-@pytest.fixture
-def auth_server() -> Iterator[AuthServer]:
+def _running_auth_server() -> Iterator[AuthServer]:
     server = AuthServer().start()
     try:
         yield server
     finally:
         server.stop()
         assert server.internal_errors == []
+
+
+@pytest.fixture
+def auth_server() -> Iterator[AuthServer]:
+    yield from _running_auth_server()
+
+
+@pytest.fixture
+def other_auth_server() -> Iterator[AuthServer]:
+    """A second, independent authorization server (another upstream's)."""
+    yield from _running_auth_server()
 
 
 def error_info(exc: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import pytest
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.models import Credential, Secrets
@@ -28,26 +26,16 @@ TIMEOUT = 8.0  # http.timeout_seconds: the stuck refreshes hold on this long
 NORMAL = 3.0  # a generous bound on a normal call on a loaded machine, far below TIMEOUT
 
 
-@pytest.fixture
-def fast_server() -> Iterator[AuthServer]:
-    server = AuthServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        assert server.internal_errors == []
-
-
 def _upstream(auth: AuthServer, name: str) -> dict[str, Any]:
     doc = upstream_doc(auth, auth.new_client(redirect_uri=REDIRECT_URI))
     return {**doc, "name": name, "url": f"https://api.{name}.test"}
 
 
 async def test_a_hung_upstream_does_not_delay_another(
-    make_broker: BrokerFactory, auth_server: AuthServer, fast_server: AuthServer
+    make_broker: BrokerFactory, auth_server: AuthServer, other_auth_server: AuthServer
 ) -> None:
     broker = await make_broker(
-        upstreams=[_upstream(auth_server, "slow"), _upstream(fast_server, "fast")],
+        upstreams=[_upstream(auth_server, "slow"), _upstream(other_auth_server, "fast")],
         http={"timeout_seconds": TIMEOUT},
     )
     # 110 users on "slow" whose tokens are inside the refresh window.
@@ -68,12 +56,12 @@ async def test_a_hung_upstream_does_not_delay_another(
         await _until(lambda: len(auth_server.token_requests()) >= 10)
         await asyncio.sleep(0.3)  # let the rest pile up wherever they wait
         # Meanwhile, upstream "fast": a connect flow, then a Resolve that must refresh.
-        fast_server.access_ttl = 30  # the new credential is inside the refresh window at once
+        other_auth_server.access_ttl = 30  # the new credential is inside the refresh window at once
         started = time.monotonic()
         flow = await broker.stub.BuildAuthorizationURL(
             pb.BuildAuthorizationURLRequest(user_id="alice", upstream="fast")
         )
-        callback = await asyncio.to_thread(fast_server.authorize, flow.authorization_url, "alice")
+        callback = await asyncio.to_thread(other_auth_server.authorize, flow.authorization_url, "alice")
         done = await asyncio.wait_for(
             broker.stub.Complete(
                 pb.CompleteRequest(state=flow.state, code=callback["code"], user_id="alice")
@@ -82,12 +70,12 @@ async def test_a_hung_upstream_does_not_delay_another(
         )
         connected = time.monotonic() - started
         assert done.credential.upstream == "fast"
-        fast_server.access_ttl = 3600
+        other_auth_server.access_ttl = 3600
         started = time.monotonic()
         resolved = await asyncio.wait_for(broker.resolve("alice", upstream="fast"), TIMEOUT + 5)
         refreshed = time.monotonic() - started
-        assert len(fast_server.token_requests("refresh_token")) == 1  # it did refresh
-        assert fast_server.access_token_info(resolved.access_token)["user"] == "alice"
+        assert len(other_auth_server.token_requests("refresh_token")) == 1  # it did refresh
+        assert other_auth_server.access_token_info(resolved.access_token)["user"] == "alice"
         print(f"\nfast upstream: connect flow {connected:.3f} s, refreshing Resolve {refreshed:.3f} s")
         assert connected < NORMAL and refreshed < NORMAL, (connected, refreshed)
         # The slow upstream got no more than its bulkhead's worth of requests at once.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -36,22 +35,12 @@ def store_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def other_server() -> Iterator[AuthServer]:
-    server = AuthServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        assert server.internal_errors == []
-
-
 async def test_flow_moved_to_another_upstream_fails_closed(
-    make_broker: BrokerFactory, auth_server: AuthServer, other_server: AuthServer
+    make_broker: BrokerFactory, auth_server: AuthServer, other_auth_server: AuthServer
 ) -> None:
     client_a = auth_server.new_client(redirect_uri=REDIRECT_URI)
-    client_b = other_server.new_client(redirect_uri=REDIRECT_URI)
-    doc_b = upstream_doc(other_server, client_b)
+    client_b = other_auth_server.new_client(redirect_uri=REDIRECT_URI)
+    doc_b = upstream_doc(other_auth_server, client_b)
     doc_b.update(name="other", url="https://api.other.test")
     broker = await make_broker(client=client_a, upstreams=[upstream_doc(auth_server, client_a), doc_b])
     key_a, key_b = (u.key for u in broker.app.config.upstreams)
@@ -68,7 +57,7 @@ async def test_flow_moved_to_another_upstream_fails_closed(
         )
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(info.value).reason == "FLOW_NOT_FOUND"
-    assert other_server.token_requests() == []  # B's token endpoint saw nothing
+    assert other_auth_server.token_requests() == []  # B's token endpoint saw nothing
     assert auth_server.token_requests() == []
     assert broker.query("SELECT COUNT(*) FROM credentials")[0][0] == 0
     # The flow was consumed on first use, as any flow is.
