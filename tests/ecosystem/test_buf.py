@@ -84,7 +84,7 @@ def test_added_field_is_not_breaking(buf: str, workspace: Path) -> None:
     _edit(
         workspace,
         lambda s: s.replace(
-            "  string header_value = 7;\n", "  string header_value = 7;\n  string note = 8;\n"
+            "  string header_value = 7;\n", "  string header_value = 7;\n  string note = 99;\n"
         ),
     )
     code, output = _buf_check(buf, workspace)

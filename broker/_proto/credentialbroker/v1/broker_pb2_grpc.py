@@ -70,6 +70,11 @@ class CredentialBrokerStub:
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
                 response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
                 _registered_method=True)
+        self.DisconnectAll = channel.unary_unary(
+                '/credentialbroker.v1.CredentialBroker/DisconnectAll',
+                request_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectAllRequest.SerializeToString,
+                response_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectAllResponse.FromString,
+                _registered_method=True)
         self.WatchConnections = channel.unary_stream(
                 '/credentialbroker.v1.CredentialBroker/WatchConnections',
                 request_serializer=credentialbroker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.SerializeToString,
@@ -130,6 +135,13 @@ class CredentialBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DisconnectAll(self, request, context):
+        """DisconnectAll revokes and deletes every connection of a user (offboarding), reporting each upstream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchConnections(self, request, context):
         """WatchConnections streams changes to connections as they are committed, on any replica:
         connected, refreshed, refresh failed, needs reauth, recovered, disconnected. Never a token.
@@ -177,6 +189,11 @@ def add_CredentialBrokerServicer_to_server(servicer, server):
                     servicer.Disconnect,
                     request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.FromString,
                     response_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.SerializeToString,
+            ),
+            'DisconnectAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisconnectAll,
+                    request_deserializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectAllRequest.FromString,
+                    response_serializer=credentialbroker_dot_v1_dot_broker__pb2.DisconnectAllResponse.SerializeToString,
             ),
             'WatchConnections': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchConnections,
@@ -374,6 +391,33 @@ class CredentialBroker:
             '/credentialbroker.v1.CredentialBroker/Disconnect',
             credentialbroker_dot_v1_dot_broker__pb2.DisconnectRequest.SerializeToString,
             credentialbroker_dot_v1_dot_broker__pb2.DisconnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisconnectAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credentialbroker.v1.CredentialBroker/DisconnectAll',
+            credentialbroker_dot_v1_dot_broker__pb2.DisconnectAllRequest.SerializeToString,
+            credentialbroker_dot_v1_dot_broker__pb2.DisconnectAllResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -195,11 +195,14 @@ func (x *CredentialInfo) GetUpdatedAt() *timestamppb.Timestamp {
 }
 
 type BuildAuthorizationURLRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	Upstream      string                 `protobuf:"bytes,2,opt,name=upstream,proto3" json:"upstream,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	UserId   string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	Upstream string                 `protobuf:"bytes,2,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	// Values for the upstream's declared per-connection placeholders (e.g. {"shop": "acme"}); each
+	// must match its configured pattern. Stored with the connection and reused by refresh and revocation.
+	ConnectionParams map[string]string `protobuf:"bytes,3,rep,name=connection_params,json=connectionParams,proto3" json:"connection_params,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *BuildAuthorizationURLRequest) Reset() {
@@ -244,6 +247,13 @@ func (x *BuildAuthorizationURLRequest) GetUpstream() string {
 		return x.Upstream
 	}
 	return ""
+}
+
+func (x *BuildAuthorizationURLRequest) GetConnectionParams() map[string]string {
+	if x != nil {
+		return x.ConnectionParams
+	}
+	return nil
 }
 
 type BuildAuthorizationURLResponse struct {
@@ -318,9 +328,11 @@ type CompleteRequest struct {
 	// The user the calling application authenticated; must be the user who started the flow.
 	UserId string `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
 	// The callback's iss parameter (RFC 9207), checked when the authorization server sends it.
-	Iss           string `protobuf:"bytes,4,opt,name=iss,proto3" json:"iss,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Iss string `protobuf:"bytes,4,opt,name=iss,proto3" json:"iss,omitempty"`
+	// The callback's other query parameters (e.g. QuickBooks' realmId), for declared connection fields.
+	CallbackParams map[string]string `protobuf:"bytes,5,rep,name=callback_params,json=callbackParams,proto3" json:"callback_params,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *CompleteRequest) Reset() {
@@ -379,6 +391,13 @@ func (x *CompleteRequest) GetIss() string {
 		return x.Iss
 	}
 	return ""
+}
+
+func (x *CompleteRequest) GetCallbackParams() map[string]string {
+	if x != nil {
+		return x.CallbackParams
+	}
+	return nil
 }
 
 type CompleteResponse struct {
@@ -627,8 +646,14 @@ type ResolveRequest struct {
 	SubjectToken string `protobuf:"bytes,3,opt,name=subject_token,json=subjectToken,proto3" json:"subject_token,omitempty"`
 	// The answer's token stays valid at least this long (the floor is 60 seconds).
 	MinValidSeconds uint32 `protobuf:"varint,4,opt,name=min_valid_seconds,json=minValidSeconds,proto3" json:"min_valid_seconds,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Scopes the caller needs; when the stored grant lacks some, the answer is FAILED_PRECONDITION
+	// with reason INSUFFICIENT_SCOPE, metadata missing_scopes and an authorization_url for the union.
+	RequiredScopes []string `protobuf:"bytes,5,rep,name=required_scopes,json=requiredScopes,proto3" json:"required_scopes,omitempty"`
+	// The access token the upstream just refused (HTTP 401). When it equals the stored token the
+	// broker refreshes once before answering; any other value changes nothing.
+	RejectedAccessToken string `protobuf:"bytes,6,opt,name=rejected_access_token,json=rejectedAccessToken,proto3" json:"rejected_access_token,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *ResolveRequest) Reset() {
@@ -689,6 +714,20 @@ func (x *ResolveRequest) GetMinValidSeconds() uint32 {
 	return 0
 }
 
+func (x *ResolveRequest) GetRequiredScopes() []string {
+	if x != nil {
+		return x.RequiredScopes
+	}
+	return nil
+}
+
+func (x *ResolveRequest) GetRejectedAccessToken() string {
+	if x != nil {
+		return x.RejectedAccessToken
+	}
+	return ""
+}
+
 type ResolveResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	AccessToken string                 `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
@@ -698,10 +737,12 @@ type ResolveResponse struct {
 	Scopes      []string               `protobuf:"bytes,4,rep,name=scopes,proto3" json:"scopes,omitempty"`
 	ObtainedVia string                 `protobuf:"bytes,5,opt,name=obtained_via,json=obtainedVia,proto3" json:"obtained_via,omitempty"`
 	// The header to send upstream and its ready value (e.g. "Authorization", "Bearer ...").
-	HeaderName    string `protobuf:"bytes,6,opt,name=header_name,json=headerName,proto3" json:"header_name,omitempty"`
-	HeaderValue   string `protobuf:"bytes,7,opt,name=header_value,json=headerValue,proto3" json:"header_value,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	HeaderName  string `protobuf:"bytes,6,opt,name=header_name,json=headerName,proto3" json:"header_name,omitempty"`
+	HeaderValue string `protobuf:"bytes,7,opt,name=header_value,json=headerValue,proto3" json:"header_value,omitempty"`
+	// The connection's declared fields (e.g. Salesforce's instance_url). Never a token.
+	ConnectionFields map[string]string `protobuf:"bytes,8,rep,name=connection_fields,json=connectionFields,proto3" json:"connection_fields,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ResolveResponse) Reset() {
@@ -783,6 +824,13 @@ func (x *ResolveResponse) GetHeaderValue() string {
 	return ""
 }
 
+func (x *ResolveResponse) GetConnectionFields() map[string]string {
+	if x != nil {
+		return x.ConnectionFields
+	}
+	return nil
+}
+
 type ListConnectionsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
@@ -841,7 +889,19 @@ type Connection struct {
 	ObtainedVia string                 `protobuf:"bytes,6,opt,name=obtained_via,json=obtainedVia,proto3" json:"obtained_via,omitempty"`
 	UpdatedAt   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// The class of the last refresh failure (e.g. "invalid_grant"), empty when none.
-	LastError     string `protobuf:"bytes,8,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	LastError string `protobuf:"bytes,8,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// The connection's declared fields (e.g. Salesforce's instance_url). Never a token.
+	ConnectionFields map[string]string `protobuf:"bytes,9,rep,name=connection_fields,json=connectionFields,proto3" json:"connection_fields,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// When the refresh token stops working, when known.
+	RefreshTokenExpiresAt *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=refresh_token_expires_at,json=refreshTokenExpiresAt,proto3" json:"refresh_token_expires_at,omitempty"`
+	// The last successful refresh; unset when never refreshed.
+	LastRefreshedAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=last_refreshed_at,json=lastRefreshedAt,proto3" json:"last_refreshed_at,omitempty"`
+	// The last Resolve of this credential (recorded at most once a minute).
+	LastUsedAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=last_used_at,json=lastUsedAt,proto3" json:"last_used_at,omitempty"`
+	// Refresh failures since the last success.
+	ConsecutiveFailures uint32 `protobuf:"varint,13,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	// Before this instant a failed refresh is not retried; unset when none is pending.
+	NextRetryAt   *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=next_retry_at,json=nextRetryAt,proto3" json:"next_retry_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -930,6 +990,48 @@ func (x *Connection) GetLastError() string {
 		return x.LastError
 	}
 	return ""
+}
+
+func (x *Connection) GetConnectionFields() map[string]string {
+	if x != nil {
+		return x.ConnectionFields
+	}
+	return nil
+}
+
+func (x *Connection) GetRefreshTokenExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RefreshTokenExpiresAt
+	}
+	return nil
+}
+
+func (x *Connection) GetLastRefreshedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastRefreshedAt
+	}
+	return nil
+}
+
+func (x *Connection) GetLastUsedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUsedAt
+	}
+	return nil
+}
+
+func (x *Connection) GetConsecutiveFailures() uint32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *Connection) GetNextRetryAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextRetryAt
+	}
+	return nil
 }
 
 type ListConnectionsResponse struct {
@@ -1146,6 +1248,157 @@ func (x *DisconnectResponse) GetRevocations() []*TokenRevocation {
 	return nil
 }
 
+type DisconnectAllRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UserId        string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisconnectAllRequest) Reset() {
+	*x = DisconnectAllRequest{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisconnectAllRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisconnectAllRequest) ProtoMessage() {}
+
+func (x *DisconnectAllRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisconnectAllRequest.ProtoReflect.Descriptor instead.
+func (*DisconnectAllRequest) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *DisconnectAllRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+// UpstreamDisconnect is the outcome of disconnecting one upstream in DisconnectAll.
+type UpstreamDisconnect struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Upstream string                 `protobuf:"bytes,1,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	// Whether a stored credential existed (and was deleted).
+	Deleted       bool               `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	Revocations   []*TokenRevocation `protobuf:"bytes,3,rep,name=revocations,proto3" json:"revocations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpstreamDisconnect) Reset() {
+	*x = UpstreamDisconnect{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpstreamDisconnect) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpstreamDisconnect) ProtoMessage() {}
+
+func (x *UpstreamDisconnect) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpstreamDisconnect.ProtoReflect.Descriptor instead.
+func (*UpstreamDisconnect) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *UpstreamDisconnect) GetUpstream() string {
+	if x != nil {
+		return x.Upstream
+	}
+	return ""
+}
+
+func (x *UpstreamDisconnect) GetDeleted() bool {
+	if x != nil {
+		return x.Deleted
+	}
+	return false
+}
+
+func (x *UpstreamDisconnect) GetRevocations() []*TokenRevocation {
+	if x != nil {
+		return x.Revocations
+	}
+	return nil
+}
+
+type DisconnectAllResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One entry per upstream the user had a credential for.
+	Results       []*UpstreamDisconnect `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DisconnectAllResponse) Reset() {
+	*x = DisconnectAllResponse{}
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DisconnectAllResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DisconnectAllResponse) ProtoMessage() {}
+
+func (x *DisconnectAllResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DisconnectAllResponse.ProtoReflect.Descriptor instead.
+func (*DisconnectAllResponse) Descriptor() ([]byte, []int) {
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DisconnectAllResponse) GetResults() []*UpstreamDisconnect {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
 type WatchConnectionsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only this user's connections; empty: every user's (refused when user tokens are verified).
@@ -1161,7 +1414,7 @@ type WatchConnectionsRequest struct {
 
 func (x *WatchConnectionsRequest) Reset() {
 	*x = WatchConnectionsRequest{}
-	mi := &file_credentialbroker_v1_broker_proto_msgTypes[17]
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1426,7 @@ func (x *WatchConnectionsRequest) String() string {
 func (*WatchConnectionsRequest) ProtoMessage() {}
 
 func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_credentialbroker_v1_broker_proto_msgTypes[17]
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1439,7 @@ func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchConnectionsRequest.ProtoReflect.Descriptor instead.
 func (*WatchConnectionsRequest) Descriptor() ([]byte, []int) {
-	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{17}
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *WatchConnectionsRequest) GetUserId() string {
@@ -1230,7 +1483,7 @@ type ConnectionEvent struct {
 
 func (x *ConnectionEvent) Reset() {
 	*x = ConnectionEvent{}
-	mi := &file_credentialbroker_v1_broker_proto_msgTypes[18]
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1242,7 +1495,7 @@ func (x *ConnectionEvent) String() string {
 func (*ConnectionEvent) ProtoMessage() {}
 
 func (x *ConnectionEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_credentialbroker_v1_broker_proto_msgTypes[18]
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1255,7 +1508,7 @@ func (x *ConnectionEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectionEvent.ProtoReflect.Descriptor instead.
 func (*ConnectionEvent) Descriptor() ([]byte, []int) {
-	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{18}
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ConnectionEvent) GetSequence() uint64 {
@@ -1316,7 +1569,7 @@ type WatchConnectionsResponse struct {
 
 func (x *WatchConnectionsResponse) Reset() {
 	*x = WatchConnectionsResponse{}
-	mi := &file_credentialbroker_v1_broker_proto_msgTypes[19]
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1328,7 +1581,7 @@ func (x *WatchConnectionsResponse) String() string {
 func (*WatchConnectionsResponse) ProtoMessage() {}
 
 func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_credentialbroker_v1_broker_proto_msgTypes[19]
+	mi := &file_credentialbroker_v1_broker_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1341,7 +1594,7 @@ func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchConnectionsResponse.ProtoReflect.Descriptor instead.
 func (*WatchConnectionsResponse) Descriptor() ([]byte, []int) {
-	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{19}
+	return file_credentialbroker_v1_broker_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *WatchConnectionsResponse) GetEvent() *ConnectionEvent {
@@ -1366,20 +1619,28 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12!\n" +
 	"\fobtained_via\x18\x06 \x01(\tR\vobtainedVia\x129\n" +
 	"\n" +
-	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"S\n" +
+	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\x8e\x02\n" +
 	"\x1cBuildAuthorizationURLRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1a\n" +
-	"\bupstream\x18\x02 \x01(\tR\bupstream\"\x9d\x01\n" +
+	"\bupstream\x18\x02 \x01(\tR\bupstream\x12t\n" +
+	"\x11connection_params\x18\x03 \x03(\v2G.credentialbroker.v1.BuildAuthorizationURLRequest.ConnectionParamsEntryR\x10connectionParams\x1aC\n" +
+	"\x15ConnectionParamsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x9d\x01\n" +
 	"\x1dBuildAuthorizationURLResponse\x12+\n" +
 	"\x11authorization_url\x18\x01 \x01(\tR\x10authorizationUrl\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x129\n" +
 	"\n" +
-	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"f\n" +
+	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\x8c\x02\n" +
 	"\x0fCompleteRequest\x12\x14\n" +
 	"\x05state\x18\x01 \x01(\tR\x05state\x12\x12\n" +
 	"\x04code\x18\x02 \x01(\tR\x04code\x12\x17\n" +
 	"\auser_id\x18\x03 \x01(\tR\x06userId\x12\x10\n" +
-	"\x03iss\x18\x04 \x01(\tR\x03iss\"W\n" +
+	"\x03iss\x18\x04 \x01(\tR\x03iss\x12a\n" +
+	"\x0fcallback_params\x18\x05 \x03(\v28.credentialbroker.v1.CompleteRequest.CallbackParamsEntryR\x0ecallbackParams\x1aA\n" +
+	"\x13CallbackParamsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"W\n" +
 	"\x10CompleteResponse\x12C\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2#.credentialbroker.v1.CredentialInfoR\n" +
@@ -1395,12 +1656,14 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\x0fRefreshResponse\x12C\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\v2#.credentialbroker.v1.CredentialInfoR\n" +
-	"credential\"\x96\x01\n" +
+	"credential\"\xf3\x01\n" +
 	"\x0eResolveRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1a\n" +
 	"\bupstream\x18\x02 \x01(\tR\bupstream\x12#\n" +
 	"\rsubject_token\x18\x03 \x01(\tR\fsubjectToken\x12*\n" +
-	"\x11min_valid_seconds\x18\x04 \x01(\rR\x0fminValidSeconds\"\x8d\x02\n" +
+	"\x11min_valid_seconds\x18\x04 \x01(\rR\x0fminValidSeconds\x12'\n" +
+	"\x0frequired_scopes\x18\x05 \x03(\tR\x0erequiredScopes\x122\n" +
+	"\x15rejected_access_token\x18\x06 \x01(\tR\x13rejectedAccessToken\"\xbb\x03\n" +
 	"\x0fResolveResponse\x12!\n" +
 	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12\x1d\n" +
 	"\n" +
@@ -1411,9 +1674,13 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\fobtained_via\x18\x05 \x01(\tR\vobtainedVia\x12\x1f\n" +
 	"\vheader_name\x18\x06 \x01(\tR\n" +
 	"headerName\x12!\n" +
-	"\fheader_value\x18\a \x01(\tR\vheaderValue\"1\n" +
+	"\fheader_value\x18\a \x01(\tR\vheaderValue\x12g\n" +
+	"\x11connection_fields\x18\b \x03(\v2:.credentialbroker.v1.ResolveResponse.ConnectionFieldsEntryR\x10connectionFields\x1aC\n" +
+	"\x15ConnectionFieldsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"1\n" +
 	"\x16ListConnectionsRequest\x12\x17\n" +
-	"\auser_id\x18\x01 \x01(\tR\x06userId\"\xa4\x02\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\"\x9b\x06\n" +
 	"\n" +
 	"Connection\x12\x1a\n" +
 	"\bupstream\x18\x01 \x01(\tR\bupstream\x12\x16\n" +
@@ -1426,7 +1693,18 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\n" +
 	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x1d\n" +
 	"\n" +
-	"last_error\x18\b \x01(\tR\tlastError\"\\\n" +
+	"last_error\x18\b \x01(\tR\tlastError\x12b\n" +
+	"\x11connection_fields\x18\t \x03(\v25.credentialbroker.v1.Connection.ConnectionFieldsEntryR\x10connectionFields\x12S\n" +
+	"\x18refresh_token_expires_at\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\x15refreshTokenExpiresAt\x12F\n" +
+	"\x11last_refreshed_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x0flastRefreshedAt\x12<\n" +
+	"\flast_used_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"lastUsedAt\x121\n" +
+	"\x14consecutive_failures\x18\r \x01(\rR\x13consecutiveFailures\x12>\n" +
+	"\rnext_retry_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\vnextRetryAt\x1aC\n" +
+	"\x15ConnectionFieldsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\\\n" +
 	"\x17ListConnectionsResponse\x12A\n" +
 	"\vconnections\x18\x01 \x03(\v2\x1f.credentialbroker.v1.ConnectionR\vconnections\"H\n" +
 	"\x11DisconnectRequest\x12\x17\n" +
@@ -1438,7 +1716,15 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"v\n" +
 	"\x12DisconnectResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\x12F\n" +
-	"\vrevocations\x18\x02 \x03(\v2$.credentialbroker.v1.TokenRevocationR\vrevocations\"\x8f\x01\n" +
+	"\vrevocations\x18\x02 \x03(\v2$.credentialbroker.v1.TokenRevocationR\vrevocations\"/\n" +
+	"\x14DisconnectAllRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\"\x92\x01\n" +
+	"\x12UpstreamDisconnect\x12\x1a\n" +
+	"\bupstream\x18\x01 \x01(\tR\bupstream\x12\x18\n" +
+	"\adeleted\x18\x02 \x01(\bR\adeleted\x12F\n" +
+	"\vrevocations\x18\x03 \x03(\v2$.credentialbroker.v1.TokenRevocationR\vrevocations\"Z\n" +
+	"\x15DisconnectAllResponse\x12A\n" +
+	"\aresults\x18\x01 \x03(\v2'.credentialbroker.v1.UpstreamDisconnectR\aresults\"\x8f\x01\n" +
 	"\x17WatchConnectionsRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1c\n" +
 	"\tupstreams\x18\x02 \x03(\tR\tupstreams\x12*\n" +
@@ -1463,7 +1749,7 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\"CONNECTION_EVENT_KIND_NEEDS_REAUTH\x10\x04\x12#\n" +
 	"\x1fCONNECTION_EVENT_KIND_RECOVERED\x10\x05\x12&\n" +
 	"\"CONNECTION_EVENT_KIND_DISCONNECTED\x10\x06\x12(\n" +
-	"$CONNECTION_EVENT_KIND_SCOPES_CHANGED\x10\a2\xa4\x06\n" +
+	"$CONNECTION_EVENT_KIND_SCOPES_CHANGED\x10\a2\x8c\a\n" +
 	"\x10CredentialBroker\x12~\n" +
 	"\x15BuildAuthorizationURL\x121.credentialbroker.v1.BuildAuthorizationURLRequest\x1a2.credentialbroker.v1.BuildAuthorizationURLResponse\x12W\n" +
 	"\bComplete\x12$.credentialbroker.v1.CompleteRequest\x1a%.credentialbroker.v1.CompleteResponse\x12K\n" +
@@ -1472,7 +1758,8 @@ const file_credentialbroker_v1_broker_proto_rawDesc = "" +
 	"\aResolve\x12#.credentialbroker.v1.ResolveRequest\x1a$.credentialbroker.v1.ResolveResponse\x12l\n" +
 	"\x0fListConnections\x12+.credentialbroker.v1.ListConnectionsRequest\x1a,.credentialbroker.v1.ListConnectionsResponse\x12]\n" +
 	"\n" +
-	"Disconnect\x12&.credentialbroker.v1.DisconnectRequest\x1a'.credentialbroker.v1.DisconnectResponse\x12q\n" +
+	"Disconnect\x12&.credentialbroker.v1.DisconnectRequest\x1a'.credentialbroker.v1.DisconnectResponse\x12f\n" +
+	"\rDisconnectAll\x12).credentialbroker.v1.DisconnectAllRequest\x1a*.credentialbroker.v1.DisconnectAllResponse\x12q\n" +
 	"\x10WatchConnections\x12,.credentialbroker.v1.WatchConnectionsRequest\x1a-.credentialbroker.v1.WatchConnectionsResponse0\x01b\x06proto3"
 
 var (
@@ -1488,7 +1775,7 @@ func file_credentialbroker_v1_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_credentialbroker_v1_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_credentialbroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_credentialbroker_v1_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_credentialbroker_v1_broker_proto_goTypes = []any{
 	(ConnectionEventKind)(0),              // 0: credentialbroker.v1.ConnectionEventKind
 	(*CredentialInfo)(nil),                // 1: credentialbroker.v1.CredentialInfo
@@ -1508,46 +1795,65 @@ var file_credentialbroker_v1_broker_proto_goTypes = []any{
 	(*DisconnectRequest)(nil),             // 15: credentialbroker.v1.DisconnectRequest
 	(*TokenRevocation)(nil),               // 16: credentialbroker.v1.TokenRevocation
 	(*DisconnectResponse)(nil),            // 17: credentialbroker.v1.DisconnectResponse
-	(*WatchConnectionsRequest)(nil),       // 18: credentialbroker.v1.WatchConnectionsRequest
-	(*ConnectionEvent)(nil),               // 19: credentialbroker.v1.ConnectionEvent
-	(*WatchConnectionsResponse)(nil),      // 20: credentialbroker.v1.WatchConnectionsResponse
-	(*timestamppb.Timestamp)(nil),         // 21: google.protobuf.Timestamp
+	(*DisconnectAllRequest)(nil),          // 18: credentialbroker.v1.DisconnectAllRequest
+	(*UpstreamDisconnect)(nil),            // 19: credentialbroker.v1.UpstreamDisconnect
+	(*DisconnectAllResponse)(nil),         // 20: credentialbroker.v1.DisconnectAllResponse
+	(*WatchConnectionsRequest)(nil),       // 21: credentialbroker.v1.WatchConnectionsRequest
+	(*ConnectionEvent)(nil),               // 22: credentialbroker.v1.ConnectionEvent
+	(*WatchConnectionsResponse)(nil),      // 23: credentialbroker.v1.WatchConnectionsResponse
+	nil,                                   // 24: credentialbroker.v1.BuildAuthorizationURLRequest.ConnectionParamsEntry
+	nil,                                   // 25: credentialbroker.v1.CompleteRequest.CallbackParamsEntry
+	nil,                                   // 26: credentialbroker.v1.ResolveResponse.ConnectionFieldsEntry
+	nil,                                   // 27: credentialbroker.v1.Connection.ConnectionFieldsEntry
+	(*timestamppb.Timestamp)(nil),         // 28: google.protobuf.Timestamp
 }
 var file_credentialbroker_v1_broker_proto_depIdxs = []int32{
-	21, // 0: credentialbroker.v1.CredentialInfo.expires_at:type_name -> google.protobuf.Timestamp
-	21, // 1: credentialbroker.v1.CredentialInfo.updated_at:type_name -> google.protobuf.Timestamp
-	21, // 2: credentialbroker.v1.BuildAuthorizationURLResponse.expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 3: credentialbroker.v1.CompleteResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
-	1,  // 4: credentialbroker.v1.RefreshResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
-	21, // 5: credentialbroker.v1.ResolveResponse.expires_at:type_name -> google.protobuf.Timestamp
-	21, // 6: credentialbroker.v1.Connection.expires_at:type_name -> google.protobuf.Timestamp
-	21, // 7: credentialbroker.v1.Connection.updated_at:type_name -> google.protobuf.Timestamp
-	13, // 8: credentialbroker.v1.ListConnectionsResponse.connections:type_name -> credentialbroker.v1.Connection
-	16, // 9: credentialbroker.v1.DisconnectResponse.revocations:type_name -> credentialbroker.v1.TokenRevocation
-	0,  // 10: credentialbroker.v1.ConnectionEvent.kind:type_name -> credentialbroker.v1.ConnectionEventKind
-	21, // 11: credentialbroker.v1.ConnectionEvent.at:type_name -> google.protobuf.Timestamp
-	19, // 12: credentialbroker.v1.WatchConnectionsResponse.event:type_name -> credentialbroker.v1.ConnectionEvent
-	2,  // 13: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:input_type -> credentialbroker.v1.BuildAuthorizationURLRequest
-	4,  // 14: credentialbroker.v1.CredentialBroker.Complete:input_type -> credentialbroker.v1.CompleteRequest
-	6,  // 15: credentialbroker.v1.CredentialBroker.Deny:input_type -> credentialbroker.v1.DenyRequest
-	8,  // 16: credentialbroker.v1.CredentialBroker.Refresh:input_type -> credentialbroker.v1.RefreshRequest
-	10, // 17: credentialbroker.v1.CredentialBroker.Resolve:input_type -> credentialbroker.v1.ResolveRequest
-	12, // 18: credentialbroker.v1.CredentialBroker.ListConnections:input_type -> credentialbroker.v1.ListConnectionsRequest
-	15, // 19: credentialbroker.v1.CredentialBroker.Disconnect:input_type -> credentialbroker.v1.DisconnectRequest
-	18, // 20: credentialbroker.v1.CredentialBroker.WatchConnections:input_type -> credentialbroker.v1.WatchConnectionsRequest
-	3,  // 21: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:output_type -> credentialbroker.v1.BuildAuthorizationURLResponse
-	5,  // 22: credentialbroker.v1.CredentialBroker.Complete:output_type -> credentialbroker.v1.CompleteResponse
-	7,  // 23: credentialbroker.v1.CredentialBroker.Deny:output_type -> credentialbroker.v1.DenyResponse
-	9,  // 24: credentialbroker.v1.CredentialBroker.Refresh:output_type -> credentialbroker.v1.RefreshResponse
-	11, // 25: credentialbroker.v1.CredentialBroker.Resolve:output_type -> credentialbroker.v1.ResolveResponse
-	14, // 26: credentialbroker.v1.CredentialBroker.ListConnections:output_type -> credentialbroker.v1.ListConnectionsResponse
-	17, // 27: credentialbroker.v1.CredentialBroker.Disconnect:output_type -> credentialbroker.v1.DisconnectResponse
-	20, // 28: credentialbroker.v1.CredentialBroker.WatchConnections:output_type -> credentialbroker.v1.WatchConnectionsResponse
-	21, // [21:29] is the sub-list for method output_type
-	13, // [13:21] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	28, // 0: credentialbroker.v1.CredentialInfo.expires_at:type_name -> google.protobuf.Timestamp
+	28, // 1: credentialbroker.v1.CredentialInfo.updated_at:type_name -> google.protobuf.Timestamp
+	24, // 2: credentialbroker.v1.BuildAuthorizationURLRequest.connection_params:type_name -> credentialbroker.v1.BuildAuthorizationURLRequest.ConnectionParamsEntry
+	28, // 3: credentialbroker.v1.BuildAuthorizationURLResponse.expires_at:type_name -> google.protobuf.Timestamp
+	25, // 4: credentialbroker.v1.CompleteRequest.callback_params:type_name -> credentialbroker.v1.CompleteRequest.CallbackParamsEntry
+	1,  // 5: credentialbroker.v1.CompleteResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
+	1,  // 6: credentialbroker.v1.RefreshResponse.credential:type_name -> credentialbroker.v1.CredentialInfo
+	28, // 7: credentialbroker.v1.ResolveResponse.expires_at:type_name -> google.protobuf.Timestamp
+	26, // 8: credentialbroker.v1.ResolveResponse.connection_fields:type_name -> credentialbroker.v1.ResolveResponse.ConnectionFieldsEntry
+	28, // 9: credentialbroker.v1.Connection.expires_at:type_name -> google.protobuf.Timestamp
+	28, // 10: credentialbroker.v1.Connection.updated_at:type_name -> google.protobuf.Timestamp
+	27, // 11: credentialbroker.v1.Connection.connection_fields:type_name -> credentialbroker.v1.Connection.ConnectionFieldsEntry
+	28, // 12: credentialbroker.v1.Connection.refresh_token_expires_at:type_name -> google.protobuf.Timestamp
+	28, // 13: credentialbroker.v1.Connection.last_refreshed_at:type_name -> google.protobuf.Timestamp
+	28, // 14: credentialbroker.v1.Connection.last_used_at:type_name -> google.protobuf.Timestamp
+	28, // 15: credentialbroker.v1.Connection.next_retry_at:type_name -> google.protobuf.Timestamp
+	13, // 16: credentialbroker.v1.ListConnectionsResponse.connections:type_name -> credentialbroker.v1.Connection
+	16, // 17: credentialbroker.v1.DisconnectResponse.revocations:type_name -> credentialbroker.v1.TokenRevocation
+	16, // 18: credentialbroker.v1.UpstreamDisconnect.revocations:type_name -> credentialbroker.v1.TokenRevocation
+	19, // 19: credentialbroker.v1.DisconnectAllResponse.results:type_name -> credentialbroker.v1.UpstreamDisconnect
+	0,  // 20: credentialbroker.v1.ConnectionEvent.kind:type_name -> credentialbroker.v1.ConnectionEventKind
+	28, // 21: credentialbroker.v1.ConnectionEvent.at:type_name -> google.protobuf.Timestamp
+	22, // 22: credentialbroker.v1.WatchConnectionsResponse.event:type_name -> credentialbroker.v1.ConnectionEvent
+	2,  // 23: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:input_type -> credentialbroker.v1.BuildAuthorizationURLRequest
+	4,  // 24: credentialbroker.v1.CredentialBroker.Complete:input_type -> credentialbroker.v1.CompleteRequest
+	6,  // 25: credentialbroker.v1.CredentialBroker.Deny:input_type -> credentialbroker.v1.DenyRequest
+	8,  // 26: credentialbroker.v1.CredentialBroker.Refresh:input_type -> credentialbroker.v1.RefreshRequest
+	10, // 27: credentialbroker.v1.CredentialBroker.Resolve:input_type -> credentialbroker.v1.ResolveRequest
+	12, // 28: credentialbroker.v1.CredentialBroker.ListConnections:input_type -> credentialbroker.v1.ListConnectionsRequest
+	15, // 29: credentialbroker.v1.CredentialBroker.Disconnect:input_type -> credentialbroker.v1.DisconnectRequest
+	18, // 30: credentialbroker.v1.CredentialBroker.DisconnectAll:input_type -> credentialbroker.v1.DisconnectAllRequest
+	21, // 31: credentialbroker.v1.CredentialBroker.WatchConnections:input_type -> credentialbroker.v1.WatchConnectionsRequest
+	3,  // 32: credentialbroker.v1.CredentialBroker.BuildAuthorizationURL:output_type -> credentialbroker.v1.BuildAuthorizationURLResponse
+	5,  // 33: credentialbroker.v1.CredentialBroker.Complete:output_type -> credentialbroker.v1.CompleteResponse
+	7,  // 34: credentialbroker.v1.CredentialBroker.Deny:output_type -> credentialbroker.v1.DenyResponse
+	9,  // 35: credentialbroker.v1.CredentialBroker.Refresh:output_type -> credentialbroker.v1.RefreshResponse
+	11, // 36: credentialbroker.v1.CredentialBroker.Resolve:output_type -> credentialbroker.v1.ResolveResponse
+	14, // 37: credentialbroker.v1.CredentialBroker.ListConnections:output_type -> credentialbroker.v1.ListConnectionsResponse
+	17, // 38: credentialbroker.v1.CredentialBroker.Disconnect:output_type -> credentialbroker.v1.DisconnectResponse
+	20, // 39: credentialbroker.v1.CredentialBroker.DisconnectAll:output_type -> credentialbroker.v1.DisconnectAllResponse
+	23, // 40: credentialbroker.v1.CredentialBroker.WatchConnections:output_type -> credentialbroker.v1.WatchConnectionsResponse
+	32, // [32:41] is the sub-list for method output_type
+	23, // [23:32] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_credentialbroker_v1_broker_proto_init() }
@@ -1555,14 +1861,14 @@ func file_credentialbroker_v1_broker_proto_init() {
 	if File_credentialbroker_v1_broker_proto != nil {
 		return
 	}
-	file_credentialbroker_v1_broker_proto_msgTypes[17].OneofWrappers = []any{}
+	file_credentialbroker_v1_broker_proto_msgTypes[20].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_credentialbroker_v1_broker_proto_rawDesc), len(file_credentialbroker_v1_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

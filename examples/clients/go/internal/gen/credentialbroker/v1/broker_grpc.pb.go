@@ -31,6 +31,7 @@ const (
 	CredentialBroker_Resolve_FullMethodName               = "/credentialbroker.v1.CredentialBroker/Resolve"
 	CredentialBroker_ListConnections_FullMethodName       = "/credentialbroker.v1.CredentialBroker/ListConnections"
 	CredentialBroker_Disconnect_FullMethodName            = "/credentialbroker.v1.CredentialBroker/Disconnect"
+	CredentialBroker_DisconnectAll_FullMethodName         = "/credentialbroker.v1.CredentialBroker/DisconnectAll"
 	CredentialBroker_WatchConnections_FullMethodName      = "/credentialbroker.v1.CredentialBroker/WatchConnections"
 )
 
@@ -54,6 +55,8 @@ type CredentialBrokerClient interface {
 	ListConnections(ctx context.Context, in *ListConnectionsRequest, opts ...grpc.CallOption) (*ListConnectionsResponse, error)
 	// Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
 	Disconnect(ctx context.Context, in *DisconnectRequest, opts ...grpc.CallOption) (*DisconnectResponse, error)
+	// DisconnectAll revokes and deletes every connection of a user (offboarding), reporting each upstream.
+	DisconnectAll(ctx context.Context, in *DisconnectAllRequest, opts ...grpc.CallOption) (*DisconnectAllResponse, error)
 	// WatchConnections streams changes to connections as they are committed, on any replica:
 	// connected, refreshed, refresh failed, needs reauth, recovered, disconnected. Never a token.
 	// A stream that falls too far behind ends with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW);
@@ -139,6 +142,16 @@ func (c *credentialBrokerClient) Disconnect(ctx context.Context, in *DisconnectR
 	return out, nil
 }
 
+func (c *credentialBrokerClient) DisconnectAll(ctx context.Context, in *DisconnectAllRequest, opts ...grpc.CallOption) (*DisconnectAllResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DisconnectAllResponse)
+	err := c.cc.Invoke(ctx, CredentialBroker_DisconnectAll_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *credentialBrokerClient) WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	stream, err := c.cc.NewStream(ctx, &CredentialBroker_ServiceDesc.Streams[0], CredentialBroker_WatchConnections_FullMethodName, cOpts...)
@@ -178,6 +191,8 @@ type CredentialBrokerServer interface {
 	ListConnections(context.Context, *ListConnectionsRequest) (*ListConnectionsResponse, error)
 	// Disconnect revokes the user's tokens at the upstream (RFC 7009) and deletes the credential.
 	Disconnect(context.Context, *DisconnectRequest) (*DisconnectResponse, error)
+	// DisconnectAll revokes and deletes every connection of a user (offboarding), reporting each upstream.
+	DisconnectAll(context.Context, *DisconnectAllRequest) (*DisconnectAllResponse, error)
 	// WatchConnections streams changes to connections as they are committed, on any replica:
 	// connected, refreshed, refresh failed, needs reauth, recovered, disconnected. Never a token.
 	// A stream that falls too far behind ends with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW);
@@ -213,6 +228,9 @@ func (UnimplementedCredentialBrokerServer) ListConnections(context.Context, *Lis
 }
 func (UnimplementedCredentialBrokerServer) Disconnect(context.Context, *DisconnectRequest) (*DisconnectResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Disconnect not implemented")
+}
+func (UnimplementedCredentialBrokerServer) DisconnectAll(context.Context, *DisconnectAllRequest) (*DisconnectAllResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DisconnectAll not implemented")
 }
 func (UnimplementedCredentialBrokerServer) WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchConnections not implemented")
@@ -364,6 +382,24 @@ func _CredentialBroker_Disconnect_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _CredentialBroker_DisconnectAll_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DisconnectAllRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CredentialBrokerServer).DisconnectAll(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: CredentialBroker_DisconnectAll_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CredentialBrokerServer).DisconnectAll(ctx, req.(*DisconnectAllRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _CredentialBroker_WatchConnections_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchConnectionsRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -409,6 +445,10 @@ var CredentialBroker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Disconnect",
 			Handler:    _CredentialBroker_Disconnect_Handler,
+		},
+		{
+			MethodName: "DisconnectAll",
+			Handler:    _CredentialBroker_DisconnectAll_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
