@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import events, lifecycle, validation
+from broker import events, lifecycle, rejected_token, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -277,9 +277,12 @@ class BrokerService:
         subject_token: str,
         min_valid_seconds: int,
         claims: Mapping[str, Any] | None = None,
+        rejected_access_token: str = "",
     ) -> ResolvedCredential:
         """A valid access token for (user, upstream), refreshed (or exchanged) first when it is
-        about to expire, once the policy allowed it. ``claims``: the verified user token's."""
+        about to expire, once the policy allowed it. ``claims``: the verified user token's.
+        ``rejected_access_token``: the upstream refused this token; when it is the stored one,
+        refresh first (see broker/rejected_token.py)."""
         user = validation.user_id(user_id)
         upstream = self._upstream(upstream_name)
         validation.subject_token(subject_token)
@@ -295,6 +298,10 @@ class BrokerService:
         credential = self._load(user, upstream, recent=True)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream)
+        if rejected_access_token and rejected_token.is_stored_token(
+            rejected_access_token, credential.secrets.access_token
+        ):
+            credential = await self._refresh_rejected(user, upstream, credential, rejected_access_token)
         if not credential.valid_for(self._clock.now(), window):
             if credential.status is CredentialStatus.NEEDS_REAUTH or not credential.secrets.refresh_token:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
@@ -338,10 +345,40 @@ class BrokerService:
             )
         return None if found is None else found[0]
 
-    async def _audited_refresh(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
+    async def _refresh_rejected(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, rejected: str
+    ) -> Credential:
+        """The upstream refused the stored access token: refresh once, in the single flight,
+        unless the credential was refreshed less than ``min_refresh_interval_seconds`` ago or
+        (re-read under the refresh lease) no longer holds that token."""
+        interval = self._config.min_refresh_interval_seconds
+        now = self._clock.now()
+        if not rejected_token.may_refresh(credential, now, interval):
+            return credential
+        if credential.next_attempt_at is not None and now < credential.next_attempt_at:
+            raise UpstreamUnavailable(
+                "the authorization server failed recently; the broker retries after a backoff"
+            )
+
+        def due(stored: Credential, at: float) -> bool:
+            return rejected_token.is_stored_token(
+                rejected, stored.secrets.access_token
+            ) and rejected_token.may_refresh(stored, at, interval)
+
+        return await self._flights.run(
+            (user, upstream.key), lambda: self._audited_refresh(user, upstream, None, due)
+        )
+
+    async def _audited_refresh(
+        self,
+        user: str,
+        upstream: UpstreamConfig,
+        window: int | None,
+        due: Callable[[Credential, float], bool] | None = None,
+    ) -> Credential:
         """A refresh that Resolve started on its own: audited once per grant, not per caller."""
         try:
-            credential = await self._refresh(user, upstream, window)
+            credential = await self._refresh(user, upstream, window, due)
         except BrokerError as exc:
             self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
             raise
