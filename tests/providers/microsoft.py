@@ -9,7 +9,7 @@ description. Not covered yet: a per-connection tenant, private_key_jwt, client a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.providers.emulator import CLIENT_ID, Emulator, Request
 
@@ -54,3 +54,22 @@ class Microsoft(Emulator):
         if grant.refresh_token:
             answer["refresh_token"] = grant.refresh_token
         return 200, answer
+
+
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+
+class MicrosoftTenant(Microsoft):
+    """The ``microsoft-tenant`` preset: the tenant is a connection param filled into the path.
+    Only this tenant's endpoints answer; any other path is a 404."""
+
+    provider = "microsoft-tenant"
+    authorize_path = f"/{TENANT}/oauth2/v2.0/authorize"
+    token_path = f"/{TENANT}/oauth2/v2.0/token"
+    connection_params: ClassVar[dict[str, str]] = {"tenant": TENANT}
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "authorization_endpoint": self.base + "/{tenant}/oauth2/v2.0/authorize",
+            "token_endpoint": self.base + "/{tenant}/oauth2/v2.0/token",
+        }
