@@ -175,3 +175,37 @@ def test_templated_presets_validate_and_a_config_can_override_their_params(tmp_p
     auth = load_config(document, environ={}, base_dir=tmp_path).upstreams[0].auth_broker
     assert auth.connection_patterns() == {"shop": "^(acme|globex)$"}
     assert auth.connection_fields["shop"].param == "shop"  # the preset's, kept
+
+
+def test_fields_read_from_a_token_answer_are_plain_bounded_and_never_a_token() -> None:
+    import json
+
+    from broker.providers.shaping import parse_answer
+
+    answer = {
+        "access_token": "at-value",
+        "refresh_token": "rt-value",
+        "token_type": "Bearer",
+        "instance_url": "https://acme.my.salesforce.com",
+        "team": {"id": "T01", "name": "Acme"},
+        "count": 7,
+        "flag": True,
+        "copy": "at-value",  # the access token under another name
+        "refresh_copy": "rt-value",
+        "nested": {"a": [1, 2]},
+        "huge": "x" * 3000,
+        "control": "a\u0000b",
+    }
+    paths = {
+        name: name
+        for name in ("instance_url", "count", "flag", "copy", "refresh_copy", "nested", "huge", "control")
+    }
+    token = parse_answer(
+        200, json.dumps(answer).encode(), fields={**paths, "team_id": "team.id", "absent": "no.such"}
+    )
+    assert dict(token.fields) == {
+        "instance_url": "https://acme.my.salesforce.com",
+        "count": "7",
+        "flag": "true",
+        "team_id": "T01",
+    }
