@@ -27,6 +27,7 @@ from tests.providers.microsoft import TENANT, MicrosoftTenant
 from tests.providers.quickbooks import REALM_ID, QuickBooks
 from tests.providers.salesforce import Salesforce
 from tests.providers.shopify import Shopify
+from tests.providers.zendesk import Zendesk
 
 
 def _start(kind: type[Emulator]) -> Iterator[Any]:
@@ -315,5 +316,26 @@ async def test_google_disconnect_revokes_at_google(make_broker: BrokerFactory) -
             ("access_token", "revoked"),
         ]
         assert all(g.dead for g in emulator.grants.values())
+    finally:
+        emulator.stop()
+
+
+async def test_zendesk_subdomain_json_body_and_pkce(make_broker: BrokerFactory) -> None:
+    emulator = Zendesk().start()
+    try:
+        broker = await _broker(make_broker, emulator, scopes=["read", "write"])
+        await _connect(broker, emulator, "alice", {"subdomain": "acme-support"})
+        asked = emulator.authorization_requests()[-1]
+        assert asked.path == "/acme-support/oauth/authorizations/new"
+        assert asked.query["scope"] == "read write" and asked.query["code_challenge_method"] == "S256"
+        exchange = emulator.token_requests()[-1]
+        assert exchange.path == "/acme-support/oauth/tokens"
+        body = exchange.json()
+        assert body["grant_type"] == "authorization_code" and body["client_secret"] == emulator.client_secret
+        assert "code_verifier" in body
+        assert dict((await _resolve(broker)).connection_fields) == {"subdomain": "acme-support"}
+        await broker.stub.Refresh(pb.RefreshRequest(user_id="alice", upstream="up"))
+        assert emulator.token_requests()[-1].path == "/acme-support/oauth/tokens"
+        assert emulator.token_requests()[-1].json()["grant_type"] == "refresh_token"
     finally:
         emulator.stop()

@@ -30,6 +30,7 @@ from tests.providers.quickbooks import QuickBooks
 from tests.providers.salesforce import Salesforce
 from tests.providers.shopify import Shopify
 from tests.providers.slack import Slack
+from tests.providers.zendesk import Zendesk
 
 EMULATORS: dict[str, type[Emulator]] = {
     "github-app": GitHub,
@@ -43,6 +44,7 @@ EMULATORS: dict[str, type[Emulator]] = {
     "microsoft-tenant": MicrosoftTenant,
     "shopify": Shopify,
     "quickbooks": QuickBooks,
+    "zendesk": Zendesk,
 }
 SCOPES = {
     "github-app": ["repo", "read:user"],
@@ -50,6 +52,7 @@ SCOPES = {
     "google": ["openid", "email"],
     "atlassian": ["offline_access", "read:jira-work"],
     "shopify": ["read_products", "write_orders"],
+    "zendesk": ["read", "write"],
 }
 
 
