@@ -89,8 +89,9 @@ async def _fields(broker: Broker, user: str = "alice") -> dict[str, str]:
     return dict(connection.connection_fields)
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite", "postgres"])
 async def test_shopify_shop_fills_every_endpoint_and_is_kept_sealed(
-    make_broker: BrokerFactory, shopify: Shopify
+    make_broker: BrokerFactory, shopify: Shopify, store_backend: str
 ) -> None:
     broker = await _broker(make_broker, shopify, scopes=["read_products", "write_orders"])
     await _connect(broker, shopify, "alice", {"shop": "acme-store"})
@@ -215,8 +216,9 @@ async def test_a_dead_shopify_grant_reconnects_at_the_same_shop(
     assert urlsplit(detail.metadata["authorization_url"]).path == "/acme-store/admin/oauth/authorize"
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite", "postgres"])
 async def test_quickbooks_realm_id_from_the_callback_and_json_revocation(
-    make_broker: BrokerFactory, quickbooks: QuickBooks
+    make_broker: BrokerFactory, quickbooks: QuickBooks, store_backend: str
 ) -> None:
     broker = await _broker(make_broker, quickbooks)
     await _connect(broker, quickbooks)
