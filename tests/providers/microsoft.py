@@ -4,7 +4,9 @@ authorization code flow".
 Quirks covered here: the tenant sits in the path (the preset fixes it as ``common``); a refresh
 token is issued only for the ``offline_access`` scope; refresh tokens are replaced on each use
 (the broker must store the new one); a revoked grant is 400 ``invalid_grant`` with an AADSTS
-description. Not covered yet: a per-connection tenant, private_key_jwt, client assertions.
+description. ``MicrosoftTenant`` (below) serves one tenant's endpoints for the
+``microsoft-tenant`` preset, whose tenant is a connection param. Not covered here:
+private_key_jwt, client assertions.
 """
 
 from __future__ import annotations
