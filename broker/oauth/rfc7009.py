@@ -42,7 +42,7 @@ class RevocationClient:
             return RevocationOutcome(token_type_hint, NOT_SUPPORTED, "no_revocation_endpoint")
         form = [("token", token), ("token_type_hint", token_type_hint)]
         try:
-            status, _ = await self._http.post_form(endpoint, form, credentials)
+            status, _ = await self._http.post_form(endpoint, form, credentials, call="revocation")
         except UpstreamUnavailable:
             return RevocationOutcome(token_type_hint, FAILED, "unreachable")
         # Section 2.2: 200 means revoked, or the token was already invalid (same thing to us).
