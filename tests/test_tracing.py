@@ -103,8 +103,9 @@ def _observe(spans: list[trace_pb2.Span]) -> str:
     return text
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite", "postgres"])
 async def test_resolve_spans_reach_an_otlp_receiver_under_the_callers_trace(
-    make_broker: BrokerFactory, receiver: tuple[Receiver, str]
+    make_broker: BrokerFactory, receiver: tuple[Receiver, str], store_backend: str
 ) -> None:
     collector, endpoint = receiver
     broker = await make_broker(
@@ -147,7 +148,8 @@ async def test_resolve_spans_reach_an_otlp_receiver_under_the_callers_trace(
     # Store operations are spans too, inside the RPC that made them.
     stored = [s for s in spans if s.name.startswith("store ")]
     assert any(s.parent_span_id == complete.span_id for s in stored), text
-    assert all(attributes(s)["db.system.name"] == "sqlite" for s in stored)
+    system = {"sqlite": "sqlite", "postgres": "postgresql"}[store_backend]
+    assert all(attributes(s)["db.system.name"] == system for s in stored)
 
     # Nothing secret in any span: no token, code, state, client secret, nor a URL with a query.
     for secret in [answer.access_token, *broker.auth.issued]:
@@ -366,3 +368,31 @@ async def test_identity_discovery_jwks_and_token_exchange_are_client_spans(
     assert attributes(at_start[0])["http.response.status_code"] == 200
     for secret in [user_token, answer.access_token, *broker.auth.issued]:
         assert secret not in text
+
+
+def test_tracing_on_without_the_otel_extra_is_a_one_line_start_up_error(tmp_path: Path) -> None:
+    """As if `pip install credential-broker` had been run without [otel]."""
+    (tmp_path / "config.yaml").write_text(
+        f"listen: ['127.0.0.1:0']\nstore: {{path: {tmp_path / 'b.db'}}}\n"
+        f"keyring: {{file: {tmp_path / 'k.json'}}}\ntracing: {{enabled: true}}\n"
+    )
+    script = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # the package is not installed\n"
+        "from broker.cli import main\n"
+        f"raise SystemExit(main(['keys', 'generate', '--output', {str(tmp_path / 'k.json')!r}]) "
+        f"or main(['serve', '--config', {str(tmp_path / 'config.yaml')!r}]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "credential-broker[otel]" in result.stderr, result.stderr

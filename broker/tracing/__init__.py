@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TypeVar
 
+from broker.errors import ConfigError
 from broker.tracing.config import TracingConfig
 
 StoreT = TypeVar("StoreT")
@@ -98,11 +99,17 @@ NO_SPANS = Spans()
 
 def start_tracing(config: TracingConfig, *, store_system: str = "") -> Spans:
     """The hooks for ``config`` (already resolved by load_config): :data:`NO_SPANS` when off,
-    else spans exported over OTLP/gRPC. ``store_system``: the store backend's name."""
+    else spans exported over OTLP/gRPC. ``store_system``: the store backend's name. Raises
+    ConfigError when tracing is on but the ``otel`` extra is not installed."""
     if not config.enabled:
         return NO_SPANS
-    from broker.tracing.otel import OtelSpans  # imports opentelemetry: only when on
-
+    try:
+        from broker.tracing.otel import OtelSpans  # imports opentelemetry: only when on
+    except ImportError:
+        raise ConfigError(
+            "tracing: is on (tracing.enabled or OTEL_* variables) but OpenTelemetry is not installed; "
+            "install credential-broker[otel], or turn tracing off"
+        ) from None
     return OtelSpans(config, store_system=store_system)
 
 
