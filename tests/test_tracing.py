@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_service
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -118,10 +119,13 @@ async def test_resolve_spans_reach_an_otlp_receiver_under_the_callers_trace(
         metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),),
     )
     assert answer.access_token
+    # Health probes are not traced (a kubelet probes every few seconds).
+    await health_pb2_grpc.HealthStub(broker.channel).Check(health_pb2.HealthCheckRequest(service=""))
     await broker.app.stop(grace=1)  # flushes the exporter
 
     spans = collector.spans
     text = _observe(spans)
+    assert not [s for s in spans if "Health" in s.name]
     resolves = [s for s in spans if s.name == RESOLVE_SPAN]
     assert len(resolves) == 1, [s.name for s in spans]
     resolve = resolves[0]
