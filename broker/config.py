@@ -30,6 +30,7 @@ from broker import endpoint_templates
 from broker.config_errors import format_errors, validation_problems
 from broker.errors import ConfigError
 from broker.models import upstream_key
+from broker.tracing.config import TracingConfig, resolve_tracing
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -515,6 +516,8 @@ class BrokerConfig(_Strict):
     callers: tuple[CallerConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # OpenTelemetry traces; off unless enabled here or by OTEL_* variables (broker/tracing/config.py).
+    tracing: TracingConfig = TracingConfig()
     store: StoreConfig = StoreConfig()
     keyring: KeyringConfig
     log: LogConfig = LogConfig()
@@ -879,6 +882,11 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         _check_operations(config)
     except ConfigError as exc:
         problems.append(exc.message)
+    tracing = config.tracing
+    try:
+        tracing = resolve_tracing(config.tracing, environ)
+    except ConfigError as exc:
+        problems.append(exc.message)
     if problems:
         raise ConfigError(format_errors(problems))
     tls = config.tls
@@ -897,6 +905,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         update={
             "tls": tls,
             "audit": audit,
+            "tracing": tracing,
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
             "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
