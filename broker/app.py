@@ -27,6 +27,7 @@ from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
+from broker.offboarding import Offboarding
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
 from broker.refresher import BackgroundRefresher
@@ -186,6 +187,7 @@ def build_app(
                 auditor=auditor,
                 connections=connections,
                 events=events,
+                offboarding=Offboarding(config, store, connections, auditor),
             ),
             config.listeners(),
             health_listen=config.health_listen,
