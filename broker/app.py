@@ -86,6 +86,7 @@ class App:
             await self.flow_purger.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        await self.service.usage.drain()
         await self.tokens.aclose()
         if self.identity is not None:
             await self.identity.aclose()

@@ -9,6 +9,7 @@ broker.config refuses those names.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
@@ -121,7 +122,10 @@ def parse_answer(
         flat.pop("token_type", None)  # not a token type: the token is used as Bearer
     token = rfc6749.token_response_from(flat)
     if paths.refresh_token_expires_in is not None:
-        rfc6749.expires_in(_at(data, paths.refresh_token_expires_in))  # checked like expires_in
+        # Checked like expires_in; kept only with a refresh token it can describe.
+        refresh_lifetime = rfc6749.expires_in(_at(data, paths.refresh_token_expires_in))
+        if refresh_lifetime is not None and token.refresh_token:
+            token = dataclasses.replace(token, refresh_token_expires_in=refresh_lifetime)
     if token.expires_in is None and default_expires_in is not None and (refreshing or token.refresh_token):
         return TokenResponse(
             token.access_token,
@@ -130,6 +134,7 @@ def parse_answer(
             token.refresh_token,
             token.scope,
             token.issued_token_type,
+            token.refresh_token_expires_in,
         )
     return token
 

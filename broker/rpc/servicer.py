@@ -358,6 +358,11 @@ def _connection(connection: Connection) -> pb.Connection:
         obtained_via=connection.obtained_via,
         updated_at=_timestamp(connection.updated_at),
         last_error=connection.last_error,
+        refresh_token_expires_at=_timestamp(connection.refresh_token_expires_at),
+        last_refreshed_at=_timestamp(connection.last_refreshed_at),
+        last_used_at=_timestamp(connection.last_used_at),
+        consecutive_failures=connection.consecutive_failures,
+        next_retry_at=_timestamp(connection.next_retry_at),
     )
 
 
