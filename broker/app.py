@@ -31,6 +31,7 @@ from broker.offboarding import Offboarding
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
 from broker.refresher import BackgroundRefresher
+from broker.retention import Reaper
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
@@ -59,6 +60,7 @@ class App:
     flow_purger: FlowPurger | None = None
     refresher: BackgroundRefresher | None = None
     events: EventHub | None = None
+    reaper: Reaper | None = None
 
     async def start(self) -> None:
         if self.events is not None:
@@ -75,6 +77,8 @@ class App:
             self.flow_purger.start()
         if self.refresher is not None:
             self.refresher.start()
+        if self.reaper is not None:
+            self.reaper.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
@@ -84,6 +88,8 @@ class App:
             await self.events.stop()
         if self.flow_purger is not None:
             await self.flow_purger.stop()
+        if self.reaper is not None:
+            await self.reaper.stop()
         if self.metrics is not None:
             self.metrics.stop()
         await self.service.usage.drain()
@@ -159,7 +165,16 @@ def build_app(
         metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
         metrics.watch_flow_refusals(lambda: service.flows_refused)
         flow_purger = FlowPurger(
-            timed_store(store, metrics), clock, config.flow_purge_interval_seconds, logger
+            timed_store(store, metrics), clock, config.flow_purge_interval_seconds, logger, auditor
+        )
+        reaper = Reaper(
+            timed_store(store, metrics),
+            clock,
+            config.retention,
+            config.events,
+            {u.key: u.name for u in config.upstreams},
+            auditor,
+            logger,
         )
         refresher = None
         if config.background_refresh.enabled:
@@ -215,6 +230,7 @@ def build_app(
         flow_purger=flow_purger,
         refresher=refresher,
         events=events,
+        reaper=reaper,
     )
 
 
