@@ -112,14 +112,16 @@ async def test_disconnect_all_revokes_every_connection_at_the_provider(
 async def test_disconnect_all_reaches_only_the_upstreams_the_caller_may_use(
     make_broker: BrokerFactory, auth_server: AuthServer, other_auth_server: AuthServer
 ) -> None:
-    token, admin_token = os.urandom(24).hex(), os.urandom(24).hex()
+    token, admin_token, reader_token = (os.urandom(24).hex() for _ in range(3))
     callers = [
+        {"name": "reader", "token_sha256": token_hash(reader_token), "methods": ["ListConnections"]},
         {"name": "web", "token_sha256": token_hash(token), "upstreams": [UPSTREAM]},
         {"name": "admin", "token_sha256": token_hash(admin_token), "upstreams": ["*"]},
     ]
     broker = await _two_upstreams(make_broker, auth_server, other_auth_server, callers=callers)
     web = [("x-credential-broker-caller-token", token)]
     admin = [("x-credential-broker-caller-token", admin_token)]
+    reader = [("x-credential-broker-caller-token", reader_token)]
     for auth, upstream in ((auth_server, UPSTREAM), (other_auth_server, OTHER)):
         started = await broker.stub.BuildAuthorizationURL(
             pb.BuildAuthorizationURLRequest(user_id="alice", upstream=upstream), metadata=admin
@@ -135,6 +137,11 @@ async def test_disconnect_all_reaches_only_the_upstreams_the_caller_may_use(
     assert [(r.upstream, r.deleted) for r in answer.results] == [(UPSTREAM, True)]
     assert _active(other_auth_server, broker, other_tokens) == [True, True]
     assert len(broker.query("SELECT * FROM credentials WHERE user_id = 'alice'")) == 1
+    # A caller whose methods do not include DisconnectAll is refused before anything happens.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await broker.stub.DisconnectAll(pb.DisconnectAllRequest(user_id="alice"), metadata=reader)
+    assert error_info(refused.value).reason == "CALLER_NOT_PERMITTED"
+    assert _active(other_auth_server, broker, other_tokens) == [True, True]
 
 
 async def test_disconnect_all_bad_input_is_refused_and_deletes_nothing(broker: Broker) -> None:
