@@ -3,6 +3,7 @@ measured by running them, not asserted in the test suite."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,10 @@ def test_refresh_scan_runs_and_prints_ratio() -> None:
     assert "sqlite    ratio 3000/300:" in out
     assert "USING INDEX credentials_refresh_due" in out  # the scan is an index range scan
     assert "USING INDEX credentials_keep_alive" in out
+
+
+def test_usage_stamp_benchmark_runs_and_prints_ratio() -> None:
+    out = _run("benchmarks/resolve_usage_stamp.py", "--users", "50", "--calls", "200", "--rounds", "4")
+    assert "ratio on/off: p50" in out
+    figures = json.loads(out.splitlines()[-1])
+    assert figures["p50_x"] > 0 and figures["stamps_written"] >= 50  # every credential stamped once
