@@ -27,9 +27,11 @@ from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
+from broker.offboarding import Offboarding
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
 from broker.refresher import BackgroundRefresher
+from broker.retention import Reaper
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
@@ -60,6 +62,7 @@ class App:
     refresher: BackgroundRefresher | None = None
     events: EventHub | None = None
     tracing: Spans = NO_SPANS
+    reaper: Reaper | None = None
 
     async def start(self) -> None:
         if self.events is not None:
@@ -76,6 +79,8 @@ class App:
             self.flow_purger.start()
         if self.refresher is not None:
             self.refresher.start()
+        if self.reaper is not None:
+            self.reaper.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
@@ -85,8 +90,11 @@ class App:
             await self.events.stop()
         if self.flow_purger is not None:
             await self.flow_purger.stop()
+        if self.reaper is not None:
+            await self.reaper.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        await self.service.usage.drain()
         await self.tokens.aclose()
         if self.identity is not None:
             await self.identity.aclose()
@@ -165,7 +173,16 @@ def build_app(
         metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
         metrics.watch_flow_refusals(lambda: service.flows_refused)
         flow_purger = FlowPurger(
-            timed_store(traced, metrics), clock, config.flow_purge_interval_seconds, logger
+            timed_store(traced, metrics), clock, config.flow_purge_interval_seconds, logger, auditor
+        )
+        reaper = Reaper(
+            timed_store(traced, metrics),
+            clock,
+            config.retention,
+            config.events,
+            {u.key: u.name for u in config.upstreams},
+            auditor,
+            logger,
         )
         refresher = None
         if config.background_refresh.enabled:
@@ -194,6 +211,7 @@ def build_app(
                 auditor=auditor,
                 connections=connections,
                 events=events,
+                offboarding=Offboarding(config, store, connections, auditor),
             ),
             config.listeners(),
             health_listen=config.health_listen,
@@ -221,6 +239,7 @@ def build_app(
         refresher=refresher,
         events=events,
         tracing=spans,
+        reaper=reaper,
     )
 
 

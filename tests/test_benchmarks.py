@@ -3,6 +3,7 @@ measured by running them, not asserted in the test suite."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,10 @@ def test_resolve_vs_check_runs_and_prints_ratios_with_tracing_cost() -> None:
     # The traced broker really exported its Resolve spans to the loopback receiver.
     received = int(out.split(" spans received")[0].rsplit("; ", 1)[1])
     assert received > 0, out
+
+
+def test_usage_stamp_benchmark_runs_and_prints_ratio() -> None:
+    out = _run("benchmarks/resolve_usage_stamp.py", "--users", "50", "--calls", "200", "--rounds", "4")
+    assert "ratio on/off: p50" in out
+    figures = json.loads(out.splitlines()[-1])
+    assert figures["p50_x"] > 0 and figures["stamps_written"] >= 50  # every credential stamped once
