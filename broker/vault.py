@@ -9,6 +9,7 @@ write (a refresh, a re-wrap, a tampered byte) misses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -75,6 +76,7 @@ class _WriteTracking:
             "due_for_refresh",
             "idle_for_refresh",
             "newest_pending_flow",
+            "get_pending_flow",
             "close",
         }
     )
@@ -265,6 +267,8 @@ class CredentialVault:
         store it. False when the store refused it: ``max_total`` live flows already."""
         context = flow_context(flow.user_id, flow.state_hash, flow.upstream_key)
         payload = {"verifier": flow.verifier, "state": flow.state}
+        if flow.start_ref:
+            payload["start"] = flow.start_ref  # hosted connect: the /start link is rebuilt from it
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = PendingFlowRow(
             state_hash=flow.state_hash,
@@ -274,6 +278,7 @@ class CredentialVault:
             expires_at=flow.expires_at,
             kek_id=key_id_of(sealed),
             sealed=sealed,
+            start_hash=reference_hash(flow.start_ref) if flow.start_ref else None,
         )
         return self.store.add_pending_flow(row, max_per_user, now, max_total)
 
@@ -289,6 +294,25 @@ class CredentialVault:
         row = self.store.newest_pending_flow(user_id, upstream_key, now)
         return None if row is None else self._open_flow(row)
 
+    # -- hosted connect (broker/connect/) -------------------------------------------------
+
+    def bind_flow(self, start_ref: str, browser_hash: str, now: float) -> PendingFlow | None:
+        """The live, not yet opened flow of the /start reference ``start_ref``, now bound to the
+        browser whose cookie secret hashes to ``browser_hash``; None when there is none (unknown,
+        expired or already opened). Raises DecryptionError for a record that does not open."""
+        row = self.store.bind_pending_flow(reference_hash(start_ref), browser_hash, now)
+        return None if row is None else self._open_flow(row)
+
+    def peek_flow(self, state_hash: str) -> PendingFlowRow | None:
+        """The stored flow of ``state_hash`` (clear columns: who, which upstream, until when,
+        which browser), expired or not, left in place."""
+        return self.store.get_pending_flow(state_hash)
+
+    def take_bound_flow(self, state_hash: str, browser_hash: str) -> PendingFlow | None:
+        """Remove and open the flow of ``state_hash`` if bound to ``browser_hash``."""
+        row = self.store.take_bound_flow(state_hash, browser_hash)
+        return None if row is None else self._open_flow(row)
+
     def _open_flow(self, row: PendingFlowRow) -> PendingFlow:
         try:
             if key_id_of(row.sealed) != row.kek_id:
@@ -298,9 +322,10 @@ class CredentialVault:
             try:
                 data = json.loads(plain)
                 verifier, state = data["verifier"], data.get("state", "")
+                start = data.get("start", "")
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
-            if not isinstance(verifier, str) or not isinstance(state, str):
+            if not all(isinstance(v, str) for v in (verifier, state, start)):
                 raise DecryptionError()
         except DecryptionError:
             self.decryption_failures += 1
@@ -313,7 +338,14 @@ class CredentialVault:
             created_at=row.created_at,
             expires_at=row.expires_at,
             state=state,
+            start_ref=start,
+            bound=row.browser_hash is not None,
         )
+
+
+def reference_hash(value: str) -> str:
+    """What the store keeps of a hosted connect reference or cookie secret: its SHA-256, hex."""
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:

@@ -42,10 +42,16 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES, SharedQueries
+from broker.store.sql import (
+    EVENT_COLUMNS,
+    EVENT_USER_INDEX,
+    HOSTED_CONNECT_MIGRATION,
+    REFRESH_SCHEDULE_INDEXES,
+    SharedQueries,
+)
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
 _EVENT_LOCK = 0x63625F657674  # advisory lock id for event inserts ("cb_evt")
@@ -123,6 +129,7 @@ MIGRATIONS: list[Sequence[str]] = [
         f"CREATE TABLE connection_events (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, {EVENT_COLUMNS})",
         EVENT_USER_INDEX,
     ),
+    HOSTED_CONNECT_MIGRATION,  # SQLite's _migrate_hosted_connect: /start reference, browser binding
 ]
 
 

@@ -29,9 +29,15 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES, SharedQueries
+from broker.store.sql import (
+    EVENT_COLUMNS,
+    EVENT_USER_INDEX,
+    HOSTED_CONNECT_MIGRATION,
+    REFRESH_SCHEDULE_INDEXES,
+    SharedQueries,
+)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -110,12 +116,20 @@ def _migrate_events(db: sqlite_utils.Database) -> None:
     db.execute(EVENT_USER_INDEX)
 
 
+def _migrate_hosted_connect(db: sqlite_utils.Database) -> None:
+    """Hosted connect (broker/connect/): the hashes of a flow's /start reference and of the
+    cookie secret of the browser that opened it."""
+    for statement in HOSTED_CONNECT_MIGRATION:
+        db.execute(statement)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
     _migrate_key_checks,
     _migrate_refresh_schedule,
     _migrate_events,
+    _migrate_hosted_connect,
 ]
 
 
