@@ -213,3 +213,17 @@ async def test_replayed_callback_in_a_browser(
     assert "could not be matched to this browser" in await asyncio.to_thread(_text, driver)
     assert len(auth_server.token_requests()) == 1
     assert (await broker.resolve("alice")).access_token == token
+
+
+def test_a_missing_browser_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.browser as browser
+
+    monkeypatch.setattr(browser, "CHROMIUM_CANDIDATES", ("/nonexistent/chromium",))
+    monkeypatch.setattr(browser, "DRIVER_CANDIDATES", ("/nonexistent/chromedriver",))
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="a real browser is required in CI"):
+        browser.chromium_paths()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="chromium and chromium-driver not installed"):
+        browser.chromium_paths()
