@@ -188,7 +188,9 @@ def build_app(
         connect_server = None
         if config.connect is not None:
             hosted = HostedConnect(service, vault, clock, auditor, logger)
-            connect_server = ConnectServer(config.connect, hosted, config.flow_ttl_seconds, logger)
+            connect_server = ConnectServer(
+                config.connect, hosted, config.flow_ttl_seconds, logger, reuse_port=reuse_port
+            )
         methods = pb_methods()
         interceptor = CallerInterceptor(
             CallerPolicy(config, methods),

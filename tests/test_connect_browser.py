@@ -53,7 +53,16 @@ def shots(request: pytest.FixtureRequest) -> Path:
 
 async def _broker(make_broker: BrokerFactory, auth_server: AuthServer, landing: LandingPage) -> Broker:
     auth_server.login_page = True
-    return await hosted_broker(make_broker, auth_server, landing, path="/connect")
+    broker = await hosted_broker(make_broker, auth_server, landing, path="/connect")
+    start_flow = broker.start_flow
+
+    async def start_and_note(*args: Any, **kwargs: Any) -> Any:
+        started = await start_flow(*args, **kwargs)
+        leakcheck.add_secret(*parse_qs(urlsplit(started.authorization_url).query)["flow"])
+        return started
+
+    broker.start_flow = start_and_note  # type: ignore[method-assign]
+    return broker
 
 
 def _text(driver: Any) -> str:

@@ -72,6 +72,8 @@ class Browserish:
         self.client = httpx.AsyncClient(follow_redirects=False, timeout=10)
 
     async def get(self, url: str) -> httpx.Response:
+        for reference in parse_qs(urlsplit(url).query).get("flow", []):
+            leakcheck.add_secret(reference)  # a one-time link is a secret until used
         headers = {"cookie": f"{COOKIE}={self.cookie}"} if self.cookie else {}
         response = await self.client.get(url, headers=headers)
         _check_headers(response)
@@ -79,6 +81,7 @@ class Browserish:
         if COOKIE in jar:
             morsel = jar[COOKIE]
             self.cookie = None if morsel["max-age"] == "0" or not morsel.value else morsel.value
+            leakcheck.add_secret(*(self.cookie or "").split("."))
         for secret in self.broker.auth.issued:  # no page shows a code, token or state
             assert secret not in response.text
         return response
@@ -442,3 +445,43 @@ def test_connect_listen_in_use_is_one_line(
         done = run_cli(*command, "--config", str(config), check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"credential-broker: connect.listen: 127.0.0.1:{port} is already in use"
+
+
+@pytest.mark.parametrize("store_backend", ["sqlite"])
+async def test_workers_share_the_connect_port(
+    tmp_path: Path,
+    auth_server: AuthServer,
+    landing: LandingPage,
+    store_doc: dict[str, Any],
+    store_backend: str,
+) -> None:
+    """serve --workers N: every worker process builds the app with reuse_port, and each binds
+    the connect listener on the same port (any of them can answer: the flows are in the store)."""
+    from broker.app import build_app
+    from broker.crypto import generate_keyring_file
+
+    generate_keyring_file(tmp_path / "keyring.json")
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    client = auth_server.new_client(redirect_uri=public + "/callback")
+    document = {
+        "listen": ["127.0.0.1:0"],
+        "store": store_doc,
+        "keyring": {"file": str(tmp_path / "keyring.json")},
+        "background_refresh": {"enabled": False},
+        "upstreams": [upstream_doc(auth_server, client, redirect_uri=None)],
+        "connect": {"listen": f"127.0.0.1:{port}", "public_url": public, "return_to": landing.url},
+    }
+    config = load_config(document, environ={}, base_dir=tmp_path)
+    apps = [build_app(config, reuse_port=True) for _ in range(2)]
+    try:
+        for app in apps:
+            await app.start()
+        assert [app.connect_server.address for app in apps] == [f"127.0.0.1:{port}"] * 2  # type: ignore[union-attr]
+        started = await apps[0].service.build_authorization_url("alice", UPSTREAM)
+        async with httpx.AsyncClient() as http:
+            response = await http.get(started.authorization_url, follow_redirects=False)
+        assert response.status_code == 302
+    finally:
+        for app in apps:
+            await app.stop(grace=0)

@@ -57,8 +57,12 @@ class ConnectServer:
         hosted: HostedConnect,
         cookie_max_age: int,
         logger: logging.Logger | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self._config = config
+        # serve --workers N: every worker binds the same port (the flows are in the store).
+        self._reuse_port = reuse_port
         self._hosted = hosted
         self._max_age = cookie_max_age
         self._log = logger or get_logger()
@@ -84,7 +88,7 @@ class ConnectServer:
         await runner.setup()
         listen = self._config.listen
         host, port = listen_host(listen) or "", int(listen.rpartition(":")[2])
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=self._reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
