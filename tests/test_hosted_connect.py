@@ -52,6 +52,7 @@ def landing() -> Any:
 def _check_headers(response: httpx.Response) -> None:
     for name, value in SECURITY_HEADERS.items():
         assert response.headers.get(name) == value, (name, response.headers)
+    assert response.headers["server"] == "credential-broker"
     csp = response.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
 

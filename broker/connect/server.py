@@ -38,6 +38,7 @@ _CALLBACK_SINGLE = ("state", "code", "error", "error_description", "iss")
 
 async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(SECURITY_HEADERS)
+    response.headers["Server"] = "credential-broker"  # not the framework and its version
 
 
 def _html(status: int, body: str) -> web.Response:
