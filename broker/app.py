@@ -79,6 +79,8 @@ class App:
                 await self.connect_server.start()
             except ConfigError:
                 await self.server.stop(0)
+                if self.events is not None:
+                    await self.events.stop()
                 if self.metrics is not None:
                     self.metrics.stop()
                 raise

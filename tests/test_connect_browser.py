@@ -45,9 +45,11 @@ def chromium(chromium_pool: Browsers) -> Iterator[Browsers]:
 
 
 @pytest.fixture
-def shots(request: pytest.FixtureRequest) -> Path:
+def shots(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Path:
+    """The test's screenshot folder, named in the test log whatever the capture setting."""
     folder = output_folder(request.node.name)
-    print(f"screenshots: {folder}")
+    with capsys.disabled():
+        print(f"\n{request.node.name}: screenshots in {folder}")
     return folder
 
 

@@ -486,3 +486,42 @@ async def test_workers_share_the_connect_port(
     finally:
         for app in apps:
             await app.stop(grace=0)
+
+
+@pytest.mark.parametrize("store_backend", ["sqlite"])
+async def test_connect_port_taken_after_the_preflight_is_one_line(
+    tmp_path: Path,
+    auth_server: AuthServer,
+    landing: LandingPage,
+    store_doc: dict[str, Any],
+    store_backend: str,
+) -> None:
+    """A port taken between the pre-flight and the start: named, and the gRPC server stops."""
+    import socket
+
+    from broker.app import build_app
+    from broker.crypto import generate_keyring_file
+
+    generate_keyring_file(tmp_path / "keyring.json")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        public = f"http://127.0.0.1:{port}"
+        client = auth_server.new_client(redirect_uri=public + "/callback")
+        document = {
+            "listen": ["127.0.0.1:0"],
+            "store": store_doc,
+            "keyring": {"file": str(tmp_path / "keyring.json")},
+            "background_refresh": {"enabled": False},
+            "upstreams": [upstream_doc(auth_server, client, redirect_uri=None)],
+            "connect": {"listen": f"127.0.0.1:{port}", "public_url": public, "return_to": landing.url},
+        }
+        app = build_app(load_config(document, environ={}, base_dir=tmp_path))
+        try:
+            with pytest.raises(ConfigError) as info:
+                await app.start()
+        finally:
+            await app.tokens.aclose()
+            app.store.close()
+    assert info.value.message == f"connect.listen: 127.0.0.1:{port} is already in use"
