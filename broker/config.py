@@ -13,7 +13,7 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import yaml
 from pydantic import (
@@ -530,6 +530,48 @@ class MetricsConfig(_Strict):
     listen: str | None = None
 
 
+class ConnectConfig(_Strict):
+    """Hosted connect (broker/connect/): the broker's own HTTP listener for the browser side of
+    a connect flow. ``public_url`` is where browsers reach it (TLS may end at a proxy in front of
+    ``listen``); each oauth_connect upstream's redirect URI is ``{public_url}/callback``. After
+    the callback the browser goes to ``return_to`` with ``upstream``, ``status`` and ``reason``."""
+
+    listen: str
+    public_url: str
+    return_to: str
+    cookie_name: str = Field(default="credential_broker_connect", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        check_listen_address(value)
+        if value.startswith("unix://"):
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        _check_url(value)
+        if urlsplit(value).query or value.endswith("?"):
+            raise ValueError("must not have a query")
+        return value.rstrip("/")
+
+    @field_validator("return_to")
+    @classmethod
+    def _return_to(cls, value: str) -> str:
+        _check_url(value)
+        return value
+
+    @property
+    def callback_url(self) -> str:
+        return self.public_url + "/callback"
+
+    def start_url(self, reference: str) -> str:
+        """The /start link of a flow's one-time reference."""
+        return f"{self.public_url}/start?" + urlencode({"flow": reference})
+
+
 class BrokerConfig(_Strict):
     """The whole configuration document."""
 
@@ -572,6 +614,7 @@ class BrokerConfig(_Strict):
     upstreams: tuple[UpstreamConfig, ...] = ()
     identity: IdentityConfig | None = None
     policy: PolicyConfig | None = None
+    connect: ConnectConfig | None = None
 
     @field_validator("listen")
     @classmethod
@@ -749,6 +792,23 @@ def _resolve_store(store: StoreConfig, environ: Mapping[str, str], base_dir: Pat
     return store.model_copy(update={"dsn": SecretStr(dsn)})
 
 
+def _hosted_redirect_uri(
+    index: int, auth: AuthBrokerConfig, connect: ConnectConfig | None
+) -> AuthBrokerConfig:
+    """With hosted connect on, an oauth_connect upstream's redirect URI is the broker's own
+    callback: taken as that when left out, refused when it names anything else."""
+    if connect is None or auth.mode is not Mode.OAUTH_CONNECT:
+        return auth
+    if auth.redirect_uri is None:
+        return auth.model_copy(update={"redirect_uri": connect.callback_url})
+    if auth.redirect_uri != connect.callback_url:
+        raise ConfigError(
+            f"upstreams[{index}].auth_broker.redirect_uri: must be {connect.callback_url} "
+            "(connect.public_url + /callback) when hosted connect is on, or left out"
+        )
+    return auth
+
+
 def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
     where = f"upstreams[{index}].auth_broker"
     auth = upstream.auth_broker
@@ -893,6 +953,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         seen.add(upstream.name)
         try:
             auth = _resolve_secret(upstream.auth_broker, f"upstreams[{index}].auth_broker", environ, base_dir)
+            auth = _hosted_redirect_uri(index, auth, config.connect)
             upstream = upstream.model_copy(update={"auth_broker": auth})
             _check_upstream(index, upstream)
         except ConfigError as exc:

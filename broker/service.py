@@ -154,6 +154,8 @@ class BrokerService:
             expires_at=now + self._config.flow_ttl_seconds,
             state=state,
             params=params,
+            # Hosted connect: the user gets a one-time /start link, never the state.
+            start_ref=rfc7636.new_state() if self._config.connect is not None else "",
         )
         added = await asyncio.to_thread(
             self._vault.add_flow,
@@ -176,14 +178,23 @@ class BrokerService:
         return self._authorization(upstream, flow)
 
     def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
+        """Where to send the user for ``flow``: the authorization server, or with hosted connect
+        the flow's one-time /start link (and no state: the broker's callback completes it)."""
+        if flow.start_ref and self._config.connect is not None:
+            return AuthorizationRequest(self._config.connect.start_url(flow.start_ref), "", flow.expires_at)
+        return AuthorizationRequest(self.provider_url(upstream, flow), flow.state, flow.expires_at)
+
+    def provider_url(self, upstream: UpstreamConfig, flow: PendingFlow) -> str:
         """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3)."""
         auth = upstream.auth_broker
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
-        state, verifier = flow.state, flow.verifier
-        params = shaping.authorization_params(auth, state, verifier)
+        params = shaping.authorization_params(auth, flow.state, flow.verifier)
         endpoint = connection_values.endpoint(upstream, auth.authorization_endpoint, flow.params)
-        url = rfc6749.authorization_url(endpoint, params)
-        return AuthorizationRequest(url, state, flow.expires_at)
+        return rfc6749.authorization_url(endpoint, params)
+
+    def upstream_by_key(self, key: str) -> UpstreamConfig | None:
+        """The configured upstream of a store key (None when no longer configured)."""
+        return self._by_key.get(key)
 
     async def _flow_for_answer(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest | None:
         """The flow a NOT_CONNECTED / RECONNECT_REQUIRED answer sends the user to: the newest
@@ -207,6 +218,8 @@ class BrokerService:
             newest = None
         if newest is not None and not newest.state:
             newest = None  # written without its state: its URL cannot be rebuilt
+        if newest is not None and self._config.connect is not None and (newest.bound or not newest.start_ref):
+            newest = None  # hosted connect: its /start link is used up (or it never had one)
         if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
             return self._authorization(upstream, newest)
         params: connection_values.Pairs = ()
@@ -251,6 +264,29 @@ class BrokerService:
                 extra=fields(user_id=user, upstream=upstream.name),
             )
             raise PermissionDenied("this connect flow was started by a different user")
+        if flow.start_ref:
+            self._log.warning(
+                "hosted connect flow completed through Complete; refused",
+                extra=fields(user_id=user, upstream=upstream.name),
+            )
+            raise PermissionDenied(
+                "this connect flow belongs to hosted connect: the broker's callback completes it "
+                "in the browser that opened its link"
+            )
+        return await self.finish_flow(upstream, flow, code, iss, callback)
+
+    async def finish_flow(
+        self,
+        upstream: UpstreamConfig,
+        flow: PendingFlow,
+        code: str,
+        iss: str,
+        callback: Mapping[str, str],
+    ) -> CredentialInfo:
+        """Exchange the code of a taken, live ``flow`` (its user already checked) and store the
+        credential for the flow's user. ``callback``: the callback's other query parameters
+        (already checked with ``connection_values.check_callback_params``)."""
+        user, state = flow.user_id, flow.state
         check_iss(upstream, iss)
         auth = upstream.auth_broker
         form = shaping.code_grant_form(auth, code, flow.verifier)

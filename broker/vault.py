@@ -9,6 +9,7 @@ write (a refresh, a re-wrap, a tampered byte) misses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -81,6 +82,7 @@ class _WriteTracking:
             # A write, but of a column no cached read depends on: Resolve stamps it once a
             # minute per credential, and must not empty the read cache each time.
             "touch_last_used",
+            "get_pending_flow",
             "close",
         }
     )
@@ -279,6 +281,8 @@ class CredentialVault:
         payload: dict[str, object] = {"verifier": flow.verifier, "state": flow.state}
         if flow.params:
             payload["params"] = dict(flow.params)
+        if flow.start_ref:
+            payload["start"] = flow.start_ref  # hosted connect: the /start link is rebuilt from it
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = PendingFlowRow(
             state_hash=flow.state_hash,
@@ -288,6 +292,7 @@ class CredentialVault:
             expires_at=flow.expires_at,
             kek_id=key_id_of(sealed),
             sealed=sealed,
+            start_hash=reference_hash(flow.start_ref) if flow.start_ref else None,
         )
         return self.store.add_pending_flow(row, max_per_user, now, max_total)
 
@@ -303,6 +308,25 @@ class CredentialVault:
         row = self.store.newest_pending_flow(user_id, upstream_key, now)
         return None if row is None else self._open_flow(row)
 
+    # -- hosted connect (broker/connect/) -------------------------------------------------
+
+    def bind_flow(self, start_ref: str, browser_hash: str, now: float) -> PendingFlow | None:
+        """The live, not yet opened flow of the /start reference ``start_ref``, now bound to the
+        browser whose cookie secret hashes to ``browser_hash``; None when there is none (unknown,
+        expired or already opened). Raises DecryptionError for a record that does not open."""
+        row = self.store.bind_pending_flow(reference_hash(start_ref), browser_hash, now)
+        return None if row is None else self._open_flow(row)
+
+    def peek_flow(self, state_hash: str) -> PendingFlowRow | None:
+        """The stored flow of ``state_hash`` (clear columns: who, which upstream, until when,
+        which browser), expired or not, left in place."""
+        return self.store.get_pending_flow(state_hash)
+
+    def take_bound_flow(self, state_hash: str, browser_hash: str) -> PendingFlow | None:
+        """Remove and open the flow of ``state_hash`` if bound to ``browser_hash``."""
+        row = self.store.take_bound_flow(state_hash, browser_hash)
+        return None if row is None else self._open_flow(row)
+
     def _open_flow(self, row: PendingFlowRow) -> PendingFlow:
         try:
             if key_id_of(row.sealed) != row.kek_id:
@@ -313,9 +337,10 @@ class CredentialVault:
                 data = json.loads(plain)
                 verifier, state = data["verifier"], data.get("state", "")
                 params = _pairs(data.get("params"))
+                start = data.get("start", "")
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
-            if not isinstance(verifier, str) or not isinstance(state, str):
+            if not all(isinstance(v, str) for v in (verifier, state, start)):
                 raise DecryptionError()
         except DecryptionError:
             self.decryption_failures += 1
@@ -329,7 +354,14 @@ class CredentialVault:
             expires_at=row.expires_at,
             state=state,
             params=params,
+            start_ref=start,
+            bound=row.browser_hash is not None,
         )
+
+
+def reference_hash(value: str) -> str:
+    """What the store keeps of a hosted connect reference or cookie secret: its SHA-256, hex."""
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:
