@@ -79,6 +79,10 @@ with token.open(rw=True, user_pin=args["pin"]) as session:
         session.generate_key(KeyType.AES, 256, label=args["label"], store=True, template={
             Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True, Attribute.WRAP: True,
             Attribute.UNWRAP: True, Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+    elif args["op"] == "generate-encrypt-only":
+        session.generate_key(KeyType.AES, 256, label=args["label"], store=True, template={
+            Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True, Attribute.WRAP: False,
+            Attribute.UNWRAP: False, Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
     elif args["op"] == "destroy":
         session.get_key(label=args["label"], object_class=ObjectClass.SECRET_KEY).destroy()
 """
@@ -140,8 +144,9 @@ class SoftHsmRoot:
         )
         assert done.returncode == 0, done.stderr[-2000:]
 
-    def generate(self, label: str) -> None:
-        self._run("generate", label)
+    def generate(self, label: str, *, wrap: bool = True) -> None:
+        """A new AES-256 key; ``wrap=False``: one that may only encrypt and decrypt."""
+        self._run("generate" if wrap else "generate-encrypt-only", label)
 
     def wrapped_by(self, label: str | None = None) -> dict[str, Any]:
         return {

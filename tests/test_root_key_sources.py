@@ -90,6 +90,19 @@ def test_pkcs11_auto_uses_key_wrap_where_the_token_offers_it(hsm: SoftHsmRoot) -
     assert root.wrap("k1", _kek())[4] == 1  # type: ignore[attr-defined]
 
 
+def test_pkcs11_a_key_that_may_not_wrap_is_named_not_retried(hsm: SoftHsmRoot) -> None:
+    """KWP insisted on with a key lacking CKA_WRAP: the operator's to fix, said so at once; the
+    same key works through AES-GCM (encrypt/decrypt), the fallback for tokens without KWP."""
+    hsm.generate("encrypt-only", wrap=False)
+    with pytest.raises(KeyringError) as caught:
+        _pkcs11(hsm, "kwp", "encrypt-only").wrap("k1", _kek())  # type: ignore[attr-defined]
+    assert not isinstance(caught.value, RootKeyUnavailable | RootKeyRefused)
+    assert "the token refused the operation" in caught.value.message
+    gcm = _pkcs11(hsm, "gcm", "encrypt-only")
+    kek = _kek()
+    assert gcm.unwrap("k1", gcm.wrap("k1", kek)) == kek  # type: ignore[attr-defined]
+
+
 def test_pkcs11_wrong_pin_is_refused_at_once_without_naming_it(hsm: SoftHsmRoot, tmp_path: Path) -> None:
     from broker.crypto.sources.pkcs11 import Pkcs11RootKey
 

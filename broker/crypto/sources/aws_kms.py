@@ -39,6 +39,12 @@ _REFUSED = {
     "InvalidKeyUsageException",
 }
 _DENIED = {"AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"}
+_INVALID = {
+    "ValidationException",
+    "InvalidArnException",
+    "InvalidParameterValue",
+    "InvalidGrantTokenException",
+}
 
 
 def encryption_context(kek_id: str) -> dict[str, str]:
@@ -118,6 +124,10 @@ class AwsKmsRootKey:
                 raise KeyringError(
                     f"{self.describe()}: KMS refused the call ({code}); check the broker's AWS "
                     "credentials and the key policy (docs/data-safety.md)"
+                ) from None
+            if code in _INVALID:
+                raise KeyringError(
+                    f"{self.describe()}: KMS rejected the request ({code}); check keyring.wrapped_by"
                 ) from None
             raise RootKeyUnavailable(f"{self.describe()}: {code or 'error'}") from None
         except botocore.exceptions.NoCredentialsError:

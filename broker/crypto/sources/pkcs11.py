@@ -155,6 +155,13 @@ class Pkcs11RootKey:
             ) from None
         except _REFUSED:
             raise RootKeyRefused("does not unwrap") from None
+        except p11.PKCS11Error as exc:
+            # Anything else (a mechanism or attribute the key or token does not allow): the
+            # operator's to fix; never retried, named by its PKCS#11 error only.
+            raise KeyringError(
+                f"{self.describe()}: the token refused the operation ({type(exc).__name__}); check "
+                "the key's attributes (docs/data-safety.md, PKCS#11 token setup)"
+            ) from None
 
     @contextmanager
     def _session(self) -> Iterator[Any]:
@@ -175,8 +182,9 @@ class Pkcs11RootKey:
             raise KeyringError("a KEK must be 32 bytes")
         root = self._key(session, self.key_label)
         binding = kek_binding(kek_id, self.key_label)
-        mechanism = self._mechanism(session)
+        mechanism = self._mechanism(session, root)
         if mechanism == KWP:
+            _allowed(root, "wrap_key", "CKA_WRAP")
             value = hashlib.sha256(binding).digest() + material
             temporary = session.create_object(
                 {
@@ -193,18 +201,30 @@ class Pkcs11RootKey:
             finally:
                 temporary.destroy()
         else:
+            _allowed(root, "encrypt", "CKA_ENCRYPT")
             nonce = os.urandom(_NONCE)
             body = nonce + root.encrypt(
                 material, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, binding, 128)
             )
         return _header(self.key_label, mechanism) + bytes(body)
 
-    def _mechanism(self, session: Any) -> int:
+    def _mechanism(self, session: Any, root: Any) -> int:
         if self.mechanism == "gcm":
             return GCM
-        if self.mechanism == "kwp" or Mechanism.AES_KEY_WRAP_PAD in session.token.slot.get_mechanisms():
+        if self.mechanism == "kwp":
             return KWP
-        return GCM
+        # KWP where the token offers it and the key may wrap; AES-GCM otherwise.
+        offered = Mechanism.AES_KEY_WRAP_PAD in session.token.slot.get_mechanisms()
+        return KWP if offered and hasattr(root, "wrap_key") else GCM
+
+
+def _allowed(root: Any, method: str, attribute: str) -> None:
+    """python-pkcs11 offers a key's operations only where its attributes allow them."""
+    if not hasattr(root, method):
+        raise KeyringError(
+            f"the root key may not do this ({attribute} is not set); the token refused the operation "
+            "(docs/data-safety.md, PKCS#11 token setup)"
+        )
 
 
 def _library(module: Path) -> Any:
@@ -242,12 +262,14 @@ def _parse(blob: bytes) -> tuple[str, int, bytes]:
 def _unwrap(session: Any, root: Any, kek_id: str, label: str, mechanism: int, body: bytes) -> bytes:
     binding = kek_binding(kek_id, label)
     if mechanism == GCM:
+        _allowed(root, "decrypt", "CKA_DECRYPT")
         if len(body) != _NONCE + _KEK + 16:
             raise RootKeyRefused("bad length")
         params = GCMParams(body[:_NONCE], binding, 128)
         return bytes(root.decrypt(body[_NONCE:], mechanism=Mechanism.AES_GCM, mechanism_param=params))
     if len(body) != _DIGEST + _KEK + 8:
         raise RootKeyRefused("bad length")
+    _allowed(root, "unwrap_key", "CKA_UNWRAP")
     unwrapped = root.unwrap_key(
         ObjectClass.SECRET_KEY,
         KeyType.GENERIC_SECRET,
