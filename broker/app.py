@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ from broker.config import BrokerConfig
 from broker.connect.flows import HostedConnect
 from broker.connect.server import ConnectServer
 from broker.connections import ConnectionManager
-from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
+from broker.crypto import EnvelopeCipher, KeySource
+from broker.crypto.keysource import key_source_for
 from broker.errors import ConfigError
 from broker.events import EVENT_FALLBACK_POLL_SECONDS, EVENT_POLL_SECONDS, EventHub
 from broker.exchange import TokenExchanger
@@ -144,7 +146,7 @@ def build_app(
         configured = sink_from_config(config.audit)
         audit_sinks = [configured] if configured is not None else []
     auditor = Auditor([*audit_sinks, metrics], now=clock.now)
-    source = key_source or FileKeySource(config.keyring.file)
+    source = key_source or key_source_for(config.keyring, os.environ)
     keyring = source.load()
     # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
     cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))

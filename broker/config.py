@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode, urlsplit
 
 import yaml
@@ -336,8 +336,42 @@ class StoreConfig(_Strict):
     lock_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
 
 
+class Pkcs11RootKeyConfig(_Strict):
+    """A root key on a PKCS#11 token (an HSM): the KEKs are wrapped with CKM_AES_KEY_WRAP_KWP, or
+    AES-GCM where the token lacks it. The PIN comes from exactly one of pin_file, pin_env."""
+
+    type: Literal["pkcs11"]
+    module: Path
+    token_label: str = Field(min_length=1, max_length=32)
+    key_label: str = Field(min_length=1, max_length=128)
+    pin_file: Path | None = None
+    pin_env: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_pin_source(self) -> Pkcs11RootKeyConfig:
+        if (self.pin_file is None) == (self.pin_env is None):
+            raise ValueError("set exactly one of pin_file, pin_env")
+        return self
+
+
+class AwsKmsRootKeyConfig(_Strict):
+    """A root key in AWS KMS (Encrypt/Decrypt with an encryption context binding each KEK id);
+    credentials come from the standard AWS chain (environment, web identity, instance role)."""
+
+    type: Literal["aws_kms"]
+    key_id: str = Field(min_length=1, max_length=2048)
+    region: str = Field(pattern=r"^[a-z0-9-]{1,32}$")
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+
+
 class KeyringConfig(_Strict):
     file: Path
+    # The root key that wraps every KEK in the file (broker/crypto/wrapped.py); None: a plain file.
+    wrapped_by: Annotated[Pkcs11RootKeyConfig | AwsKmsRootKeyConfig, Field(discriminator="type")] | None = (
+        None
+    )
+    # At start-up, how long to keep retrying (with backoff) a root key source that cannot be reached.
+    unwrap_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
 class LogConfig(_Strict):
@@ -998,10 +1032,18 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
             "tracing": tracing,
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
-            "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
+            "keyring": _rooted_keyring(config.keyring, rooted),
             "providers_file": rooted(config.providers_file) if config.providers_file else None,
         }
     )
+
+
+def _rooted_keyring(keyring: KeyringConfig, rooted: Callable[[Path], Path]) -> KeyringConfig:
+    """The keyring section with its file (and a PKCS#11 PIN file) taken from the config's folder."""
+    wrapped_by = keyring.wrapped_by
+    if isinstance(wrapped_by, Pkcs11RootKeyConfig) and wrapped_by.pin_file is not None:
+        wrapped_by = wrapped_by.model_copy(update={"pin_file": rooted(wrapped_by.pin_file)})
+    return keyring.model_copy(update={"file": rooted(keyring.file), "wrapped_by": wrapped_by})
 
 
 def _check_operations(config: BrokerConfig) -> None:
