@@ -114,6 +114,9 @@ class PendingFlow:
     created_at: float
     expires_at: float
     state: str = ""
+    #: The scopes the flow asks for (sealed with the verifier); empty: the upstream's configured
+    #: ones. Set by an incremental-scopes answer (broker/scopes.py).
+    scopes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"PendingFlow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"

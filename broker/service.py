@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import events, lifecycle, validation
+from broker import events, lifecycle, scopes, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -130,9 +130,12 @@ class BrokerService:
         upstream = self._oauth_connect(upstream_name)
         return await self._start_flow(user, upstream)
 
-    async def _start_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+    async def _start_flow(
+        self, user: str, upstream: UpstreamConfig, asked: tuple[str, ...] = ()
+    ) -> AuthorizationRequest:
         """A new flow, stored (sealed) before its URL is handed out. Raises TooManyPendingFlows
-        when ``max_pending_flows_total`` flows of all users are pending: nobody's is evicted."""
+        when ``max_pending_flows_total`` flows of all users are pending: nobody's is evicted.
+        ``asked``: the scopes it asks for (broker/scopes.py); empty: the configured ones."""
         verifier, state = rfc7636.new_verifier(), rfc7636.new_state()
         now = self._clock.now()
         flow = PendingFlow(
@@ -143,6 +146,7 @@ class BrokerService:
             created_at=now,
             expires_at=now + self._config.flow_ttl_seconds,
             state=state,
+            scopes=asked,
         )
         added = await asyncio.to_thread(
             self._vault.add_flow,
@@ -169,19 +173,26 @@ class BrokerService:
         auth = upstream.auth_broker
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
         state, verifier = flow.state, flow.verifier
-        params = shaping.authorization_params(auth, state, verifier)
+        params = shaping.authorization_params(auth, state, verifier, flow.scopes)
         url = rfc6749.authorization_url(auth.authorization_endpoint, params)
         return AuthorizationRequest(url, state, flow.expires_at)
 
-    async def _flow_for_answer(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+    async def _flow_for_answer(
+        self, user: str, upstream: UpstreamConfig, asked: tuple[str, ...] = ()
+    ) -> AuthorizationRequest:
         """The flow a NOT_CONNECTED / RECONNECT_REQUIRED answer sends the user to: the newest
         live one of (user, upstream) while it has at least half its lifetime left, so an app
         that polls Resolve never replaces (or, past max_pending_flows, evicts) the login the
         user is completing. Otherwise one new flow; if the global cap refuses it, a live older
-        flow still serves."""
-        return await self._flow_flights.run((user, upstream.key), lambda: self._reuse_flow(user, upstream))
+        flow still serves. ``asked``: the scopes it must ask for (only a flow asking for the
+        same set is reused)."""
+        return await self._flow_flights.run(
+            (user, upstream.key, *asked), lambda: self._reuse_flow(user, upstream, asked)
+        )
 
-    async def _reuse_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+    async def _reuse_flow(
+        self, user: str, upstream: UpstreamConfig, asked: tuple[str, ...] = ()
+    ) -> AuthorizationRequest:
         now = self._clock.now()
         try:
             newest = await asyncio.to_thread(self._vault.newest_flow, user, upstream.key, now)
@@ -192,12 +203,12 @@ class BrokerService:
                 extra=fields(user_id=user, upstream=upstream.name),
             )
             newest = None
-        if newest is not None and not newest.state:
-            newest = None  # written without its state: its URL cannot be rebuilt
+        if newest is not None and (not newest.state or set(newest.scopes) != set(asked)):
+            newest = None  # written without its state (its URL cannot be rebuilt), or other scopes
         if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
             return self._authorization(upstream, newest)
         try:
-            return await self._start_flow(user, upstream)
+            return await self._start_flow(user, upstream, asked)
         except TooManyPendingFlows:
             if newest is None:
                 raise
@@ -227,9 +238,13 @@ class BrokerService:
         token = await self._request(upstream, form, user)
         now = self._clock.now()
         credential = self._credential(user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now)
-        await asyncio.to_thread(
-            self._vault.save, credential, None, now, events.connected(user, upstream.key, now)
+        if token.scope is None and flow.scopes:
+            credential = dataclasses.replace(credential, scopes=flow.scopes)  # RFC 6749 section 5.1
+        previous = await asyncio.to_thread(self._vault.store.get_credential, user, upstream.key)
+        event = scopes.completion_event(
+            user, upstream.key, None if previous is None else previous.scopes, credential.scopes, now
         )
+        await asyncio.to_thread(self._vault.save, credential, None, now, event)
         self._log.info("connected", extra=fields(user_id=user, upstream=upstream.name))
         return self._info(credential, upstream)
 
@@ -277,13 +292,23 @@ class BrokerService:
         subject_token: str,
         min_valid_seconds: int,
         claims: Mapping[str, Any] | None = None,
+        required_scopes: Sequence[str] = (),
     ) -> ResolvedCredential:
         """A valid access token for (user, upstream), refreshed (or exchanged) first when it is
-        about to expire, once the policy allowed it. ``claims``: the verified user token's."""
+        about to expire, once the policy allowed it. ``claims``: the verified user token's.
+        ``required_scopes``: scopes the stored grant must hold (broker/scopes.py)."""
         user = validation.user_id(user_id)
         upstream = self._upstream(upstream_name)
         validation.subject_token(subject_token)
         floor = validation.min_valid_seconds(min_valid_seconds)
+        required: tuple[str, ...] = ()
+        if required_scopes:
+            required = scopes.check_required(required_scopes, upstream.auth_broker.scope_separator)
+            if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+                raise InvalidArgument(
+                    f"required_scopes: upstream {upstream.name!r} uses mode "
+                    f"{upstream.auth_broker.mode.value}, whose scopes are configured, not asked for"
+                )
         window = max(self._config.refresh_window_seconds, floor)
         if not self._policy.allows_all:
             await self._policy.check(
@@ -294,7 +319,9 @@ class BrokerService:
             return self._resolved(exchanged, upstream)
         credential = self._load(user, upstream, recent=True)
         if credential is None:
-            raise await self._connect_error(NotConnected, user, upstream)
+            raise await self._connect_error(NotConnected, user, upstream, required)
+        if required:
+            await self._check_scopes(user, upstream, credential, required)
         if not credential.valid_for(self._clock.now(), window):
             if credential.status is CredentialStatus.NEEDS_REAUTH or not credential.secrets.refresh_token:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
@@ -312,6 +339,17 @@ class BrokerService:
                 if lifecycle.is_terminal(exc) or not credential.valid_for(self._clock.now(), floor):
                     raise
         return self._resolved(credential, upstream)
+
+    async def _check_scopes(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, required: tuple[str, ...]
+    ) -> None:
+        """Raise InsufficientScope when ``credential`` lacks some of ``required``: its URL's flow
+        asks for the granted scopes and the required ones (broker/scopes.py)."""
+        lacking = scopes.missing(credential.scopes, required)
+        if lacking:
+            asked = scopes.flow_scopes(upstream.auth_broker.scopes, credential.scopes, required)
+            request = await self._flow_for_answer(user, upstream, asked)
+            raise scopes.InsufficientScope(upstream.name, request.authorization_url, lacking)
 
     def _refreshed_recently(self, credential: Credential, now: float) -> bool:
         """True when a refresh now would be pointless: the credential was refreshed (or
@@ -587,8 +625,10 @@ class BrokerService:
         kind: type[NotConnected] | type[ReconnectRequired],
         user: str,
         upstream: UpstreamConfig,
+        required: tuple[str, ...] = (),
     ) -> NotConnected | ReconnectRequired:
-        request = await self._flow_for_answer(user, upstream)
+        asked = scopes.flow_scopes(upstream.auth_broker.scopes, (), required) if required else ()
+        request = await self._flow_for_answer(user, upstream, asked)
         if kind is NotConnected:
             text = f"user has not connected upstream {upstream.name!r}; send them to the authorization_url"
         else:

@@ -264,7 +264,9 @@ class CredentialVault:
         """Seal the flow's verifier and state (bound to its user, state hash and upstream) and
         store it. False when the store refused it: ``max_total`` live flows already."""
         context = flow_context(flow.user_id, flow.state_hash, flow.upstream_key)
-        payload = {"verifier": flow.verifier, "state": flow.state}
+        payload: dict[str, object] = {"verifier": flow.verifier, "state": flow.state}
+        if flow.scopes:
+            payload["scopes"] = list(flow.scopes)
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = PendingFlowRow(
             state_hash=flow.state_hash,
@@ -298,9 +300,12 @@ class CredentialVault:
             try:
                 data = json.loads(plain)
                 verifier, state = data["verifier"], data.get("state", "")
+                scopes = data.get("scopes", [])
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
             if not isinstance(verifier, str) or not isinstance(state, str):
+                raise DecryptionError()
+            if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
                 raise DecryptionError()
         except DecryptionError:
             self.decryption_failures += 1
@@ -313,6 +318,7 @@ class CredentialVault:
             created_at=row.created_at,
             expires_at=row.expires_at,
             state=state,
+            scopes=tuple(scopes),
         )
 
 

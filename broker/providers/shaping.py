@@ -22,10 +22,12 @@ AnswerParser = Callable[[int, bytes], TokenResponse]
 _STANDARD = TokenResponsePaths()
 
 
-def authorization_params(auth: AuthBrokerConfig, state: str, verifier: str) -> list[tuple[str, str]]:
+def authorization_params(
+    auth: AuthBrokerConfig, state: str, verifier: str, scopes: Sequence[str] = ()
+) -> list[tuple[str, str]]:
     """The authorization request's parameters (RFC 6749 section 4.1.1; RFC 7636 section 4.3
-    unless ``pkce: none``), then ``scope_param`` joined by ``scope_separator``, the resources,
-    and the upstream's ``authorization_params``."""
+    unless ``pkce: none``), then ``scope_param`` joined by ``scope_separator`` (``scopes`` when
+    given, else the configured ones), the resources, and the upstream's ``authorization_params``."""
     assert auth.client_id and auth.redirect_uri  # by config
     params = [
         ("response_type", "code"),
@@ -35,8 +37,9 @@ def authorization_params(auth: AuthBrokerConfig, state: str, verifier: str) -> l
     ]
     if auth.pkce == "s256":
         params += [("code_challenge", rfc7636.challenge_s256(verifier)), ("code_challenge_method", "S256")]
-    if auth.scopes:
-        params.append((auth.scope_param, auth.scope_separator.join(auth.scopes)))
+    asked = scopes or auth.scopes
+    if asked:
+        params.append((auth.scope_param, auth.scope_separator.join(asked)))
     params += [("resource", r) for r in auth.resources()]
     params += [(k, v) for k, v in auth.authorization_params.items() if k != auth.scope_param]
     return params

@@ -179,7 +179,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if self._users.verifier is not None:
                 user = await self._user(context, user_id, token)
                 token, claims = user.token, user.claims
-            result = await self._service.resolve(user_id, upstream, token, request.min_valid_seconds, claims)
+            result = await self._service.resolve(
+                user_id, upstream, token, request.min_valid_seconds, claims, request.required_scopes
+            )
         except Exception as exc:
             await self._fail(context, "Resolve", request, exc)
         self._audit.record("inject", "success", user=user_id, upstream=upstream)
