@@ -12,7 +12,8 @@ broker/store/sql.py):
 - **keep-alive**: an upstream with ``refresh_token_idle_seconds`` has its credentials refreshed
   before that idle limit (with the same lead and jitter), even if nobody calls Resolve.
 
-Only ``oauth_connect`` upstreams are scanned, one by one (exchanged credentials, and those of
+Only ``oauth_connect`` upstreams, and exchange upstreams with ``store_refresh_token``
+(long-running on-behalf-of), are scanned, one by one (other exchanged credentials, and those of
 upstreams no longer configured, are never read). A credential found without a refresh token is
 left out of later scans (``defer_refresh``) until it is written again.
 
@@ -39,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from broker.clock import Clock
-from broker.config import BrokerConfig, Mode, UpstreamConfig
+from broker.config import BrokerConfig, UpstreamConfig
 from broker.errors import BrokerError
 from broker.logs import fields, get_logger
 from broker.models import Credential, CredentialStatus
@@ -92,7 +93,7 @@ class BackgroundRefresher:
         self._clock = clock
         self._log = logger or get_logger()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-        self._by_key = {u.key: u for u in config.upstreams if u.auth_broker.mode is Mode.OAUTH_CONNECT}
+        self._by_key = {u.key: u for u in config.upstreams if u.auth_broker.refreshable}
         per_upstream = min(settings.max_concurrent, max(1, config.http.max_concurrent_requests // 2))
         self._slots = {key: asyncio.Semaphore(per_upstream) for key in self._by_key}
         self._stopping = asyncio.Event()

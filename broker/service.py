@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import events, lifecycle, scopes, validation
+from broker import events, exchange, lifecycle, scopes, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -29,6 +29,7 @@ from broker.errors import (
     NotImplementedMode,
     PermissionDenied,
     ReconnectRequired,
+    SubjectTokenRequired,
     TokenRequestRejected,
     TooManyPendingFlows,
     UnknownUpstream,
@@ -89,6 +90,8 @@ class BrokerService:
         #: New flows refused since start because max_pending_flows_total were pending.
         self.flows_refused = 0
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
+        if self._exchanger.renew is None:  # long-running on-behalf-of: renewed as a refresh
+            self._exchanger.renew = self._renew_exchanged
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
         # Who holds a refresh lease, and for how long: one token request plus a margin.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -114,6 +117,14 @@ class BrokerService:
                 f"upstream {name!r} uses mode {upstream.auth_broker.mode.value}, which this "
                 "operation does not support in this version (only oauth_connect)"
             )
+        return upstream
+
+    def _refreshable(self, name: str) -> UpstreamConfig:
+        """An upstream whose credentials carry a refresh token the broker uses (oauth_connect,
+        or an exchange mode with ``store_refresh_token``)."""
+        upstream = self._upstream(name)
+        if not upstream.auth_broker.refreshable:
+            return self._oauth_connect(name)  # raises its NotImplementedMode
         return upstream
 
     @staticmethod
@@ -279,7 +290,7 @@ class BrokerService:
     async def refresh(self, user_id: str, upstream_name: str) -> CredentialInfo:
         """Refresh now, whatever the expiry (RFC 6749 section 6)."""
         user = validation.user_id(user_id)
-        upstream = self._oauth_connect(upstream_name)
+        upstream = self._refreshable(upstream_name)
         credential = await self._flights.run(
             (user, upstream.key), lambda: self._refresh(user, upstream, None)
         )
@@ -376,6 +387,13 @@ class BrokerService:
             )
         return None if found is None else found[0]
 
+    async def _renew_exchanged(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
+        """A long-running exchanged credential renewed with its stored refresh token: the same
+        single flight, refresh lease and backoff as an oauth_connect refresh (broker/exchange.py)."""
+        return await self._flights.run(
+            (user, upstream.key), lambda: self._audited_refresh(user, upstream, window)
+        )
+
     async def _audited_refresh(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
         """A refresh that Resolve started on its own: audited once per grant, not per caller."""
         try:
@@ -394,7 +412,7 @@ class BrokerService:
         row as re-read here (after any other process's refresh). True when this process made
         the grant; False when it was no longer due. Raises as a refresh does."""
         upstream = self._by_key.get(upstream_key)
-        if upstream is None or upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+        if upstream is None or not upstream.auth_broker.refreshable:
             return False
         verdict: list[bool] = []
 
@@ -626,7 +644,9 @@ class BrokerService:
         user: str,
         upstream: UpstreamConfig,
         required: tuple[str, ...] = (),
-    ) -> NotConnected | ReconnectRequired:
+    ) -> NotConnected | ReconnectRequired | SubjectTokenRequired:
+        if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+            return exchange.renewal_refused(upstream)  # no flow: the user's token is needed
         asked = scopes.flow_scopes(upstream.auth_broker.scopes, (), required) if required else ()
         request = await self._flow_for_answer(user, upstream, asked)
         if kind is NotConnected:

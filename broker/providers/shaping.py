@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
-from broker.config import AuthBrokerConfig, TokenResponsePaths
+from broker.config import AuthBrokerConfig, Mode, TokenResponsePaths
 from broker.errors import TokenRequestRejected, UpstreamUnavailable
 from broker.oauth import rfc6749, rfc7636
 from broker.oauth.rfc6749 import TokenResponse
@@ -60,6 +60,10 @@ def refresh_grant_form(auth: AuthBrokerConfig, refresh_token: str) -> list[tuple
     """The refresh grant (RFC 6749 section 6, no scope: the original grant stands), plus
     ``refresh_params``."""
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
+    if auth.mode is Mode.ENTRA_OBO and auth.scopes:
+        # Entra's v2 token endpoint wants the scope on a refresh too (a long-running
+        # on-behalf-of credential's refresh token came from the jwt-bearer grant).
+        form.append(("scope", " ".join(auth.scopes)))
     form += [("resource", r) for r in auth.resources()]
     form += list(auth.refresh_params.items())
     return form
