@@ -99,6 +99,8 @@ class BackgroundRefresher:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = RefreshStats()
+        # The latest tick found a full batch due: tick again without waiting (see tick).
+        self._backlog = False
         # Credentials without a refresh token met by ``due``, by (user, upstream key): generation.
         self._unrefreshable: dict[tuple[str, str], int] = {}
 
@@ -167,14 +169,16 @@ class BackgroundRefresher:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            wait = self._interval * self._rng.uniform(0.8, 1.2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
+            if not self._backlog:
+                wait = self._interval * self._rng.uniform(0.8, 1.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
             if self._stopping.is_set():
                 return
             try:
                 await self.tick()
             except Exception as exc:  # a bug must not end the timer for the life of the process
+                self._backlog = False
                 self._log.error("background refresh tick failed", extra=fields(error=type(exc).__name__))
 
     # -- one tick ------------------------------------------------------------------------
@@ -209,15 +213,21 @@ class BackgroundRefresher:
         try:
             due = await self.scan(now)
         except BrokerError as exc:
+            self._backlog = False
             self._log.warning("background refresh scan failed", extra=fields(error=exc.code))
             return 0
         self.stats.ticks += 1
+        self._backlog = False
         if not due:
             self.stats.lag_seconds = 0.0
             return 0
         self.stats.lag_seconds = max(0.0, max(now - at for _, _, at in due))
-        done = await asyncio.gather(*(self.refresh_one(row, upstream) for row, upstream, _ in due))
-        return sum(done)
+        done = sum(await asyncio.gather(*(self.refresh_one(row, upstream) for row, upstream, _ in due)))
+        # A full batch was due and this process did a good share of it: more may be waiting
+        # behind it, so the next tick starts at once instead of after the interval (a herd drains
+        # at the refresh rate). Not when other replicas did most of it (their leases): no spin.
+        self._backlog = len(due) >= BATCH_SIZE and done >= BATCH_SIZE // 4
+        return done
 
     async def refresh_one(self, row: DueCredential, upstream: UpstreamConfig) -> int:
         async with self._slots[upstream.key]:

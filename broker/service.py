@@ -415,22 +415,26 @@ class BrokerService:
         if upstream is None or not upstream.auth_broker.refreshable:
             return False
         verdict: list[bool] = []
+        seen: list[int] = []
 
         def still_due(credential: Credential, now: float) -> bool:
             verdict.append(due(credential, now))
+            seen.append(credential.generation)
             return verdict[-1]
 
         try:
-            await self._flights.run(
+            result = await self._flights.run(
                 (user, upstream.key), lambda: self._refresh(user, upstream, None, still_due)
             )
         except BrokerError as exc:
             self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
             raise
-        if verdict and verdict[-1]:
+        if verdict and verdict[-1] and result.generation != seen[-1]:
             self._audit.record("refresh", "success", user=user, upstream=upstream.name)
             return True
-        return False  # not due any more, or a Resolve's refresh already in flight did it
+        # Not due any more, a Resolve's refresh already in flight did it, or another process
+        # holds the lease.
+        return False
 
     async def _refresh(
         self,
@@ -518,6 +522,11 @@ class BrokerService:
                 raced = True  # the refresh token changed under us: go round once with the new one
                 first_generation = None
                 continue
+            if due is not None:
+                # A background refresh: another process holds the lease (or just wrote the row)
+                # and does this one. Waiting would hold a refresher slot that could serve the
+                # next credential; the next tick looks again.
+                return credential
             if loop.time() > give_up:
                 self._log.warning(
                     "timed out waiting for another process's refresh",
