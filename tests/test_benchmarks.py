@@ -87,3 +87,28 @@ def test_refresh_scan_runs_and_prints_ratio() -> None:
     assert "sqlite    ratio 3000/300:" in out
     assert "USING INDEX credentials_refresh_due" in out  # the scan is an index range scan
     assert "USING INDEX credentials_keep_alive" in out
+
+
+def test_background_refresh_benchmark_runs_at_a_tiny_size() -> None:
+    out = _run(
+        "benchmarks/background_refresh.py",
+        "--backend",
+        "sqlite",
+        "--due",
+        "40",
+        "--cached",
+        "5",
+        "--seconds",
+        "0.3",
+        "--watchers",
+        "5",
+        "--changes",
+        "4",
+        "--rate",
+        "50",
+    )
+    assert "by the background refresher vs" in out and "/s sent directly" in out
+    assert "resolve idle" in out and "resolve refreshing" in out and "p50" in out
+    assert "watch fan-out: 4 changes on replica A" in out
+    deliveries = [line for line in out.splitlines() if "watch 5 watchers" in line]
+    assert deliveries and deliveries[0].endswith("deliveries 20"), out
