@@ -69,6 +69,7 @@ def _auth_process(pipe: Connection) -> None:
     server = AuthServer().start()
     client = server.add_client(Client("bench", None, "none", (REDIRECT,)))
     pipe.send({"token": server.token_endpoint, "authorize": server.authorization_endpoint})
+    counted, refreshes = 0, 0  # requests looked at so far, refresh grants among them
     while True:
         command = pipe.recv()
         if command[0] == "grants":
@@ -76,8 +77,15 @@ def _auth_process(pipe: Connection) -> None:
             pipe.send(
                 [(f"{prefix}{n}", *server.issue_grant(f"{prefix}{n}", client, "read")) for n in range(count)]
             )
-        elif command[0] == "refreshes":
-            pipe.send(len(server.token_requests("refresh_token")))
+        elif command[0] == "refreshes":  # only the requests since the last count are parsed
+            requests = server.requests
+            refreshes += sum(
+                1
+                for r in requests[counted:]
+                if r.path == "/token" and r.form.get("grant_type") == ["refresh_token"]
+            )
+            counted = len(requests)
+            pipe.send(refreshes)
         else:
             server.stop()
             pipe.send("stopped")
