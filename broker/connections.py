@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from broker import events, validation
+from broker import connection_values, events, validation
 from broker.clock import Clock
 from broker.config import BrokerConfig, UpstreamConfig
-from broker.errors import DecryptionError, StoreError, UnknownUpstream
+from broker.errors import DecryptionError, InvalidArgument, StoreError, UnknownUpstream
 from broker.models import Credential, CredentialStatus
 from broker.oauth.client import ClientCredentials
 from broker.oauth.rfc7009 import FAILED, RevocationClient, RevocationOutcome
+from broker.store.base import CredentialRow
 from broker.vault import CredentialVault
 
 CONNECTED = "connected"
@@ -40,6 +42,13 @@ class Connection:
     obtained_via: str = ""
     updated_at: float | None = None
     last_error: str = ""
+    connection_fields: tuple[tuple[str, str], ...] = ()
+    # Health: see ``health`` below.
+    refresh_token_expires_at: float | None = None
+    last_refreshed_at: float | None = None
+    last_used_at: float | None = None
+    consecutive_failures: int = 0
+    next_retry_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +57,37 @@ class Disconnection:
     revocations: tuple[RevocationOutcome, ...]
 
 
+def health(row: CredentialRow) -> dict[str, Any]:
+    """A stored credential's health fields. ``last_refreshed_at``: the last time a refresh
+    stored a new token (unset while the connect flow's own token is the newest: the row's
+    last_refresh_at is then its creation time). ``next_retry_at``: only while failures are
+    counted (a credential without a refresh token is also kept out of scans, not retried)."""
+    refreshed = row.last_refresh_at
+    return {
+        "refresh_token_expires_at": row.refresh_token_expires_at,
+        "last_refreshed_at": None if refreshed is None or refreshed == row.created_at else refreshed,
+        "last_used_at": row.last_used_at,
+        "consecutive_failures": row.failure_count,
+        "next_retry_at": row.next_attempt_at if row.failure_count > 0 else None,
+    }
+
+
 def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
     auth = upstream.auth_broker
     secret = auth.client_secret.get_secret_value() if auth.client_secret else None
     return ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+
+
+def revocation_endpoint(upstream: UpstreamConfig, credential: Credential | None) -> str | None:
+    """The upstream's revocation endpoint, filled with the connection's params. None when there
+    is none, or when its params no longer match the config (nothing is sent then)."""
+    template = upstream.auth_broker.revocation_endpoint
+    if template is None or credential is None:
+        return template
+    try:
+        return connection_values.endpoint(upstream, template, credential.secrets.params)
+    except InvalidArgument:
+        return None
 
 
 class ConnectionManager:
@@ -88,10 +124,12 @@ class ConnectionManager:
         out = []
         for upstream in upstreams:
             mode = upstream.auth_broker.mode.value
+            fields: tuple[tuple[str, str], ...] = ()
             try:
                 row = self._vault.store.get_credential(user, upstream.key)
                 if row is not None:
-                    self._vault.open_row(row)  # a record that no longer opens is unavailable
+                    # A record that no longer opens is unavailable.
+                    fields = self._vault.open_row(row).secrets.fields
             except (DecryptionError, StoreError) as exc:
                 out.append(Connection(upstream.name, UNAVAILABLE, mode, last_error=exc.code.lower()))
                 continue
@@ -116,6 +154,8 @@ class ConnectionManager:
                     obtained_via=row.obtained_via,
                     updated_at=row.updated_at,
                     last_error=row.last_error or "",
+                    connection_fields=fields,
+                    **health(row),
                 )
             )
         return out
@@ -131,7 +171,7 @@ class ConnectionManager:
             credential = None if found is None else found[0]
         except DecryptionError:
             unreadable = True
-        endpoint = upstream.auth_broker.revocation_endpoint
+        endpoint = revocation_endpoint(upstream, credential)
         client = client_credentials(upstream)
         outcomes: list[RevocationOutcome] = []
         for hint in ("refresh_token", "access_token"):
@@ -140,7 +180,11 @@ class ConnectionManager:
                 continue
             secrets = credential.secrets if credential is not None else None
             token = getattr(secrets, hint) if secrets is not None else None
-            outcomes.append(await self._revocation.revoke(endpoint, token, hint, client))
+            outcomes.append(
+                await self._revocation.revoke(
+                    endpoint, token, hint, client, upstream.auth_broker.revocation_request_format == "json"
+                )
+            )
         event = events.disconnected(user, upstream.key, self._clock.now())
         deleted = await asyncio.to_thread(self._vault.store.delete_credential, user, upstream.key, event)
         self._vault.forget(user, upstream.key)

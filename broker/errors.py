@@ -20,6 +20,7 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
     ├── TooManyPendingFlows        RESOURCE_EXHAUSTED   max_pending_flows_total flows are pending
     ├── WatcherTooSlow             RESOURCE_EXHAUSTED   a WatchConnections stream fell too far behind
+    ├── WatchResyncRequired        OUT_OF_RANGE         after_sequence is below the retained events
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
     │   ├── ReconnectRequired          the stored credential can no longer be refreshed
@@ -100,7 +101,9 @@ class ConnectRequired(BrokerError):
     code = "CONNECT_REQUIRED"
 
     def __init__(self, message: str, *, upstream: str, authorization_url: str) -> None:
-        super().__init__(message, metadata={"upstream": upstream, "authorization_url": authorization_url})
+        # No URL when the upstream needs connection params the broker does not know yet.
+        url = {"authorization_url": authorization_url} if authorization_url else {}
+        super().__init__(message, metadata={"upstream": upstream, **url})
 
 
 class NotConnected(ConnectRequired):
@@ -204,3 +207,11 @@ class WatcherTooSlow(BrokerError):
     waiting for it reached the per-watcher bound. Reconnect with the last sequence seen."""
 
     code = "WATCH_TOO_SLOW"
+
+
+class WatchResyncRequired(BrokerError):
+    """A WatchConnections request asked to resume after a sequence older than the events still
+    kept (``events.retention_seconds`` / ``max_events``): some it missed are gone. The watcher
+    must read the current state with ListConnections and watch again without after_sequence."""
+
+    code = "WATCH_RESYNC_REQUIRED"

@@ -39,6 +39,10 @@ class Secrets:
 
     access_token: str
     refresh_token: str | None = field(default=None)
+    # The connection's declared fields and its connection params (sealed with the tokens:
+    # they name the customer's shop or account), as sorted (name, value) pairs.
+    fields: tuple[tuple[str, str], ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:  # never let a token reach a log through repr()
         return "Secrets(<redacted>)"
@@ -63,6 +67,8 @@ class Credential:
     last_error: str | None = None
     failure_count: int = 0
     next_attempt_at: float | None = None
+    # When the refresh token stops working, when the provider said (clear metadata).
+    refresh_token_expires_at: float | None = None
 
     def valid_for(self, now: float, seconds: float) -> bool:
         """True when the access token is usable and stays so for ``seconds`` more."""
@@ -95,6 +101,7 @@ class ResolvedCredential:
     obtained_via: str
     header_name: str
     header_value: str
+    connection_fields: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"ResolvedCredential(<redacted>, expires_at={self.expires_at!r})"
@@ -114,6 +121,8 @@ class PendingFlow:
     created_at: float
     expires_at: float
     state: str = ""
+    # The connect request's connection params (sealed with the verifier).
+    params: tuple[tuple[str, str], ...] = ()
     #: The scopes the flow asks for (sealed with the verifier); empty: the upstream's configured
     #: ones. Set by an incremental-scopes answer (broker/scopes.py).
     scopes: tuple[str, ...] = ()

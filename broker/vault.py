@@ -88,6 +88,12 @@ class _WriteTracking:
             "due_for_refresh",
             "idle_for_refresh",
             "newest_pending_flow",
+            "needs_reauth_before",
+            "events_to_trim",
+            "events_trimmed_through",
+            # A write, but of a column no cached read depends on: Resolve stamps it once a
+            # minute per credential, and must not empty the read cache each time.
+            "touch_last_used",
             "close",
         }
     )
@@ -240,6 +246,7 @@ class CredentialVault:
             last_error=row.last_error,
             failure_count=row.failure_count,
             next_attempt_at=row.next_attempt_at,
+            refresh_token_expires_at=row.refresh_token_expires_at,
         )
 
     def save(
@@ -262,6 +269,10 @@ class CredentialVault:
         payload: dict[str, object] = {"access_token": credential.secrets.access_token}
         if credential.secrets.refresh_token is not None:
             payload["refresh_token"] = credential.secrets.refresh_token
+        if credential.secrets.fields:
+            payload["fields"] = dict(credential.secrets.fields)
+        if credential.secrets.params:
+            payload["params"] = dict(credential.secrets.params)
         payload["meta"] = _meta(
             credential.token_type,
             credential.scopes,
@@ -284,6 +295,7 @@ class CredentialVault:
             created_at=now,
             updated_at=credential.updated_at,
             last_refresh_at=now,
+            refresh_token_expires_at=credential.refresh_token_expires_at,
         )
 
     def forget(self, user_id: str, upstream_key: str) -> None:
@@ -299,6 +311,8 @@ class CredentialVault:
         store it. False when the store refused it: ``max_total`` live flows already."""
         context = flow_context(flow.user_id, flow.state_hash, flow.upstream_key)
         payload: dict[str, object] = {"verifier": flow.verifier, "state": flow.state}
+        if flow.params:
+            payload["params"] = dict(flow.params)
         if flow.scopes:
             payload["scopes"] = list(flow.scopes)
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
@@ -334,6 +348,7 @@ class CredentialVault:
             try:
                 data = json.loads(plain)
                 verifier, state = data["verifier"], data.get("state", "")
+                params = _pairs(data.get("params"))
                 scopes = data.get("scopes", [])
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
@@ -352,6 +367,7 @@ class CredentialVault:
             created_at=row.created_at,
             expires_at=row.expires_at,
             state=state,
+            params=params,
             scopes=tuple(scopes),
         )
 
@@ -362,10 +378,23 @@ def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:
         access = data["access_token"]
         refresh = data.get("refresh_token")
         meta = data.get("meta")  # absent in records written before it existed
+        fields, params = _pairs(data.get("fields")), _pairs(data.get("params"))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise DecryptionError() from None
     if not isinstance(access, str) or not (refresh is None or isinstance(refresh, str)):
         raise DecryptionError()
     if meta is not None and not isinstance(meta, list):
         raise DecryptionError()
-    return Secrets(access, refresh), meta
+    return Secrets(access, refresh, fields, params), meta
+
+
+def _pairs(value: object) -> tuple[tuple[str, str], ...]:
+    """A sealed mapping of names to strings (connection fields or params) as sorted pairs;
+    absent in records written before they existed. Anything else is a damaged record."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("not a mapping of strings")
+    return tuple(sorted(value.items()))

@@ -21,6 +21,7 @@ from broker.events import ConnectionEvent, EventHub, EventKind
 from broker.identity import UserAuthenticator, VerifiedUser
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
+from broker.offboarding import Offboarding
 from broker.rpc.status import internal_status, to_status
 from broker.service import BrokerService
 
@@ -77,8 +78,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         auditor: Auditor | None = None,
         connections: ConnectionManager | None = None,
         events: EventHub | None = None,
+        offboarding: Offboarding | None = None,
     ) -> None:
         self._events = events
+        self._offboarding = offboarding
         self._service = service
         self._log = logger or get_logger()
         self._users = authenticator or UserAuthenticator()
@@ -124,7 +127,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            result = await self._service.build_authorization_url(request.user_id, request.upstream)
+            result = await self._service.build_authorization_url(
+                request.user_id, request.upstream, dict(request.connection_params)
+            )
         except Exception as exc:
             await self._fail(context, "BuildAuthorizationURL", request, exc)
         _audit(self._audit, "BuildAuthorizationURL", request, "success", "", result)
@@ -140,7 +145,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            info = await self._service.complete(request.state, request.code, request.user_id, request.iss)
+            info = await self._service.complete(
+                request.state, request.code, request.user_id, request.iss, dict(request.callback_params)
+            )
         except Exception as exc:
             await self._fail(context, "Complete", request, exc)
         _audit(self._audit, "Complete", request, "success", "", info)
@@ -180,7 +187,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 user = await self._user(context, user_id, token)
                 token, claims = user.token, user.claims
             result = await self._service.resolve(
-                user_id, upstream, token, request.min_valid_seconds, claims, request.required_scopes
+                user_id,
+                upstream,
+                token,
+                request.min_valid_seconds,
+                claims,
+                request.rejected_access_token,
+                request.required_scopes,
             )
         except Exception as exc:
             await self._fail(context, "Resolve", request, exc)
@@ -195,6 +208,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             result.obtained_via,
             result.header_name,
             result.header_value,
+            result.connection_fields,
         )
         answer = self._answers.get(key)
         if answer is None:
@@ -208,6 +222,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 obtained_via=result.obtained_via,
                 header_name=result.header_name,
                 header_value=result.header_value,
+                connection_fields=dict(result.connection_fields),
             )
         return answer
 
@@ -243,6 +258,38 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 pb.TokenRevocation(token_type_hint=r.token_type_hint, outcome=r.outcome, reason=r.reason)
                 for r in result.revocations
             ],
+        )
+
+    async def DisconnectAll(
+        self, request: pb.DisconnectAllRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DisconnectAllResponse:
+        call = current_call.get()
+        who = call.who if call is not None else None
+        try:
+            self._check(request)
+            if self._offboarding is None:
+                raise NotImplementedMode("DisconnectAll is not wired in this server")
+            await self._user(context, request.user_id)
+            done = await self._offboarding.disconnect_all(
+                request.user_id, who.may_use if who else lambda _: True
+            )
+        except Exception as exc:
+            await self._fail(context, "DisconnectAll", request, exc)
+        _audit(self._audit, "DisconnectAll", request, "success", "", done)
+        return pb.DisconnectAllResponse(
+            results=[
+                pb.UpstreamDisconnect(
+                    upstream=d.upstream,
+                    deleted=d.result.deleted,
+                    revocations=[
+                        pb.TokenRevocation(
+                            token_type_hint=r.token_type_hint, outcome=r.outcome, reason=r.reason
+                        )
+                        for r in d.result.revocations
+                    ],
+                )
+                for d in done
+            ]
         )
 
     async def WatchConnections(
@@ -284,6 +331,7 @@ AUDIT_ACTIONS = {
     "Resolve": "inject",
     "ListConnections": "list",
     "Disconnect": "disconnect",
+    "DisconnectAll": "disconnect",
     "WatchConnections": "list",
 }
 
@@ -295,6 +343,8 @@ def _audit(auditor: Auditor, method: str, request: object, outcome: str, reason:
     user = getattr(request, "user_id", "")
     upstream = getattr(request, "upstream", "") or getattr(result, "upstream", "")
     detail: dict[str, str] = {}
+    if isinstance(result, list):  # DisconnectAll: each upstream is audited on its own as well
+        detail["upstreams"] = ",".join(sorted(getattr(d, "upstream", "") for d in result))
     if isinstance(result, Disconnection):
         detail["deleted"] = str(result.deleted).lower()
         for revocation in result.revocations:
@@ -322,6 +372,12 @@ def _connection(connection: Connection) -> pb.Connection:
         obtained_via=connection.obtained_via,
         updated_at=_timestamp(connection.updated_at),
         last_error=connection.last_error,
+        connection_fields=dict(connection.connection_fields),
+        refresh_token_expires_at=_timestamp(connection.refresh_token_expires_at),
+        last_refreshed_at=_timestamp(connection.last_refreshed_at),
+        last_used_at=_timestamp(connection.last_used_at),
+        consecutive_failures=connection.consecutive_failures,
+        next_retry_at=_timestamp(connection.next_retry_at),
     )
 
 
