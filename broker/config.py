@@ -198,6 +198,9 @@ class AuthBrokerConfig(_Strict):
     revocation_endpoint: str | None = None
     # RFC 9207: the callback must carry iss equal to ``issuer`` (or discovered from metadata).
     authorization_response_iss_parameter_supported: bool | None = None
+    # token_exchange / entra_obo: keep the refresh token the exchange returns (sealed) and renew
+    # the exchanged token with it once the user's own token is gone (long-running on-behalf-of).
+    store_refresh_token: bool = False
 
     @field_validator(
         "token_endpoint",
@@ -293,6 +296,12 @@ class AuthBrokerConfig(_Strict):
 
     def resources(self) -> tuple[str, ...]:
         return _as_tuple(self.resource)
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether credentials of this upstream hold a refresh token the broker uses:
+        oauth_connect, or an exchange mode with ``store_refresh_token``."""
+        return self.mode is Mode.OAUTH_CONNECT or self.store_refresh_token
 
     def audiences(self) -> tuple[str, ...]:
         return _as_tuple(self.audience)
@@ -857,6 +866,11 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
                 raise ConfigError(f"{where}.{key}: required for mode oauth_connect")
     if auth.client_id is None and auth.mode is not Mode.OAUTH_CONNECT and needs_secret:
         raise ConfigError(f"{where}.client_id: required with {auth.token_endpoint_auth_method.value}")
+    if auth.store_refresh_token and auth.mode is Mode.OAUTH_CONNECT:
+        raise ConfigError(
+            f"{where}.store_refresh_token: only for mode token_exchange or entra_obo "
+            "(oauth_connect always keeps its refresh token)"
+        )
     if auth.mode is not Mode.OAUTH_CONNECT and (auth.connection_params or auth.connection_fields):
         raise ConfigError(f"{where}.connection_params: only for mode oauth_connect")
     if auth.mode is Mode.ENTRA_OBO and not auth.scopes:

@@ -23,7 +23,8 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── WatchResyncRequired        OUT_OF_RANGE         after_sequence is below the retained events
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
-    │   └── ReconnectRequired          the stored credential can no longer be refreshed
+    │   ├── ReconnectRequired          the stored credential can no longer be refreshed
+    │   └── InsufficientScope          the grant lacks required_scopes (broker/scopes.py)
     ├── TokenRequestRejected       FAILED_PRECONDITION  the token endpoint refused (4xx)
     ├── UpstreamUnavailable        UNAVAILABLE          unreachable, timed out, 5xx, or junk answer
     │   ├── IdentityProviderUnavailable  the JWKS or discovery document could not be fetched

@@ -129,6 +129,9 @@ class PendingFlow:
     params: tuple[tuple[str, str], ...] = ()
     start_ref: str = ""
     bound: bool = False
+    #: The scopes the flow asks for (sealed with the verifier); empty: the upstream's configured
+    #: ones. Set by an incremental-scopes answer (broker/scopes.py).
+    scopes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"PendingFlow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"

@@ -489,6 +489,8 @@ class AuthServer:
         self.code_ttl: float = 60.0
         #: Subject tokens (token exchange) and assertions (jwt-bearer) accepted, mapped to users.
         self.exchange_users: dict[str, str] = {}
+        #: Token exchange answers carry a refresh token too (RFC 8693 section 2.2.1 allows one).
+        self.exchange_refresh_token = False
         #: When set, token exchange answers carry this issued_token_type whatever was requested.
         self.issued_token_type_override: str | None = None
         #: "500" or "503" makes /revoke answer with that status until reset to None.
@@ -655,6 +657,28 @@ class AuthServer:
             raise ValueError("count must be at least 1")
         with self._lock:
             self._failures.extend((kind, dict(options)) for _ in range(count))
+
+    def issue_user_token(self, user: str, ttl: float) -> str:
+        """An access token of ``user`` that expires ``ttl`` seconds from now (wall clock): a
+        subject token or assertion the exchange grants accept until then, and refuse after."""
+        with self._lock:
+            client = Client("user-tokens", None, "none")
+            grant = self._new_grant(user, client, None, [])
+            saved, self.access_ttl = self.access_ttl, None
+            try:
+                token = self._mint_access_token(grant, None, GRANT_AUTHORIZATION_CODE)
+            finally:
+                self.access_ttl = saved
+            self._access_tokens[token].expires_at = time.time() + ttl
+            return token
+
+    def issue_grant(self, user: str, client: Client, scope: str | None = None) -> tuple[str, str]:
+        """(access token, refresh token) of a new grant of ``user`` to ``client``, as a code
+        exchange would give: for tests that load many connected users at once."""
+        with self._lock:
+            grant = self._new_grant(user, client, scope, [])
+            access = self._mint_access_token(grant, scope, GRANT_AUTHORIZATION_CODE)
+            return access, self._mint_refresh_token(grant)
 
     def revoke_user(self, user: str) -> None:
         """Invalidate every refresh token of ``user``; the next refresh gets invalid_grant."""
@@ -1253,6 +1277,8 @@ class AuthServer:
         access = self._mint_access_token(grant, scope, GRANT_TOKEN_EXCHANGE, resources, audiences)
         payload = self._bearer_payload(access, scope)
         payload["issued_token_type"] = self.issued_token_type_override or requested or TOKEN_TYPE_ACCESS_TOKEN
+        if self.exchange_refresh_token:
+            payload["refresh_token"] = self._mint_refresh_token(grant)
         return payload
 
     def _grant_jwt_bearer(
