@@ -25,6 +25,7 @@ from broker.keys import KeyringFollower
 from broker.logs import get_logger
 from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
+from broker.oauth.client_auth import load_client_keys
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.policy import PolicyEnforcer, build_policy
@@ -110,6 +111,7 @@ def build_app(
     clock = clock or SystemClock()
     if any(u.auth_broker.issuer for u in config.upstreams):
         config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds))
+    load_client_keys(config)  # each private_key_file, once, before anything else is opened
     metrics = BrokerMetrics()
     if audit_sinks is None:
         configured = sink_from_config(config.audit)

@@ -17,6 +17,7 @@ from broker.clock import Clock
 from broker.config import BrokerConfig, UpstreamConfig
 from broker.errors import DecryptionError, StoreError, UnknownUpstream
 from broker.models import Credential, CredentialStatus
+from broker.oauth import client_auth
 from broker.oauth.client import ClientCredentials
 from broker.oauth.rfc7009 import FAILED, RevocationClient, RevocationOutcome
 from broker.vault import CredentialVault
@@ -49,9 +50,7 @@ class Disconnection:
 
 
 def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
-    auth = upstream.auth_broker
-    secret = auth.client_secret.get_secret_value() if auth.client_secret else None
-    return ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+    return client_auth.client_credentials(upstream)
 
 
 class ConnectionManager:

@@ -46,7 +46,7 @@ from broker.models import (
     ResolvedCredential,
     Secrets,
 )
-from broker.oauth import rfc6749, rfc7636
+from broker.oauth import client_auth, rfc6749, rfc7636
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
 from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
@@ -118,9 +118,7 @@ class BrokerService:
 
     @staticmethod
     def _client(upstream: UpstreamConfig) -> ClientCredentials:
-        auth = upstream.auth_broker
-        secret = auth.client_secret.get_secret_value() if auth.client_secret else None
-        return ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+        return client_auth.client_credentials(upstream)
 
     # -- connect flow --------------------------------------------------------------------
 

@@ -1,0 +1,81 @@
+"""Client keys and JWTs for private_key_jwt tests, generated at run time (never committed).
+
+:class:`ClientKey` is a private key written to a 0600 PEM file, as an operator would keep it,
+with the public half as a JWK for the authorization server to trust. :func:`service_account_token`
+signs a JWT the way a Kubernetes API server signs a projected service account token, for the
+workload identity federation tests (``client_assertion_file``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from tests import leakcheck
+
+ALGORITHMS = {"RS256": "RSA", "ES256": "EC"}
+
+
+@dataclass
+class ClientKey:
+    alg: str
+    private: RSAKey | ECKey
+    public: RSAKey | ECKey
+    pem: bytes
+    kid: str
+
+    @classmethod
+    def generate(cls, alg: str = "RS256") -> ClientKey:
+        raw: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+        if alg == "RS256":
+            raw = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        elif alg == "ES256":
+            raw = ec.generate_private_key(ec.SECP256R1())
+        else:
+            raise ValueError(alg)
+        pem = raw.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        # Every line of the key's body joins the leak check: none may appear in logs or errors.
+        leakcheck.add_secret(*(line for line in pem.splitlines() if len(line) >= 40))
+        private: RSAKey | ECKey = RSAKey.import_key(raw) if alg == "RS256" else ECKey.import_key(raw)
+        public: RSAKey | ECKey = (
+            RSAKey.import_key(raw.public_key()) if alg == "RS256" else ECKey.import_key(raw.public_key())
+        )
+        return cls(alg, private, public, pem, f"kid-{secrets.token_hex(4)}")
+
+    def write(self, path: Path, mode: int = 0o600) -> Path:
+        path.write_bytes(self.pem)
+        path.chmod(mode)
+        return path
+
+    def jwk(self) -> dict[str, Any]:
+        """The public key as a JWK, with this key's kid and alg."""
+        return {**self.public.as_dict(private=False), "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+
+def service_account_token(
+    key: ClientKey, *, issuer: str, subject: str, audience: str, ttl: int = 3600
+) -> str:
+    """A JWT shaped like a Kubernetes projected service account token."""
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": [audience],
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+        "jti": secrets.token_urlsafe(12),
+    }
+    token = jwt.encode({"alg": key.alg, "kid": key.kid}, claims, key.private)
+    leakcheck.add_secret(token)
+    return token
