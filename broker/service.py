@@ -46,7 +46,7 @@ from broker.models import (
     ResolvedCredential,
     Secrets,
 )
-from broker.oauth import client_auth, rfc6749, rfc7636
+from broker.oauth import client_auth, rfc6749, rfc7636, rfc9126
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
 from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
@@ -89,6 +89,7 @@ class BrokerService:
         #: New flows refused since start because max_pending_flows_total were pending.
         self.flows_refused = 0
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
+        self._pusher = rfc9126.PushClient(tokens)
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
         # Who holds a refresh lease, and for how long: one token request plus a margin.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -142,6 +143,8 @@ class BrokerService:
             expires_at=now + self._config.flow_ttl_seconds,
             state=state,
         )
+        # Built (and, with PAR, pushed) before the flow is stored: a failed push stores nothing.
+        request = await self._authorization(upstream, flow)
         added = await asyncio.to_thread(
             self._vault.add_flow,
             flow,
@@ -160,14 +163,28 @@ class BrokerService:
                 f"{self._config.max_pending_flows_total}); try again once some complete or expire"
             )
         self._log.info("connect flow started", extra=fields(user_id=user, upstream=upstream.name))
-        return self._authorization(upstream, flow)
+        return request
 
-    def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
-        """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3)."""
+    async def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
+        """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3).
+        With pushed_authorization_requests the parameters are pushed first (RFC 9126) and the
+        URL, valid no longer than its request_uri, carries only client_id and request_uri."""
         auth = upstream.auth_broker
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
         state, verifier = flow.state, flow.verifier
         params = shaping.authorization_params(auth, state, verifier)
+        if auth.pushed_authorization_requests:
+            assert auth.pushed_authorization_request_endpoint is not None  # by config or discovery
+            pushed = await self._pusher.push(
+                auth.pushed_authorization_request_endpoint,
+                params,
+                self._client(upstream),
+                upstream=upstream.name,
+            )
+            url = rfc9126.authorization_url(auth.authorization_endpoint, auth.client_id, pushed)
+            return AuthorizationRequest(
+                url, state, min(flow.expires_at, self._clock.now() + pushed.expires_in)
+            )
         url = rfc6749.authorization_url(auth.authorization_endpoint, params)
         return AuthorizationRequest(url, state, flow.expires_at)
 
@@ -193,13 +210,13 @@ class BrokerService:
         if newest is not None and not newest.state:
             newest = None  # written without its state: its URL cannot be rebuilt
         if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
-            return self._authorization(upstream, newest)
+            return await self._authorization(upstream, newest)
         try:
             return await self._start_flow(user, upstream)
         except TooManyPendingFlows:
             if newest is None:
                 raise
-            return self._authorization(upstream, newest)
+            return await self._authorization(upstream, newest)
 
     async def complete(self, state: str, code: str, user_id: str, iss: str = "") -> CredentialInfo:
         """Finish a connect flow: check the state and the user, exchange the code, store."""
