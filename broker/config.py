@@ -121,6 +121,9 @@ class AuthBrokerConfig(_Strict):
     # key, PEM, read once at start-up; ``key_id`` is sent as the JWT's ``kid``.
     private_key_file: Path | None = None
     key_id: str | None = Field(default=None, pattern=r"^[\x21-\x7e]{1,256}$")
+    # The key's X.509 certificate (PEM): its thumbprints go in the JWT header as x5t and
+    # x5t#S256, which is how Microsoft Entra finds a certificate credential.
+    certificate_file: Path | None = None
     # private_key_jwt with a JWT someone else signs (a Kubernetes projected service account
     # token for workload identity federation): re-read from this file on every request.
     client_assertion_file: Path | None = None
@@ -653,10 +656,11 @@ def _check_client_auth(where: str, auth: AuthBrokerConfig) -> None:
                 f"{where}.client_secret: not used with private_key_jwt; remove client_secret, "
                 "client_secret_file or client_secret_env"
             )
-        if auth.key_id is not None and auth.private_key_file is None:
-            raise ConfigError(f"{where}.key_id: only with private_key_file")
-    elif files or auth.key_id is not None:
-        key = files[0] if files else "key_id"
+        for key in ("key_id", "certificate_file"):
+            if getattr(auth, key) is not None and auth.private_key_file is None:
+                raise ConfigError(f"{where}.{key}: only with private_key_file")
+    elif files or auth.key_id is not None or auth.certificate_file is not None:
+        key = files[0] if files else ("key_id" if auth.key_id is not None else "certificate_file")
         raise ConfigError(f"{where}.{key}: set token_endpoint_auth_method: private_key_jwt to use it")
     if (
         auth.pushed_authorization_requests
@@ -673,7 +677,7 @@ def _root_client_files(auth: AuthBrokerConfig, base_dir: Path) -> AuthBrokerConf
     """private_key_file and client_assertion_file taken from ``base_dir`` when relative."""
     update = {
         key: base_dir / path
-        for key in ("private_key_file", "client_assertion_file")
+        for key in ("private_key_file", "client_assertion_file", "certificate_file")
         if (path := getattr(auth, key)) is not None and not path.is_absolute()
     }
     return auth.model_copy(update=update) if update else auth
@@ -708,6 +712,7 @@ class ProviderEntry(_Strict):
             "private_key_file",
             "key_id",
             "client_assertion_file",
+            "certificate_file",
         ):
             if getattr(value, key) is not None:
                 raise ValueError(f"a preset may not set {key}; it belongs in the upstream's config")

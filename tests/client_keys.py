@@ -8,14 +8,19 @@ workload identity federation tests (``client_assertion_file``).
 
 from __future__ import annotations
 
+import base64
+import datetime
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
@@ -57,9 +62,36 @@ class ClientKey:
         path.chmod(mode)
         return path
 
+    def certificate(self, path: Path | None = None) -> x509.Certificate:
+        """A self-signed certificate for this key (as uploaded to an Entra app registration),
+        written as PEM to ``path`` when given."""
+        raw = self.private.raw_value
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"client {self.kid}")])
+        now = datetime.datetime.now(datetime.UTC)
+        algorithm = hashes.SHA256()
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(raw.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(raw, algorithm)
+        )
+        if path is not None:
+            path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        return certificate
+
     def jwk(self) -> dict[str, Any]:
         """The public key as a JWK, with this key's kid and alg."""
         return {**self.public.as_dict(private=False), "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+
+def thumbprint_s256(certificate: x509.Certificate) -> str:
+    """RFC 7515 section 4.1.8: base64url SHA-256 of the certificate's DER encoding."""
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 
 def service_account_token(

@@ -143,3 +143,17 @@ def test_a_good_key_loads_relative_to_the_config(tmp_path: Path) -> None:
     )
     done = run_cli("config", "check", "--config", str(config_file), check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_certificate_that_is_not_the_keys_is_refused(tmp_path: Path) -> None:
+    ClientKey.generate().write(tmp_path / "client.pem")
+    ClientKey.generate().certificate(tmp_path / "other.crt")
+    message = _start_error(tmp_path, private_key_file="client.pem", certificate_file="other.crt")
+    assert message == (
+        f"{WHERE}.certificate_file: {tmp_path / 'other.crt'} is not the certificate of private_key_file"
+    )
+
+
+def test_a_certificate_file_needs_a_private_key_file(tmp_path: Path) -> None:
+    message = _start_error(tmp_path, client_assertion_file="t.jwt", certificate_file="c.crt")
+    assert message.startswith(f"{WHERE}.certificate_file: only with private_key_file")

@@ -23,9 +23,9 @@ from broker.oauth.client import ClientCredentials
 
 
 @lru_cache(maxsize=256)
-def signing_key(path: Path, kid: str | None) -> SigningKey:
+def signing_key(path: Path, kid: str | None, certificate: Path | None = None) -> SigningKey:
     """The key of ``private_key_file``, read once per process (ValueError is not cached)."""
-    return load_signing_key(path, kid)
+    return load_signing_key(path, kid, certificate)
 
 
 def client_key_problems(config: BrokerConfig) -> list[str]:
@@ -34,10 +34,17 @@ def client_key_problems(config: BrokerConfig) -> list[str]:
     for index, upstream in enumerate(config.upstreams):
         auth = upstream.auth_broker
         if auth.token_endpoint_auth_method is ClientAuthMethod.PRIVATE_KEY_JWT and auth.private_key_file:
+            where = f"upstreams[{index}].auth_broker"
             try:
                 signing_key(auth.private_key_file, auth.key_id)
             except ValueError as exc:
-                problems.append(f"upstreams[{index}].auth_broker.private_key_file: {exc}")
+                problems.append(f"{where}.private_key_file: {exc}")
+                continue
+            if auth.certificate_file is not None:
+                try:
+                    signing_key(auth.private_key_file, auth.key_id, auth.certificate_file)
+                except ValueError as exc:
+                    problems.append(f"{where}.certificate_file: {exc}")
     return problems
 
 
@@ -56,7 +63,7 @@ def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
     if auth.token_endpoint_auth_method is ClientAuthMethod.PRIVATE_KEY_JWT:
         assert auth.client_id is not None and auth.token_endpoint is not None  # by config
         if auth.private_key_file is not None:
-            key = signing_key(auth.private_key_file, auth.key_id)
+            key = signing_key(auth.private_key_file, auth.key_id, auth.certificate_file)
             assertion = partial(rfc7523.signed_assertion, key, auth.client_id, auth.token_endpoint)
         else:
             assert auth.client_assertion_file is not None  # by config

@@ -42,7 +42,11 @@ def signed_assertion(
         "nbf": issued,
         "exp": issued + ASSERTION_LIFETIME_SECONDS,
     }
-    header = {"alg": key.alg, "typ": "JWT", **({"kid": key.kid} if key.kid else {})}
+    header: dict[str, str] = {"alg": key.alg, "typ": "JWT"}
+    if key.kid:
+        header["kid"] = key.kid
+    if key.x5t and key.x5t_s256:
+        header["x5t"], header["x5t#S256"] = key.x5t, key.x5t_s256
     return jwt.encode(header, claims, key.key, algorithms=[key.alg])
 
 

@@ -19,10 +19,16 @@ has no secret at all. Not covered yet: a per-connection tenant.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
@@ -42,6 +48,8 @@ class Microsoft(Emulator):
 
     accept_secret: bool = True
     client_keys: list[RSAKey | ECKey] = field(default_factory=list)
+    # Certificate credentials, found by the x5t#S256 (or x5t) thumbprint of the assertion's header.
+    client_certs: list[x509.Certificate] = field(default_factory=list)
     federated: list[tuple[str, str, RSAKey | ECKey]] = field(default_factory=list)
     #: (header, claims) of every client assertion that verified.
     assertions: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
@@ -60,7 +68,13 @@ class Microsoft(Emulator):
         if form.get("client_assertion_type") != JWT_BEARER:
             return "AADSTS7000216: client_assertion_type is missing or wrong."
         now = time.time()
-        trusted = [(k, CLIENT_ID, CLIENT_ID, self.base + self.token_path) for k in self.client_keys]
+        keys = list(self.client_keys)
+        if self.client_certs:
+            found = self._certificate_key(assertion)
+            if found is None:
+                return "AADSTS700027: The certificate with the thumbprint of the assertion was not found."
+            keys.append(found)
+        trusted = [(k, CLIENT_ID, CLIENT_ID, self.base + self.token_path) for k in keys]
         trusted += [(k, iss, sub, FEDERATED_AUDIENCE) for iss, sub, k in self.federated]
         for key, iss, sub, aud in trusted:
             try:
@@ -79,6 +93,28 @@ class Microsoft(Emulator):
             self.assertions.append((dict(token.header), dict(claims)))
             return None
         return "AADSTS700027: Client assertion failed signature validation."
+
+    def _certificate_key(self, assertion: str) -> RSAKey | ECKey | None:
+        """The public key of the registered certificate the assertion's header names."""
+        try:
+            padded = assertion.split(".")[0] + "=="
+            header = json.loads(base64.urlsafe_b64decode(padded[: len(padded) - len(padded) % 4]))
+        except ValueError:
+            return None
+        for certificate in self.client_certs:
+            der = certificate.public_bytes(serialization.Encoding.DER)
+            prints = {
+                "x5t#S256": base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode(),
+                "x5t": base64.urlsafe_b64encode(hashlib.sha1(der).digest()).rstrip(b"=").decode(),
+            }
+            if any(header.get(name) == value for name, value in prints.items()):
+                public = certificate.public_key()
+                return (
+                    RSAKey.import_key(public)
+                    if isinstance(public, rsa.RSAPublicKey)
+                    else ECKey.import_key(public)
+                )
+        return None
 
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
         form = request.form()

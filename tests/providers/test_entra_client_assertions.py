@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
-from tests.client_keys import ClientKey, service_account_token
+from tests.client_keys import ClientKey, service_account_token, thumbprint_s256
 from tests.conftest import REDIRECT_URI, Broker, BrokerFactory, error_info
 from tests.providers.emulator import CLIENT_ID
 from tests.providers.microsoft import FEDERATED_AUDIENCE, Microsoft
@@ -175,3 +175,37 @@ async def test_a_missing_or_empty_assertion_file_is_a_clear_error_and_the_server
     assert (await broker.resolve("alice", "up")).access_token in entra.minted
     listed = await broker.stub.ListConnections(pb.ListConnectionsRequest(user_id="alice"))
     assert [c.status for c in listed.connections] == ["unavailable"]
+
+
+async def test_a_certificate_credential_is_found_by_its_thumbprint(
+    make_broker: BrokerFactory, entra: Microsoft, tmp_path: Path
+) -> None:
+    """Entra finds a certificate credential by the x5t#S256 (or x5t) thumbprint in the JWT
+    header: with certificate_file the broker sends both, and the app's certificate is found."""
+    key = ClientKey.generate()
+    certificate = key.certificate(tmp_path / "client.crt")
+    entra.client_certs.append(certificate)
+    broker = await _broker(
+        make_broker,
+        entra,
+        private_key_file=str(key.write(tmp_path / "client.pem")),
+        certificate_file=str(tmp_path / "client.crt"),
+    )
+    await _connect(broker, entra)
+    await broker.stub.Refresh(pb.RefreshRequest(user_id="alice", upstream="up"))
+    assert len(entra.assertions) == 2
+    for header, _ in entra.assertions:
+        assert header["x5t#S256"] == thumbprint_s256(certificate)
+        assert header["x5t"]
+
+
+async def test_without_the_certificate_entra_cannot_find_the_key(
+    make_broker: BrokerFactory, entra: Microsoft, tmp_path: Path
+) -> None:
+    """The control for the test above: the same key, no thumbprint, no credential found."""
+    key = ClientKey.generate()
+    entra.client_certs.append(key.certificate())
+    broker = await _broker(make_broker, entra, private_key_file=str(key.write(tmp_path / "client.pem")))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _connect(broker, entra)
+    assert error_info(info.value).metadata["oauth_error"] == "invalid_client"
