@@ -123,6 +123,17 @@ class Microsoft(Emulator):
         problem = self._client_error(form)
         if problem is not None:
             return 401, {"error": "invalid_client", "error_description": problem}
+        if form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer":
+            # "OAuth 2.0 On-Behalf-Of flow": the user's token as the assertion, a token for the
+            # downstream API back (no refresh token is kept by the broker for OBO).
+            if form.get("requested_token_use") != "on_behalf_of" or not form.get("assertion"):
+                return 400, {"error": "invalid_request", "error_description": "AADSTS50027: bad OBO request"}
+            return 200, {
+                "token_type": "Bearer",
+                "scope": form.get("scope", ""),
+                "expires_in": 3599,
+                "access_token": self.mint("eyJ0eXAi"),
+            }
         if form.get("grant_type") == "refresh_token":
             grant = self.use_refresh(form.get("refresh_token"))
             if grant is None:

@@ -7,6 +7,7 @@ assertion's signature with the public key this test generated at run time.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import grpc
 import pytest
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+from tests import leakcheck
 from tests.client_keys import ClientKey, service_account_token, thumbprint_s256
 from tests.conftest import REDIRECT_URI, Broker, BrokerFactory, error_info
 from tests.providers.emulator import CLIENT_ID
@@ -209,3 +211,42 @@ async def test_without_the_certificate_entra_cannot_find_the_key(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _connect(broker, entra)
     assert error_info(info.value).metadata["oauth_error"] == "invalid_client"
+
+
+@pytest.mark.parametrize("credential", ["private_key_file", "client_assertion_file"])
+async def test_on_behalf_of_authenticates_the_client_with_an_assertion(
+    make_broker: BrokerFactory, entra: Microsoft, tmp_path: Path, credential: str
+) -> None:
+    """mode entra_obo: the on-behalf-of request authenticates the client the same way."""
+    if credential == "private_key_file":
+        key = ClientKey.generate()
+        entra.client_keys.append(key.public)
+        auth = {"private_key_file": str(key.write(tmp_path / "client.pem"))}
+    else:
+        cluster = ClientKey.generate()
+        entra.federated.append((K8S_ISSUER, K8S_SUBJECT, cluster.public))
+        token_file = tmp_path / "token"
+        token_file.write_text(
+            service_account_token(
+                cluster, issuer=K8S_ISSUER, subject=K8S_SUBJECT, audience=FEDERATED_AUDIENCE
+            )
+        )
+        auth = {"client_assertion_file": str(token_file)}
+    doc = {
+        "mode": "entra_obo",
+        "token_endpoint": entra.base + entra.token_path,
+        "client_id": CLIENT_ID,
+        "token_endpoint_auth_method": "private_key_jwt",
+        "scopes": ["https://graph.microsoft.com/.default"],
+        **auth,
+    }
+    broker = await make_broker(
+        upstreams=[{"name": "up", "url": "https://graph.microsoft.com", "auth_broker": doc}]
+    )
+    user_token = "user-token-" + secrets.token_urlsafe(12)
+    leakcheck.add_secret(user_token)
+    answer = await broker.resolve("alice", "up", subject_token=user_token)
+    assert answer.access_token in entra.minted
+    form = entra.token_requests()[-1].form()
+    assert form["requested_token_use"] == "on_behalf_of" and form["assertion"] == user_token
+    assert "client_secret" not in form and len(entra.assertions) == 1
