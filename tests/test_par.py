@@ -255,3 +255,26 @@ def test_par_without_an_endpoint_or_issuer_is_refused(tmp_path: Any, auth_server
     assert info.value.message.startswith(
         "upstreams[0].auth_broker.pushed_authorization_request_endpoint: required with pushed_authorization_requests"
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "problem"),
+    [
+        (201, b'{"request_uri": "urn:x y", "expires_in": 60}', "request_uri is not a URI"),
+        (201, b'{"request_uri": "' + b"u" * 2049 + b'", "expires_in": 60}', "request_uri is not a URI"),
+        (201, b'{"request_uri": "urn:x", "expires_in": true}', "expires_in is missing"),
+        (201, b'{"request_uri": "urn:x", "expires_in": "60"}', "expires_in is missing"),
+        (201, b'{"request_uri": "urn:x", "expires_in": 0}', "expires_in is out of range"),
+        (201, b'{"request_uri": "urn:x"}', "expires_in is missing"),
+        (201, b'{"request_uri": 5, "expires_in": 60}', "no request_uri"),
+        (201, b"<html>", "not a JSON object"),
+        (302, b"", "answered HTTP 302"),
+    ],
+)
+def test_a_push_answer_is_checked_before_use(status: int, body: bytes, problem: str) -> None:
+    from broker.errors import UpstreamUnavailable
+    from broker.oauth.rfc9126 import parse_push_response
+
+    with pytest.raises(UpstreamUnavailable) as info:
+        parse_push_response(status, body)
+    assert problem in info.value.message
