@@ -167,6 +167,7 @@ async def test_the_request_is_pushed_and_the_url_carries_only_client_id_and_requ
     assert set(_query(url)) == {"client_id", "request_uri"}
 
 
+@pytest.mark.parametrize("store_backend", ["sqlite", "postgres"])
 @pytest.mark.parametrize(
     ("behaviour", "status", "reason"),
     [
