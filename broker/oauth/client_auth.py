@@ -10,10 +10,11 @@ nothing a caller sends can change it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 
+from broker import endpoint_templates
 from broker.config import BrokerConfig, ClientAuthMethod, UpstreamConfig
 from broker.config_errors import format_errors
 from broker.crypto.signing_key import SigningKey, load_signing_key
@@ -55,8 +56,9 @@ def load_client_keys(config: BrokerConfig) -> None:
         raise ConfigError(format_errors(problems))
 
 
-def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
-    """How to authenticate to ``upstream``'s authorization server, for one request."""
+def client_credentials(upstream: UpstreamConfig, params: Sequence[tuple[str, str]] = ()) -> ClientCredentials:
+    """How to authenticate to ``upstream``'s authorization server, for one request. ``params``:
+    the connection's params, which fill a templated token endpoint (the assertion's audience)."""
     auth = upstream.auth_broker
     secret = auth.client_secret.get_secret_value() if auth.client_secret else None
     assertion: Callable[[], str] | None = None
@@ -64,7 +66,8 @@ def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
         assert auth.client_id is not None and auth.token_endpoint is not None  # by config
         if auth.private_key_file is not None:
             key = signing_key(auth.private_key_file, auth.key_id, auth.certificate_file)
-            assertion = partial(rfc7523.signed_assertion, key, auth.client_id, auth.token_endpoint)
+            audience = endpoint_templates.fill(auth.token_endpoint, dict(params), auth.connection_patterns())
+            assertion = partial(rfc7523.signed_assertion, key, auth.client_id, audience)
         else:
             assert auth.client_assertion_file is not None  # by config
             assertion = partial(rfc7523.file_assertion, auth.client_assertion_file)

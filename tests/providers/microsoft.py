@@ -4,7 +4,8 @@ authorization code flow".
 Quirks covered here: the tenant sits in the path (the preset fixes it as ``common``); a refresh
 token is issued only for the ``offline_access`` scope; refresh tokens are replaced on each use
 (the broker must store the new one, and the old one is dead once used); a revoked grant is 400
-``invalid_grant`` with an AADSTS description.
+``invalid_grant`` with an AADSTS description. ``MicrosoftTenant`` (below) serves one tenant's
+endpoints for the ``microsoft-tenant`` preset, whose tenant is a connection param.
 
 Client credentials, from "Microsoft identity platform application authentication certificate
 credentials" and "Workload identity federation": besides a client secret, the token request may
@@ -14,7 +15,7 @@ carry ``client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-be
 identity provider (``federated``: issuer, subject, key; its ``aud`` is
 ``api://AzureADTokenExchange``). The signature is verified with the public key the test
 generated at run time, and ``exp`` and ``nbf`` are checked. With ``accept_secret`` False the app
-has no secret at all. Not covered yet: a per-connection tenant.
+has no secret at all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -160,3 +161,22 @@ class Microsoft(Emulator):
         if grant.refresh_token:
             answer["refresh_token"] = grant.refresh_token
         return 200, answer
+
+
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+
+class MicrosoftTenant(Microsoft):
+    """The ``microsoft-tenant`` preset: the tenant is a connection param filled into the path.
+    Only this tenant's endpoints answer; any other path is a 404."""
+
+    provider = "microsoft-tenant"
+    authorize_path = f"/{TENANT}/oauth2/v2.0/authorize"
+    token_path = f"/{TENANT}/oauth2/v2.0/token"
+    connection_params: ClassVar[dict[str, str]] = {"tenant": TENANT}
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "authorization_endpoint": self.base + "/{tenant}/oauth2/v2.0/authorize",
+            "token_endpoint": self.base + "/{tenant}/oauth2/v2.0/token",
+        }

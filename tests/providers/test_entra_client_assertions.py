@@ -21,7 +21,7 @@ from tests import leakcheck
 from tests.client_keys import ClientKey, service_account_token, thumbprint_s256
 from tests.conftest import REDIRECT_URI, Broker, BrokerFactory, error_info
 from tests.providers.emulator import CLIENT_ID
-from tests.providers.microsoft import FEDERATED_AUDIENCE, Microsoft
+from tests.providers.microsoft import FEDERATED_AUDIENCE, TENANT, Microsoft, MicrosoftTenant
 
 K8S_ISSUER = "https://kubernetes.default.svc.cluster.local"
 K8S_SUBJECT = "system:serviceaccount:apps:credential-broker"
@@ -250,3 +250,39 @@ async def test_on_behalf_of_authenticates_the_client_with_an_assertion(
     form = entra.token_requests()[-1].form()
     assert form["requested_token_use"] == "on_behalf_of" and form["assertion"] == user_token
     assert "client_secret" not in form and len(entra.assertions) == 1
+
+
+async def test_with_a_tenant_connection_param_the_assertion_audience_is_the_tenants_token_endpoint(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """``microsoft-tenant``: the token endpoint is a template; the assertion's ``aud`` is the
+    endpoint filled with the connection's tenant, on the code grant and on refresh."""
+    entra = MicrosoftTenant(accept_secret=False).start()
+    try:
+        key = ClientKey.generate()
+        entra.client_keys.append(key.public)
+        doc = {
+            "provider": "microsoft-tenant",
+            "client_id": CLIENT_ID,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "private_key_file": str(key.write(tmp_path / "client.pem")),
+            "redirect_uri": REDIRECT_URI,
+            **entra.endpoints(),
+        }
+        broker = await make_broker(
+            upstreams=[{"name": "up", "url": "https://graph.microsoft.com", "auth_broker": doc}]
+        )
+        started = await broker.stub.BuildAuthorizationURL(
+            pb.BuildAuthorizationURLRequest(
+                user_id="alice", upstream="up", connection_params=entra.connection_params
+            )
+        )
+        callback = await asyncio.to_thread(entra.authorize, started.authorization_url, "alice")
+        await broker.stub.Complete(
+            pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+        )
+        await broker.stub.Refresh(pb.RefreshRequest(user_id="alice", upstream="up"))
+        assert [claims["aud"] for _, claims in entra.assertions] == [entra.base + entra.token_path] * 2
+        assert TENANT in entra.token_path
+    finally:
+        entra.stop()
