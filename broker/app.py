@@ -29,6 +29,7 @@ from broker.keys import KeyringFollower
 from broker.logs import get_logger
 from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
+from broker.oauth.client_auth import load_client_keys
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.offboarding import Offboarding
@@ -140,6 +141,7 @@ def build_app(
     spans = start_tracing(config.tracing, store_system=config.store.backend)
     if any(u.auth_broker.issuer for u in config.upstreams):
         config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds, spans=spans))
+    load_client_keys(config)  # each private_key_file, once, before anything else is opened
     spans.name_endpoints(_endpoint_names(config))
     metrics = BrokerMetrics()
     if audit_sinks is None:

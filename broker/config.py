@@ -47,6 +47,9 @@ class ClientAuthMethod(StrEnum):
     CLIENT_SECRET_BASIC = "client_secret_basic"
     CLIENT_SECRET_POST = "client_secret_post"
     NONE = "none"
+    # RFC 7523 section 2.2 / OpenID Connect Core 1.0 section 9: a JWT signed with the client's
+    # private key (``private_key_file``), or one read from ``client_assertion_file``.
+    PRIVATE_KEY_JWT = "private_key_jwt"
 
 
 class _Strict(BaseModel):
@@ -201,6 +204,20 @@ class AuthBrokerConfig(_Strict):
     # token_exchange / entra_obo: keep the refresh token the exchange returns (sealed) and renew
     # the exchanged token with it once the user's own token is gone (long-running on-behalf-of).
     store_refresh_token: bool = False
+    # private_key_jwt (RFC 7523 section 2.2): the client's RSA (RS256) or P-256 (ES256) private
+    # key, PEM, read once at start-up; ``key_id`` is sent as the JWT's ``kid``.
+    private_key_file: Path | None = None
+    key_id: str | None = Field(default=None, pattern=r"^[\x21-\x7e]{1,256}$")
+    # The key's X.509 certificate (PEM): its thumbprints go in the JWT header as x5t and
+    # x5t#S256, which is how Microsoft Entra finds a certificate credential.
+    certificate_file: Path | None = None
+    # private_key_jwt with a JWT someone else signs (a Kubernetes projected service account
+    # token for workload identity federation): re-read from this file on every request.
+    client_assertion_file: Path | None = None
+    # RFC 9126: push the authorization request first (None: as the issuer's metadata says in
+    # require_pushed_authorization_requests, else off).
+    pushed_authorization_requests: bool | None = None
+    pushed_authorization_request_endpoint: str | None = None
 
     @field_validator(
         "token_endpoint",
@@ -209,6 +226,7 @@ class AuthBrokerConfig(_Strict):
         "issuer",
         "revocation_endpoint",
         "refresh_endpoint",
+        "pushed_authorization_request_endpoint",
     )
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -855,7 +873,11 @@ def _hosted_redirect_uri(
 def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
     where = f"upstreams[{index}].auth_broker"
     auth = upstream.auth_broker
-    needs_secret = auth.token_endpoint_auth_method is not ClientAuthMethod.NONE
+    # private_key_jwt authenticates with a key or an assertion file (_check_client_auth).
+    needs_secret = auth.token_endpoint_auth_method not in (
+        ClientAuthMethod.NONE,
+        ClientAuthMethod.PRIVATE_KEY_JWT,
+    )
     if auth.token_endpoint is None and auth.issuer is None:
         raise ConfigError(f"{where}.token_endpoint: required (or set issuer to discover it)")
     if auth.mode is Mode.OAUTH_CONNECT:
@@ -877,11 +899,58 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
         raise ConfigError(
             f"{where}.scopes: required for mode entra_obo (e.g. https://graph.microsoft.com/.default)"
         )
+    _check_client_auth(where, auth)
     if needs_secret and auth.client_secret is None:
         raise ConfigError(
             f"{where}.client_secret: required with token_endpoint_auth_method "
             f"{auth.token_endpoint_auth_method.value} (or set it to none for a public client)"
         )
+
+
+def _check_client_auth(where: str, auth: AuthBrokerConfig) -> None:
+    """private_key_jwt needs exactly one of private_key_file (the broker signs) and
+    client_assertion_file (someone else signs), and no client secret; those keys need it. PAR
+    needs an endpoint, or an issuer whose metadata may name one."""
+    files = [k for k in ("private_key_file", "client_assertion_file") if getattr(auth, k) is not None]
+    if auth.token_endpoint_auth_method is ClientAuthMethod.PRIVATE_KEY_JWT:
+        if len(files) != 1:
+            raise ConfigError(
+                f"{where}.private_key_file: token_endpoint_auth_method private_key_jwt needs exactly "
+                "one of private_key_file (the broker signs) or client_assertion_file (a JWT re-read "
+                "on every request)"
+            )
+        if auth.client_id is None:
+            raise ConfigError(f"{where}.client_id: required with private_key_jwt (the JWT's iss and sub)")
+        if auth.client_secret is not None:
+            raise ConfigError(
+                f"{where}.client_secret: not used with private_key_jwt; remove client_secret, "
+                "client_secret_file or client_secret_env"
+            )
+        for key in ("key_id", "certificate_file"):
+            if getattr(auth, key) is not None and auth.private_key_file is None:
+                raise ConfigError(f"{where}.{key}: only with private_key_file")
+    elif files or auth.key_id is not None or auth.certificate_file is not None:
+        key = files[0] if files else ("key_id" if auth.key_id is not None else "certificate_file")
+        raise ConfigError(f"{where}.{key}: set token_endpoint_auth_method: private_key_jwt to use it")
+    if (
+        auth.pushed_authorization_requests
+        and auth.pushed_authorization_request_endpoint is None
+        and auth.issuer is None
+    ):
+        raise ConfigError(
+            f"{where}.pushed_authorization_request_endpoint: required with pushed_authorization_requests "
+            "(or set issuer to discover it)"
+        )
+
+
+def _root_client_files(auth: AuthBrokerConfig, base_dir: Path) -> AuthBrokerConfig:
+    """private_key_file and client_assertion_file taken from ``base_dir`` when relative."""
+    update = {
+        key: base_dir / path
+        for key in ("private_key_file", "client_assertion_file", "certificate_file")
+        if (path := getattr(auth, key)) is not None and not path.is_absolute()
+    }
+    return auth.model_copy(update=update) if update else auth
 
 
 class ProviderEntry(_Strict):
@@ -904,7 +973,17 @@ class ProviderEntry(_Strict):
     @field_validator("auth_broker")
     @classmethod
     def _no_client(cls, value: AuthBrokerConfig) -> AuthBrokerConfig:
-        for key in ("client_id", "client_secret", "client_secret_file", "client_secret_env", "provider"):
+        for key in (
+            "client_id",
+            "client_secret",
+            "client_secret_file",
+            "client_secret_env",
+            "provider",
+            "private_key_file",
+            "key_id",
+            "client_assertion_file",
+            "certificate_file",
+        ):
             if getattr(value, key) is not None:
                 raise ValueError(f"a preset may not set {key}; it belongs in the upstream's config")
         return value
@@ -1002,6 +1081,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         try:
             auth = _resolve_secret(upstream.auth_broker, f"upstreams[{index}].auth_broker", environ, base_dir)
             auth = _hosted_redirect_uri(index, auth, config.connect)
+            auth = _root_client_files(auth, base_dir)
             upstream = upstream.model_copy(update={"auth_broker": auth})
             _check_upstream(index, upstream)
         except ConfigError as exc:

@@ -18,6 +18,7 @@ from broker.clock import Clock
 from broker.config import BrokerConfig, UpstreamConfig
 from broker.errors import DecryptionError, InvalidArgument, StoreError, UnknownUpstream
 from broker.models import Credential, CredentialStatus
+from broker.oauth import client_auth
 from broker.oauth.client import ClientCredentials
 from broker.oauth.rfc7009 import FAILED, RevocationClient, RevocationOutcome
 from broker.store.base import CredentialRow
@@ -72,10 +73,10 @@ def health(row: CredentialRow) -> dict[str, Any]:
     }
 
 
-def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
-    auth = upstream.auth_broker
-    secret = auth.client_secret.get_secret_value() if auth.client_secret else None
-    return ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+def client_credentials(upstream: UpstreamConfig, credential: Credential | None = None) -> ClientCredentials:
+    return client_auth.client_credentials(
+        upstream, credential.secrets.params if credential is not None else ()
+    )
 
 
 def revocation_endpoint(upstream: UpstreamConfig, credential: Credential | None) -> str | None:
@@ -172,7 +173,7 @@ class ConnectionManager:
         except DecryptionError:
             unreadable = True
         endpoint = revocation_endpoint(upstream, credential)
-        client = client_credentials(upstream)
+        client = client_credentials(upstream, credential)
         outcomes: list[RevocationOutcome] = []
         for hint in ("refresh_token", "access_token"):
             if unreadable:

@@ -28,7 +28,8 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── TokenRequestRejected       FAILED_PRECONDITION  the token endpoint refused (4xx)
     ├── UpstreamUnavailable        UNAVAILABLE          unreachable, timed out, 5xx, or junk answer
     │   ├── IdentityProviderUnavailable  the JWKS or discovery document could not be fetched
-    │   └── UnsupportedTokenType         the token endpoint issued a type the broker can't send
+    │   ├── UnsupportedTokenType         the token endpoint issued a type the broker can't send
+    │   └── ClientAssertionUnavailable   client_assertion_file is missing, empty or not a JWT
     ├── NotImplementedMode         UNIMPLEMENTED        an auth mode this build cannot run yet
     ├── ConfigError                (start-up only)      names the offending config field
     ├── KeyringError               (start-up only)      missing or unreadable keyring
@@ -208,6 +209,14 @@ class UnsupportedTokenType(UpstreamUnavailable):
     it only ever sends tokens as Bearer (RFC 6750), so a DPoP or MAC token is refused, never sent."""
 
     code = "UNSUPPORTED_TOKEN_TYPE"
+
+
+class ClientAssertionUnavailable(UpstreamUnavailable):
+    """The JWT an upstream's ``client_assertion_file`` should hold (a projected service account
+    token) could not be used for this request: the file is missing, empty, unreadable or not a
+    JWT. Nothing is sent; the next request reads the file again. The file's content is never shown."""
+
+    code = "CLIENT_ASSERTION_UNAVAILABLE"
 
 
 class TooManyPendingFlows(BrokerError):

@@ -32,8 +32,8 @@ from broker.errors import (
 )
 from broker.logs import fields, get_logger
 from broker.models import Credential, CredentialStatus, ObtainedVia, Secrets
-from broker.oauth import rfc8693
-from broker.oauth.client import ClientCredentials, TokenEndpointClient
+from broker.oauth import client_auth, rfc8693
+from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
 from broker.singleflight import SingleFlight
 from broker.vault import CredentialVault
@@ -164,8 +164,7 @@ class TokenExchanger:
                 resources=auth.resources(),
                 scopes=auth.scopes,
             )
-        secret = auth.client_secret.get_secret_value() if auth.client_secret else None
-        client = ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+        client = client_auth.client_credentials(upstream)
         assert auth.token_endpoint is not None  # set in config or by discovery at start-up
         self.exchanges += 1
         try:

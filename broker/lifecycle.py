@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from broker.errors import BrokerError, TokenRequestRejected, UpstreamUnavailable
+from broker.errors import BrokerError, ClientAssertionUnavailable, TokenRequestRejected, UpstreamUnavailable
 
 #: OAuth error codes after which the stored refresh token can never work again.
 TERMINAL_OAUTH_ERRORS = frozenset({"invalid_grant", "invalid_client"})
@@ -33,6 +33,8 @@ def error_class(error: BrokerError) -> str:
     """A short, secret-free class for the credential's ``last_error``."""
     if isinstance(error, TokenRequestRejected):
         return error.oauth_error or f"http_{error.status}"
+    if isinstance(error, ClientAssertionUnavailable):
+        return "client_assertion_unavailable"
     if isinstance(error, UpstreamUnavailable):
         text = error.message
         if "timed out" in text:

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.config import BrokerConfig, TlsConfig
+from broker.oauth.client_auth import client_key_problems
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -149,7 +150,7 @@ def file_problems(config: BrokerConfig) -> list[str]:
         problem = folder_problem(config.store.path)
         if problem is not None:
             problems.append(f"store.path: {config.store.path}: {problem}")
-    return problems
+    return problems + client_key_problems(config)
 
 
 def _tls_problems(tls: TlsConfig) -> list[str]:

@@ -47,7 +47,7 @@ from broker.models import (
     ResolvedCredential,
     Secrets,
 )
-from broker.oauth import rfc6749, rfc7636
+from broker.oauth import client_auth, rfc6749, rfc7636, rfc9126
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse
 from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
@@ -93,6 +93,7 @@ class BrokerService:
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
         if self._exchanger.renew is None:  # long-running on-behalf-of: renewed as a refresh
             self._exchanger.renew = self._renew_exchanged
+        self._pusher = rfc9126.PushClient(tokens)
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
         # Who holds a refresh lease, and for how long: one token request plus a margin.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -131,10 +132,8 @@ class BrokerService:
         return upstream
 
     @staticmethod
-    def _client(upstream: UpstreamConfig) -> ClientCredentials:
-        auth = upstream.auth_broker
-        secret = auth.client_secret.get_secret_value() if auth.client_secret else None
-        return ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+    def _client(upstream: UpstreamConfig, params: connection_values.Pairs = ()) -> ClientCredentials:
+        return client_auth.client_credentials(upstream, params)
 
     # -- connect flow --------------------------------------------------------------------
 
@@ -174,6 +173,8 @@ class BrokerService:
             start_ref=rfc7636.new_state() if self._config.connect is not None else "",
             scopes=asked,
         )
+        # Built (and, with PAR, pushed) before the flow is stored: a failed push stores nothing.
+        request = await self._authorization(upstream, flow)
         added = await asyncio.to_thread(
             self._vault.add_flow,
             flow,
@@ -192,22 +193,37 @@ class BrokerService:
                 f"{self._config.max_pending_flows_total}); try again once some complete or expire"
             )
         self._log.info("connect flow started", extra=fields(user_id=user, upstream=upstream.name))
-        return self._authorization(upstream, flow)
+        return request
 
-    def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
+    async def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
         """Where to send the user for ``flow``: the authorization server, or with hosted connect
-        the flow's one-time /start link (and no state: the broker's callback completes it)."""
+        the flow's one-time /start link (and no state: the broker's callback completes it; with
+        PAR the request is pushed when a browser opens the link)."""
         if flow.start_ref and self._config.connect is not None:
             return AuthorizationRequest(self._config.connect.start_url(flow.start_ref), "", flow.expires_at)
-        return AuthorizationRequest(self.provider_url(upstream, flow), flow.state, flow.expires_at)
+        url, expires_at = await self.provider_url(upstream, flow)
+        return AuthorizationRequest(url, flow.state, expires_at)
 
-    def provider_url(self, upstream: UpstreamConfig, flow: PendingFlow) -> str:
-        """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3)."""
+    async def provider_url(self, upstream: UpstreamConfig, flow: PendingFlow) -> tuple[str, float]:
+        """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3) and
+        until when it works. With pushed_authorization_requests the parameters are pushed first
+        (RFC 9126) and the URL, valid no longer than its request_uri, carries only client_id and
+        request_uri."""
         auth = upstream.auth_broker
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
         params = shaping.authorization_params(auth, flow.state, flow.verifier, flow.scopes)
         endpoint = connection_values.endpoint(upstream, auth.authorization_endpoint, flow.params)
-        return rfc6749.authorization_url(endpoint, params)
+        if auth.pushed_authorization_requests:
+            assert auth.pushed_authorization_request_endpoint is not None  # by config or discovery
+            pushed = await self._pusher.push(
+                auth.pushed_authorization_request_endpoint,
+                params,
+                self._client(upstream, flow.params),
+                upstream=upstream.name,
+            )
+            url = rfc9126.authorization_url(endpoint, auth.client_id, pushed)
+            return url, min(flow.expires_at, self._clock.now() + pushed.expires_in)
+        return rfc6749.authorization_url(endpoint, params), flow.expires_at
 
     def upstream_by_key(self, key: str) -> UpstreamConfig | None:
         """The configured upstream of a store key (None when no longer configured)."""
@@ -245,19 +261,19 @@ class BrokerService:
         if newest is not None and self._config.connect is not None and (newest.bound or not newest.start_ref):
             newest = None  # hosted connect: its /start link is used up (or it never had one)
         if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
-            return self._authorization(upstream, newest)
+            return await self._authorization(upstream, newest)
         params: connection_values.Pairs = ()
         if connection_values.needs_params(upstream):
             stored = self._load(user, upstream)
             params = stored.secrets.params if stored is not None else ()
             if not params:
-                return None if newest is None else self._authorization(upstream, newest)
+                return None if newest is None else await self._authorization(upstream, newest)
         try:
             return await self._start_flow(user, upstream, params, asked)
         except TooManyPendingFlows:
             if newest is None:
                 raise
-            return self._authorization(upstream, newest)
+            return await self._authorization(upstream, newest)
 
     async def complete(
         self,
@@ -747,7 +763,7 @@ class BrokerService:
             return await self._tokens.request_token(
                 endpoint,
                 form,
-                self._client(upstream),
+                self._client(upstream, params),
                 upstream=upstream.name,
                 deadline=deadline,
                 json_body=auth.token_request_format == "json",

@@ -92,6 +92,10 @@ class OidcClient:
     # The provider issues this client a refresh token on every code grant, offline_access or not.
     always_refresh: bool = False
     redirect_uri: str = REDIRECT_URI
+    # With a public JWK set the client authenticates with private_key_jwt (no secret is used).
+    jwks: dict[str, Any] | None = None
+    # Its authorization requests must be pushed (RFC 9126).
+    require_par: bool = False
 
     def auth(self) -> tuple[str, str]:
         return (self.client_id, self.client_secret)
@@ -126,7 +130,13 @@ class OidcProvider:
         return self.issuer + "/token/revocation"
 
     @classmethod
-    def start(cls, n_clients: int = 4, n_always_refresh: int = 1, timeout: float = 30.0) -> OidcProvider:
+    def start(
+        cls,
+        n_clients: int = 4,
+        n_always_refresh: int = 1,
+        timeout: float = 30.0,
+        extra_clients: tuple[OidcClient, ...] = (),
+    ) -> OidcProvider:
         ensure_installed()
         node = shutil.which("node")
         if node is None:
@@ -134,7 +144,7 @@ class OidcProvider:
         clients = [
             OidcClient(f"broker-{i}-{secrets.token_hex(4)}", secrets.token_urlsafe(32), i < n_always_refresh)
             for i in range(n_always_refresh + n_clients)
-        ]
+        ] + list(extra_clients)
         leakcheck.add_secret(*(c.client_secret for c in clients))
         provider = cls(clients)
         with socket.socket() as s:
@@ -149,6 +159,8 @@ class OidcProvider:
                         "client_secret": c.client_secret,
                         "redirect_uri": c.redirect_uri,
                         "always_refresh": c.always_refresh,
+                        "jwks": c.jwks,
+                        "require_par": c.require_par,
                     }
                     for c in clients
                 ]
@@ -180,7 +192,7 @@ class OidcProvider:
 
     def client(self, *, always_refresh: bool = False, index: int = 0) -> OidcClient:
         """The ``index``-th registered client of that refresh policy."""
-        return [c for c in self.clients if c.always_refresh is always_refresh][index]
+        return [c for c in self.clients if c.always_refresh is always_refresh and c.jwks is None][index]
 
     def _pump(self, ready: threading.Event) -> None:
         assert self.process is not None and self.process.stdout is not None

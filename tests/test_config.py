@@ -71,7 +71,7 @@ def test_upstream_key_matches_reference_scheme() -> None:
             "upstreams[0].auth_broker.token_endpoint: must be an absolute http(s) URL",
         ),
         (
-            {"token_endpoint_auth_method": "private_key_jwt"},
+            {"token_endpoint_auth_method": "tls_client_auth"},
             "upstreams[0].auth_broker.token_endpoint_auth_method:",
         ),
         (

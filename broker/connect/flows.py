@@ -78,7 +78,8 @@ class HostedConnect:
         self._log.info(
             "hosted connect link opened", extra=fields(user_id=flow.user_id, upstream=upstream.name)
         )
-        return self._service.provider_url(upstream, flow)
+        url, _ = await self._service.provider_url(upstream, flow)
+        return url
 
     async def callback(
         self,

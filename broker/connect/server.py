@@ -20,7 +20,7 @@ from broker.config import ConnectConfig, is_loopback, listen_host
 from broker.connect import pages
 from broker.connect.binding import cookie_secrets, cookie_value, is_reference, new_secret, secret_hash
 from broker.connect.flows import HostedConnect, Outcome
-from broker.errors import ConfigError, InvalidArgument, StoreError
+from broker.errors import BrokerError, ConfigError, InvalidArgument, StoreError
 from broker.logs import fields, get_logger
 from broker.preflight import describe_bind_error
 
@@ -127,6 +127,9 @@ class ConnectServer:
         except StoreError as exc:
             self._log.warning("hosted connect: the store failed", extra=fields(error=exc.code))
             return _html(503, pages.UNAVAILABLE)
+        except BrokerError as exc:  # e.g. a pushed authorization request (RFC 9126) that failed
+            self._log.warning("hosted connect: the upstream failed", extra=fields(error=exc.code))
+            return _html(502, pages.UNAVAILABLE)
         except Exception as exc:  # a bug: a fixed page, the class name in the log, never the text
             self._log.error("hosted connect request failed", extra=fields(error=type(exc).__name__))
             return _html(500, pages.UNAVAILABLE)

@@ -12,16 +12,20 @@ import httpx
 from broker.config import ClientAuthMethod
 from broker.errors import UpstreamUnavailable
 from broker.oauth.rfc6749 import TokenResponse, basic_credentials, parse_token_response
+from broker.oauth.rfc7523 import CLIENT_ASSERTION_TYPE
 from broker.tracing import NO_SPANS, Spans
 
 
 @dataclass(frozen=True, slots=True)
 class ClientCredentials:
-    """How the broker authenticates to one authorization server (RFC 6749 section 2.3)."""
+    """How the broker authenticates to one authorization server (RFC 6749 section 2.3; with
+    private_key_jwt, RFC 7523 section 2.2: ``assertion`` makes the JWT for each request, and may
+    raise ClientAssertionUnavailable, before anything is sent)."""
 
     client_id: str | None
     client_secret: str | None
     method: ClientAuthMethod
+    assertion: Callable[[], str] | None = None
 
     def __repr__(self) -> str:
         return f"ClientCredentials(client_id={self.client_id!r}, method={self.method.value})"
@@ -29,12 +33,21 @@ class ClientCredentials:
     def apply(self, form: list[tuple[str, str]], headers: dict[str, str]) -> None:
         if self.method is ClientAuthMethod.CLIENT_SECRET_BASIC:
             headers["Authorization"] = basic_credentials(self.client_id or "", self.client_secret or "")
+            return
+        if self.method is ClientAuthMethod.PRIVATE_KEY_JWT:
+            assert self.assertion is not None  # by broker.oauth.client_auth
+            value = self.assertion()
+            self._add_client_id(form)
+            form += [("client_assertion_type", CLIENT_ASSERTION_TYPE), ("client_assertion", value)]
         elif self.method is ClientAuthMethod.CLIENT_SECRET_POST:
-            form += [
-                ("client_id", self.client_id or ""),
-                ("client_secret", self.client_secret or ""),
-            ]
+            self._add_client_id(form)
+            form.append(("client_secret", self.client_secret or ""))
         elif self.client_id:
+            self._add_client_id(form)
+
+    def _add_client_id(self, form: list[tuple[str, str]]) -> None:
+        # A pushed authorization request (RFC 9126) already names the client: never twice.
+        if self.client_id and not any(key == "client_id" for key, _ in form):
             form.append(("client_id", self.client_id))
 
 

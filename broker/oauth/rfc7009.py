@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.errors import UpstreamUnavailable
+from broker.errors import ClientAssertionUnavailable, UpstreamUnavailable
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 
 REVOKED = "revoked"
@@ -48,6 +48,8 @@ class RevocationClient:
             status, _ = await self._http.post_form(
                 endpoint, form, credentials, json_body=json_body, call="revocation"
             )
+        except ClientAssertionUnavailable:
+            return RevocationOutcome(token_type_hint, FAILED, "client_assertion_unavailable")
         except UpstreamUnavailable:
             return RevocationOutcome(token_type_hint, FAILED, "unreachable")
         # Section 2.2: 200 means revoked, or the token was already invalid (same thing to us).

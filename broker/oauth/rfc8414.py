@@ -18,7 +18,12 @@ from broker.errors import ConfigError
 from broker.tracing import NO_SPANS, Spans
 
 MAX_METADATA_BYTES = 256 * 1024
-_ENDPOINTS = ("token_endpoint", "authorization_endpoint", "revocation_endpoint")
+_ENDPOINTS = (
+    "token_endpoint",
+    "authorization_endpoint",
+    "revocation_endpoint",
+    "pushed_authorization_request_endpoint",  # RFC 9126 section 5
+)
 
 
 def metadata_urls(issuer: str) -> list[str]:
@@ -125,7 +130,17 @@ def apply_discovery(config: BrokerConfig, cache: MetadataCache) -> BrokerConfig:
             update["authorization_response_iss_parameter_supported"] = (
                 document.get("authorization_response_iss_parameter_supported") is True
             )
+        if auth.pushed_authorization_requests is None:
+            # RFC 9126 section 5: the server refuses authorization requests that were not pushed.
+            update["pushed_authorization_requests"] = (
+                document.get("require_pushed_authorization_requests") is True
+            )
         auth = auth.model_copy(update=update)
+        if auth.pushed_authorization_requests and auth.pushed_authorization_request_endpoint is None:
+            raise ConfigError(
+                f"{where}: the metadata requires pushed authorization requests but names no "
+                "pushed_authorization_request_endpoint; set pushed_authorization_request_endpoint"
+            )
         if auth.token_endpoint is None:
             raise ConfigError(f"{where}: the metadata names no token_endpoint; set token_endpoint")
         if auth.mode.value == "oauth_connect" and auth.authorization_endpoint is None:

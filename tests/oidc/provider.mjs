@@ -4,7 +4,10 @@
 //   node provider.mjs PORT
 //
 // Environment (set by tests/oidc_provider.py; nothing secret is written to disk or committed):
-//   OIDC_CLIENTS  JSON list of {"client_id", "client_secret", "redirect_uri", "always_refresh"}:
+//   OIDC_CLIENTS  JSON list of {"client_id", "client_secret", "redirect_uri", "always_refresh"}
+//                 (optionally "jwks": the client authenticates with private_key_jwt, RFC 7523, signed
+//                 by a key of that public JWK set instead of a secret; and "require_par": its
+//                 authorization requests must be pushed first, RFC 9126):
 //                 confidential web clients (client_secret_basic) allowed the authorization_code
 //                 and refresh_token grants. A client gets a refresh token when its grant includes
 //                 offline_access (OpenID Connect Core 1.0 section 11; this provider honours
@@ -48,11 +51,13 @@ const alwaysRefresh = new Set(clients.filter((c) => c.always_refresh).map((c) =>
 const configuration = {
   clients: clients.map((c) => ({
     client_id: c.client_id,
-    client_secret: c.client_secret,
+    ...(c.jwks
+      ? { jwks: c.jwks, token_endpoint_auth_method: 'private_key_jwt' }
+      : { client_secret: c.client_secret, token_endpoint_auth_method: 'client_secret_basic' }),
+    require_pushed_authorization_requests: Boolean(c.require_par),
     redirect_uris: [c.redirect_uri],
     grant_types: ['authorization_code', 'refresh_token'],
     response_types: ['code'],
-    token_endpoint_auth_method: 'client_secret_basic',
   })),
   // `api:read` stands for an API scope a resource owner can grant next to the OpenID ones.
   scopes: ['openid', 'offline_access', 'api:read'],
