@@ -13,13 +13,16 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
+# Optional parts built in: root key sources for a wrapped keyring (aws, pkcs11) and OpenTelemetry
+# tracing (otel). Each is imported only when the config turns it on. Empty: the bare package.
+ARG BROKER_EXTRAS=aws,pkcs11,otel
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY broker ./broker
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/pip install ".${BROKER_EXTRAS:+[${BROKER_EXTRAS}]}" \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib \
     && /opt/venv/bin/python -m pip uninstall --yes pip
 

@@ -147,6 +147,15 @@ def check_image(image: str, version: str | None, checks: Checks) -> None:
             f"entrypoint {entrypoint} --version runs as uid 10001",
             out[-300:] or f"exit {result.returncode}",
         )
+        # The optional parts the Dockerfile builds in (BROKER_EXTRAS): root key sources and tracing.
+        python = "/opt/venv/bin/python"  # the Dockerfile's VIRTUAL_ENV
+        modules = "boto3, pkcs11, opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc"
+        extras = run_in_image(root, env, [python, "-c", f"import {modules}"])
+        checks.check(
+            extras.returncode == 0,
+            "the optional parts import (aws_kms and pkcs11 key sources, OpenTelemetry)",
+            (extras.stdout + extras.stderr).strip()[-300:],
+        )
     finally:
         subprocess.run(["buildah", "umount", container], capture_output=True, check=False)
         subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
