@@ -32,8 +32,9 @@ from credential_broker_client import BrokerClient
 
 from broker.crypto import generate_keyring_file
 from tests.authserver import AuthServer
-from tests.brokerproc import ServerProcess, write_config
+from tests.brokerproc import write_config
 from tests.conftest import REDIRECT_URI, UPSTREAM, upstream_doc
+from tests.sdk.conftest import PatientServerProcess
 
 
 def pct(values: list[float], q: float) -> float:
@@ -66,7 +67,9 @@ def replicas(backend: str, dsn: str | None, tmp: Path, auth: AuthServer) -> Iter
         }
         servers = []
         for name in "ab":
-            servers.append(ServerProcess(write_config(document, tmp / f"{name}.yaml"), tmp / f"{name}.log"))
+            servers.append(
+                PatientServerProcess(write_config(document, tmp / f"{name}.yaml"), tmp / f"{name}.log")
+            )
             stack.callback(servers[-1].stop)
         yield servers[0].address, servers[1].address
 

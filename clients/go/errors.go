@@ -100,7 +100,7 @@ func fromStatus(err error) error {
 	if !ok {
 		return &InternalError{&BrokerError{Code: codes.Unknown, Reason: "UNKNOWN", Message: err.Error()}}
 	}
-	base := &BrokerError{Code: st.Code(), Reason: codeName(st.Code()), Message: st.Message(), Metadata: map[string]string{}}
+	base := &BrokerError{Code: st.Code(), Reason: CodeName(st.Code()), Message: st.Message(), Metadata: map[string]string{}}
 	for _, detail := range st.Details() {
 		if info, ok := detail.(*errdetails.ErrorInfo); ok && info.GetDomain() == Domain {
 			base.Reason = info.GetReason()
@@ -142,9 +142,9 @@ func fromStatus(err error) error {
 	return &InternalError{base}
 }
 
-// codeName is the canonical gRPC name (FAILED_PRECONDITION), which codes.Code.String() spells
-// differently (FailedPrecondition).
-func codeName(c codes.Code) string {
+// CodeName is the canonical gRPC name of a status code (FAILED_PRECONDITION), which
+// codes.Code.String() spells differently (FailedPrecondition).
+func CodeName(c codes.Code) string {
 	names := [...]string{"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
 		"NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
 		"FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",

@@ -12,6 +12,7 @@ from credential_broker_client import AsyncBrokerClient, BrokerClient
 from credential_broker_client.models import CredentialInfo
 
 from tests.authserver import AuthServer
+from tests.brokerproc import ServerProcess
 from tests.conftest import UPSTREAM, Broker
 
 T = TypeVar("T")
@@ -55,3 +56,10 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0, step: float
         if time.monotonic() - start > timeout:
             raise AssertionError(f"not within {timeout} s")
         await asyncio.sleep(step)
+
+
+class PatientServerProcess(ServerProcess):
+    """A ``broker serve`` process given a minute to start: the shared CI machine is often busy."""
+
+    def _wait_serving(self, timeout: float = 60.0) -> str:
+        return super()._wait_serving(timeout)

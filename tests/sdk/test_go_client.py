@@ -1,6 +1,7 @@
-"""The Go SDK (clients/go): its stubs are current, and its own tests (client_test.go) pass
+"""The Go SDK (clients/go): go vet, and its own tests (client_test.go) pass
 against real ``broker serve`` processes on one store and the loopback authorization server.
-Each Go test is run by its own pytest test, so a failure names it."""
+Each Go test is run by its own pytest test, so a failure names it. That its generated stubs
+are current is tests/ecosystem/test_clients.py::test_go_generated_code_is_current."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from credential_broker_client import BrokerClient
 from broker.crypto import generate_keyring_file
 from tests import leakcheck
 from tests.authserver import AuthServer
-from tests.brokerproc import ServerProcess, write_config
+from tests.brokerproc import write_config
 from tests.conftest import REDIRECT_URI, UPSTREAM, upstream_doc
 from tests.ecosystem.conftest import check, client_env, require_tool, run
 from tests.live import free_port
 
-from .conftest import connect
+from .conftest import PatientServerProcess, connect
 
 GO_SDK = Path(__file__).resolve().parents[2] / "clients" / "go"
 GO_TESTS = [
@@ -63,7 +64,9 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
     }
     port_c = free_port()
     config_c = write_config(document, tmp / "c.yaml", listen=[f"127.0.0.1:{port_c}"])
-    servers = [ServerProcess(write_config(document, tmp / f"{n}.yaml"), tmp / f"{n}.log") for n in "ab"]
+    servers = [
+        PatientServerProcess(write_config(document, tmp / f"{n}.yaml"), tmp / f"{n}.log") for n in "ab"
+    ]
     try:
         with BrokerClient(servers[0].address) as sdk:
             connect(sdk, auth, "go-revoked")
@@ -86,20 +89,6 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
         for log in tmp.glob("*.log"):
             leakcheck.observe_text(log.read_text(errors="replace"), "broker log")
         auth.stop()
-
-
-def test_go_generated_code_is_current(tmp_path: Path) -> None:
-    """internal/gen is what gen.sh makes from proto/ now."""
-    require_tool("go")
-    plugin = require_tool("protoc-gen-go")
-    require_tool("protoc-gen-go-grpc")
-    env = client_env(OUT=str(tmp_path), PYTHON=sys.executable, GOBIN=str(Path(plugin).parent))
-    check(run(["bash", str(GO_SDK / "gen.sh")], cwd=GO_SDK, env=env), "gen.sh")
-    committed = sorted(p.relative_to(GO_SDK) for p in (GO_SDK / "internal").rglob("*.go"))
-    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "internal").rglob("*.go"))
-    assert generated == committed
-    stale = [str(p) for p in generated if (tmp_path / p).read_bytes() != (GO_SDK / p).read_bytes()]
-    assert not stale, f"regenerate with clients/go/gen.sh: {stale}"
 
 
 def test_go_vet() -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from credential_broker_client import AsyncBrokerClient, BrokerClient, BrokerError, NotConnected
 
-from tests.brokerproc import ServerProcess, write_config
+from tests.brokerproc import write_config
 from tests.conftest import UPSTREAM, Broker, BrokerFactory
 from tests.live import free_port
 
-from .conftest import connect, connect_async, eventually, resolve_count, target
+from .conftest import PatientServerProcess, connect, connect_async, eventually, resolve_count, target
 
 
 async def _cached_client(broker: Broker, **kw: object) -> BrokerClient:
@@ -132,9 +132,9 @@ async def test_stream_break_drops_everything_and_resumes_after_the_last_sequence
     port = free_port()
     config_a = write_config(broker.document, tmp_path / "a.yaml", listen=[f"127.0.0.1:{port}"])
     config_b = write_config(broker.document, tmp_path / "b.yaml")
-    a = ServerProcess(config_a, tmp_path / "a.log")
-    b = ServerProcess(config_b, tmp_path / "b.log")
-    restarted: list[ServerProcess] = []
+    a = PatientServerProcess(config_a, tmp_path / "a.log")
+    b = PatientServerProcess(config_b, tmp_path / "b.log")
+    restarted: list[PatientServerProcess] = []
     client = BrokerClient(a.address, cache=True)
     other = BrokerClient(b.address)
     try:
@@ -148,7 +148,7 @@ async def test_stream_break_drops_everything_and_resumes_after_the_last_sequence
         await eventually(lambda: client.cache is not None and not client.cache.live)
         assert len(client.cache) == 0
         await asyncio.to_thread(other.refresh, "dora", UPSTREAM)
-        restarted.append(ServerProcess(config_a, tmp_path / "a2.log"))
+        restarted.append(PatientServerProcess(config_a, tmp_path / "a2.log"))
         assert await asyncio.to_thread(client.wait_cache_live, 20)
         await eventually(
             lambda: client.last_sequence is not None and seen is not None and client.last_sequence > seen
