@@ -97,8 +97,15 @@ def latency(target: str, resolves: int) -> tuple[float, float]:
 
 
 def staleness(target_a: str, target_b: str, users: list[str]) -> dict[str, list[float]]:
-    """Seconds from a Refresh / Disconnect sent to B until A's client's cache drops the token."""
-    out: dict[str, list[float]] = {"refresh": [], "disconnect": []}
+    """Seconds until A's client's cache drops the token, from a Refresh / Disconnect sent to B
+    (``refresh``, ``disconnect``: an upper bound, the RPC included) and from its answer
+    (``*_after_answer``: a lower bound; the commit lies between the two)."""
+    out: dict[str, list[float]] = {
+        "refresh": [],
+        "disconnect": [],
+        "refresh_after_answer": [],
+        "disconnect_after_answer": [],
+    }
     with BrokerClient(target_a, cache=True) as watcher, BrokerClient(target_b) as other:
         assert watcher.wait_cache_live(), "the cache's watch stream did not come up"
         cache = watcher.cache
@@ -116,11 +123,14 @@ def staleness(target_a: str, target_b: str, users: list[str]) -> dict[str, list[
                 other.refresh(user, UPSTREAM)
             else:
                 other.disconnect(user, UPSTREAM)
+            answered = time.perf_counter()
             while cache.get((user, UPSTREAM), 0, ()) is not None:
                 if time.perf_counter() - start > 10:
                     raise SystemExit(f"the {kind} of {user} was never honoured by the cache")
                 time.sleep(0.0005)
-            out[kind].append(time.perf_counter() - start)
+            dropped = time.perf_counter()
+            out[kind].append(dropped - start)
+            out[f"{kind}_after_answer"].append(dropped - answered)
     return out
 
 
