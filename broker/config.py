@@ -16,8 +16,17 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from broker import endpoint_templates
 from broker.config_errors import format_errors, validation_problems
 from broker.errors import ConfigError
 from broker.models import upstream_key
@@ -73,6 +82,75 @@ class TokenResponsePaths(_Strict):
     ok: str | None = Field(default=None, pattern=_ANSWER_PATH)
 
 
+# Callback parameters a connection field may never keep: the code, the state and anything
+# that is (or names) a token or the server's free text.
+RESERVED_CALLBACK_PARAMS = frozenset(
+    {
+        "code",
+        "state",
+        "iss",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "token",
+        "code_verifier",
+        "client_secret",
+        "error",
+        "error_description",
+        "error_uri",
+    }
+)
+# Token answer names a connection field may never read: they are secrets.
+_TOKEN_ANSWER_SECRETS = frozenset({"access_token", "refresh_token", "id_token", "code"})
+_CONNECTION_NAME = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+MAX_CONNECTION_PARAMS = 8
+MAX_CONNECTION_FIELDS = 16
+
+
+class ConnectionParam(_Strict):
+    """A per-connection value a caller gives BuildAuthorizationURL (``{"shop": "acme"}``) and
+    that ``{name}`` placeholders in the endpoints take. See broker/endpoint_templates.py."""
+
+    pattern: str = Field(min_length=3, max_length=512)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        endpoint_templates.check_pattern(value)
+        return value
+
+
+class ConnectionField(BaseModel):
+    """Where a connection field's value comes from: the token answer (``path``), the callback's
+    query (``param``, passed by the app in CompleteRequest.callback_params) or the connect
+    request (``param``, a declared connection param)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_alias=True, validate_by_name=False, serialize_by_alias=True
+    )
+
+    source: Literal["token", "callback", "connect"] = Field(alias="from")
+    path: str | None = Field(default=None, pattern=_ANSWER_PATH)
+    param: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _where(self) -> ConnectionField:
+        if self.source == "token":
+            if self.path is None or self.param is not None:
+                raise ValueError("from: token needs path (a dotted path into the token answer) and no param")
+            for alternative in self.path.split("|"):
+                if set(alternative.split(".")) & _TOKEN_ANSWER_SECRETS:
+                    raise ValueError(
+                        f"path {self.path!r} reads a token; a connection field is never a secret"
+                    )
+        else:
+            if self.param is None or self.path is not None:
+                raise ValueError(f"from: {self.source} needs param and no path")
+            if self.source == "callback" and self.param in RESERVED_CALLBACK_PARAMS:
+                raise ValueError(f"param {self.param!r} is the callback's own; it is never kept")
+        return self
+
+
 class AuthBrokerConfig(_Strict):
     """How the credential for one upstream is obtained."""
 
@@ -86,12 +164,17 @@ class AuthBrokerConfig(_Strict):
     refresh_params: dict[str, str] = Field(default_factory=dict)
     refresh_endpoint: str | None = None
     token_request_format: Literal["form", "json"] = "form"
+    # RFC 7009 section 2.1 posts a form; Intuit documents a JSON body.
+    revocation_request_format: Literal["form", "json"] = "form"
     scope_separator: str = Field(default=" ", min_length=1, max_length=4)
     scope_param: str = Field(default="scope", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     pkce: Literal["s256", "none"] = "s256"
     token_response: TokenResponsePaths = TokenResponsePaths()
     reconnect_errors: tuple[str, ...] = ()
     default_expires_in: int | None = Field(default=None, ge=1, le=10 * 365 * 24 * 3600)
+    # Per-connection endpoint placeholders and kept values (broker/endpoint_templates.py).
+    connection_params: dict[str, ConnectionParam] = Field(default_factory=dict)
+    connection_fields: dict[str, ConnectionField] = Field(default_factory=dict)
     # Optional when ``issuer`` is set: discovered from RFC 8414 metadata at start-up.
     token_endpoint: str | None = None
     authorization_endpoint: str | None = None
@@ -128,6 +211,43 @@ class AuthBrokerConfig(_Strict):
         if value is not None:
             _check_url(value)
         return value
+
+    @field_validator("connection_params", "connection_fields")
+    @classmethod
+    def _connection_names(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        limit = MAX_CONNECTION_PARAMS if info.field_name == "connection_params" else MAX_CONNECTION_FIELDS
+        if len(value) > limit:
+            raise ValueError(f"at most {limit} entries")
+        for name in value:
+            if not re.fullmatch(_CONNECTION_NAME, name):
+                raise ValueError(f"{name[:40]!r} is not a name (a letter, then letters, digits, '_')")
+        return value
+
+    @model_validator(mode="after")
+    def _templates(self) -> AuthBrokerConfig:
+        """``{name}`` placeholders: declared, and only where a value cannot change the host."""
+        declared = self.connection_params
+        for key in ("authorization_endpoint", "token_endpoint", "refresh_endpoint", "revocation_endpoint"):
+            template = getattr(self, key)
+            if template is not None:
+                try:
+                    endpoint_templates.check_template(template, declared)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
+        for key in ("issuer", "redirect_uri"):
+            value = getattr(self, key)
+            if value is not None and ("{" in value or "}" in value):
+                raise ValueError(f"{key}: may not have placeholders")
+        for name, source in self.connection_fields.items():
+            if source.source == "connect" and source.param not in declared:
+                raise ValueError(
+                    f"connection_fields.{name}: param {source.param!r} is not declared in connection_params"
+                )
+        return self
+
+    def connection_patterns(self) -> dict[str, str]:
+        """Each declared connection param's pattern, by name."""
+        return {name: param.pattern for name, param in self.connection_params.items()}
 
     @field_validator("authorization_params")
     @classmethod
@@ -186,6 +306,14 @@ class UpstreamConfig(_Strict):
     # Keep-alive for providers that revoke a refresh token left unused this long: the background
     # refresher (broker/refresher.py) refreshes before that, even if nobody calls Resolve.
     refresh_token_idle_seconds: int | None = Field(default=None, ge=60, le=10 * 365 * 86400)
+
+    @model_validator(mode="after")
+    def _url_template(self) -> UpstreamConfig:
+        try:
+            endpoint_templates.check_template(self.url, self.auth_broker.connection_params)
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        return self
 
     @cached_property
     def key(self) -> str:  # looked up on every Resolve: hash once
@@ -603,6 +731,8 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
                 raise ConfigError(f"{where}.{key}: required for mode oauth_connect")
     if auth.client_id is None and auth.mode is not Mode.OAUTH_CONNECT and needs_secret:
         raise ConfigError(f"{where}.client_id: required with {auth.token_endpoint_auth_method.value}")
+    if auth.mode is not Mode.OAUTH_CONNECT and (auth.connection_params or auth.connection_fields):
+        raise ConfigError(f"{where}.connection_params: only for mode oauth_connect")
     if auth.mode is Mode.ENTRA_OBO and not auth.scopes:
         raise ConfigError(
             f"{where}.scopes: required for mode entra_obo (e.g. https://graph.microsoft.com/.default)"

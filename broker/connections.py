@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker import events, validation
+from broker import connection_values, events, validation
 from broker.clock import Clock
 from broker.config import BrokerConfig, UpstreamConfig
-from broker.errors import DecryptionError, StoreError, UnknownUpstream
+from broker.errors import DecryptionError, InvalidArgument, StoreError, UnknownUpstream
 from broker.models import Credential, CredentialStatus
 from broker.oauth.client import ClientCredentials
 from broker.oauth.rfc7009 import FAILED, RevocationClient, RevocationOutcome
@@ -40,6 +40,7 @@ class Connection:
     obtained_via: str = ""
     updated_at: float | None = None
     last_error: str = ""
+    connection_fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,18 @@ def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
     auth = upstream.auth_broker
     secret = auth.client_secret.get_secret_value() if auth.client_secret else None
     return ClientCredentials(auth.client_id, secret, auth.token_endpoint_auth_method)
+
+
+def revocation_endpoint(upstream: UpstreamConfig, credential: Credential | None) -> str | None:
+    """The upstream's revocation endpoint, filled with the connection's params. None when there
+    is none, or when its params no longer match the config (nothing is sent then)."""
+    template = upstream.auth_broker.revocation_endpoint
+    if template is None or credential is None:
+        return template
+    try:
+        return connection_values.endpoint(upstream, template, credential.secrets.params)
+    except InvalidArgument:
+        return None
 
 
 class ConnectionManager:
@@ -88,10 +101,12 @@ class ConnectionManager:
         out = []
         for upstream in upstreams:
             mode = upstream.auth_broker.mode.value
+            fields: tuple[tuple[str, str], ...] = ()
             try:
                 row = self._vault.store.get_credential(user, upstream.key)
                 if row is not None:
-                    self._vault.open_row(row)  # a record that no longer opens is unavailable
+                    # A record that no longer opens is unavailable.
+                    fields = self._vault.open_row(row).secrets.fields
             except (DecryptionError, StoreError) as exc:
                 out.append(Connection(upstream.name, UNAVAILABLE, mode, last_error=exc.code.lower()))
                 continue
@@ -116,6 +131,7 @@ class ConnectionManager:
                     obtained_via=row.obtained_via,
                     updated_at=row.updated_at,
                     last_error=row.last_error or "",
+                    connection_fields=fields,
                 )
             )
         return out
@@ -131,7 +147,7 @@ class ConnectionManager:
             credential = None if found is None else found[0]
         except DecryptionError:
             unreadable = True
-        endpoint = upstream.auth_broker.revocation_endpoint
+        endpoint = revocation_endpoint(upstream, credential)
         client = client_credentials(upstream)
         outcomes: list[RevocationOutcome] = []
         for hint in ("refresh_token", "access_token"):
@@ -140,7 +156,11 @@ class ConnectionManager:
                 continue
             secrets = credential.secrets if credential is not None else None
             token = getattr(secrets, hint) if secrets is not None else None
-            outcomes.append(await self._revocation.revoke(endpoint, token, hint, client))
+            outcomes.append(
+                await self._revocation.revoke(
+                    endpoint, token, hint, client, upstream.auth_broker.revocation_request_format == "json"
+                )
+            )
         event = events.disconnected(user, upstream.key, self._clock.now())
         deleted = await asyncio.to_thread(self._vault.store.delete_credential, user, upstream.key, event)
         self._vault.forget(user, upstream.key)

@@ -99,7 +99,9 @@ class ConnectRequired(BrokerError):
     code = "CONNECT_REQUIRED"
 
     def __init__(self, message: str, *, upstream: str, authorization_url: str) -> None:
-        super().__init__(message, metadata={"upstream": upstream, "authorization_url": authorization_url})
+        # No URL when the upstream needs connection params the broker does not know yet.
+        url = {"authorization_url": authorization_url} if authorization_url else {}
+        super().__init__(message, metadata={"upstream": upstream, **url})
 
 
 class NotConnected(ConnectRequired):

@@ -120,7 +120,7 @@ class TokenExchanger:
         self.exchanges += 1
         try:
             token = await self._tokens.request_token(
-                auth.token_endpoint, form, client, upstream=upstream.name
+                auth.token_endpoint, form, client, upstream=upstream.name, parse=rfc8693.parse_answer
             )
             if auth.mode is Mode.TOKEN_EXCHANGE:
                 rfc8693.check_issued_token_type(token, auth.requested_token_type)

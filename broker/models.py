@@ -39,6 +39,10 @@ class Secrets:
 
     access_token: str
     refresh_token: str | None = field(default=None)
+    # The connection's declared fields and its connection params (sealed with the tokens:
+    # they name the customer's shop or account), as sorted (name, value) pairs.
+    fields: tuple[tuple[str, str], ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:  # never let a token reach a log through repr()
         return "Secrets(<redacted>)"
@@ -95,6 +99,7 @@ class ResolvedCredential:
     obtained_via: str
     header_name: str
     header_value: str
+    connection_fields: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"ResolvedCredential(<redacted>, expires_at={self.expires_at!r})"
@@ -114,6 +119,8 @@ class PendingFlow:
     created_at: float
     expires_at: float
     state: str = ""
+    # The connect request's connection params (sealed with the verifier).
+    params: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"PendingFlow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"

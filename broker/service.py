@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import events, lifecycle, validation
+from broker import connection_values, events, lifecycle, rejected_token, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -85,7 +85,7 @@ class BrokerService:
         self._by_key = {u.key: u for u in config.upstreams}
         self._flights: SingleFlight[Credential] = SingleFlight()
         # Concurrent "connect first" answers for one (user, upstream) share one flow lookup/start.
-        self._flow_flights: SingleFlight[AuthorizationRequest] = SingleFlight()
+        self._flow_flights: SingleFlight[AuthorizationRequest | None] = SingleFlight()
         #: New flows refused since start because max_pending_flows_total were pending.
         self.flows_refused = 0
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
@@ -124,13 +124,20 @@ class BrokerService:
 
     # -- connect flow --------------------------------------------------------------------
 
-    async def build_authorization_url(self, user_id: str, upstream_name: str) -> AuthorizationRequest:
-        """Start an authorization-code + PKCE flow (RFC 6749 section 4.1, RFC 7636)."""
+    async def build_authorization_url(
+        self, user_id: str, upstream_name: str, connection_params: Mapping[str, str] | None = None
+    ) -> AuthorizationRequest:
+        """Start an authorization-code + PKCE flow (RFC 6749 section 4.1, RFC 7636).
+        ``connection_params``: the values of the upstream's declared per-connection params,
+        each checked against its pattern before anything is stored."""
         user = validation.user_id(user_id)
         upstream = self._oauth_connect(upstream_name)
-        return await self._start_flow(user, upstream)
+        params = connection_values.connect_params(upstream, connection_params or {})
+        return await self._start_flow(user, upstream, params)
 
-    async def _start_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+    async def _start_flow(
+        self, user: str, upstream: UpstreamConfig, params: connection_values.Pairs = ()
+    ) -> AuthorizationRequest:
         """A new flow, stored (sealed) before its URL is handed out. Raises TooManyPendingFlows
         when ``max_pending_flows_total`` flows of all users are pending: nobody's is evicted."""
         verifier, state = rfc7636.new_verifier(), rfc7636.new_state()
@@ -143,6 +150,7 @@ class BrokerService:
             created_at=now,
             expires_at=now + self._config.flow_ttl_seconds,
             state=state,
+            params=params,
         )
         added = await asyncio.to_thread(
             self._vault.add_flow,
@@ -170,18 +178,20 @@ class BrokerService:
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
         state, verifier = flow.state, flow.verifier
         params = shaping.authorization_params(auth, state, verifier)
-        url = rfc6749.authorization_url(auth.authorization_endpoint, params)
+        endpoint = connection_values.endpoint(upstream, auth.authorization_endpoint, flow.params)
+        url = rfc6749.authorization_url(endpoint, params)
         return AuthorizationRequest(url, state, flow.expires_at)
 
-    async def _flow_for_answer(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+    async def _flow_for_answer(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest | None:
         """The flow a NOT_CONNECTED / RECONNECT_REQUIRED answer sends the user to: the newest
         live one of (user, upstream) while it has at least half its lifetime left, so an app
         that polls Resolve never replaces (or, past max_pending_flows, evicts) the login the
         user is completing. Otherwise one new flow; if the global cap refuses it, a live older
-        flow still serves."""
+        flow still serves. An upstream with connection params starts one only with the params
+        of the user's stored connection; without any, None (no URL can be built)."""
         return await self._flow_flights.run((user, upstream.key), lambda: self._reuse_flow(user, upstream))
 
-    async def _reuse_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest:
+    async def _reuse_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest | None:
         now = self._clock.now()
         try:
             newest = await asyncio.to_thread(self._vault.newest_flow, user, upstream.key, now)
@@ -196,18 +206,35 @@ class BrokerService:
             newest = None  # written without its state: its URL cannot be rebuilt
         if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
             return self._authorization(upstream, newest)
+        params: connection_values.Pairs = ()
+        if connection_values.needs_params(upstream):
+            stored = self._load(user, upstream)
+            params = stored.secrets.params if stored is not None else ()
+            if not params:
+                return None if newest is None else self._authorization(upstream, newest)
         try:
-            return await self._start_flow(user, upstream)
+            return await self._start_flow(user, upstream, params)
         except TooManyPendingFlows:
             if newest is None:
                 raise
             return self._authorization(upstream, newest)
 
-    async def complete(self, state: str, code: str, user_id: str, iss: str = "") -> CredentialInfo:
-        """Finish a connect flow: check the state and the user, exchange the code, store."""
+    async def complete(
+        self,
+        state: str,
+        code: str,
+        user_id: str,
+        iss: str = "",
+        callback_params: Mapping[str, str] | None = None,
+    ) -> CredentialInfo:
+        """Finish a connect flow: check the state and the user, exchange the code, store.
+        ``callback_params``: the callback's other query parameters, read only for the
+        upstream's declared connection fields."""
         validation.state(state)
         validation.code(code)
         user = validation.user_id(user_id)
+        callback = callback_params or {}
+        connection_values.check_callback_params(callback)
         # Consumed on first use, whatever happens next.
         flow = await self._take_flow(state)
         if flow is None or flow.expires_at <= self._clock.now():
@@ -224,9 +251,12 @@ class BrokerService:
         check_iss(upstream, iss)
         auth = upstream.auth_broker
         form = shaping.code_grant_form(auth, code, flow.verifier)
-        token = await self._request(upstream, form, user)
+        token = await self._request(upstream, form, user, params=flow.params)
         now = self._clock.now()
-        credential = self._credential(user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now)
+        kept = connection_values.connect_fields(upstream, flow.params, callback, (code, state))
+        credential = self._credential(
+            user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now, flow.params, kept
+        )
         await asyncio.to_thread(
             self._vault.save, credential, None, now, events.connected(user, upstream.key, now)
         )
@@ -277,9 +307,12 @@ class BrokerService:
         subject_token: str,
         min_valid_seconds: int,
         claims: Mapping[str, Any] | None = None,
+        rejected_access_token: str = "",
     ) -> ResolvedCredential:
         """A valid access token for (user, upstream), refreshed (or exchanged) first when it is
-        about to expire, once the policy allowed it. ``claims``: the verified user token's."""
+        about to expire, once the policy allowed it. ``claims``: the verified user token's.
+        ``rejected_access_token``: the upstream refused this token; when it is the stored one,
+        refresh first (see broker/rejected_token.py)."""
         user = validation.user_id(user_id)
         upstream = self._upstream(upstream_name)
         validation.subject_token(subject_token)
@@ -295,6 +328,10 @@ class BrokerService:
         credential = self._load(user, upstream, recent=True)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream)
+        if rejected_access_token and rejected_token.is_stored_token(
+            rejected_access_token, credential.secrets.access_token
+        ):
+            credential = await self._refresh_rejected(user, upstream, credential, rejected_access_token)
         if not credential.valid_for(self._clock.now(), window):
             if credential.status is CredentialStatus.NEEDS_REAUTH or not credential.secrets.refresh_token:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
@@ -338,10 +375,40 @@ class BrokerService:
             )
         return None if found is None else found[0]
 
-    async def _audited_refresh(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
+    async def _refresh_rejected(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, rejected: str
+    ) -> Credential:
+        """The upstream refused the stored access token: refresh once, in the single flight,
+        unless the credential was refreshed less than ``min_refresh_interval_seconds`` ago or
+        (re-read under the refresh lease) no longer holds that token."""
+        interval = self._config.min_refresh_interval_seconds
+        now = self._clock.now()
+        if not rejected_token.may_refresh(credential, now, interval):
+            return credential
+        if credential.next_attempt_at is not None and now < credential.next_attempt_at:
+            raise UpstreamUnavailable(
+                "the authorization server failed recently; the broker retries after a backoff"
+            )
+
+        def due(stored: Credential, at: float) -> bool:
+            return rejected_token.is_stored_token(
+                rejected, stored.secrets.access_token
+            ) and rejected_token.may_refresh(stored, at, interval)
+
+        return await self._flights.run(
+            (user, upstream.key), lambda: self._audited_refresh(user, upstream, None, due)
+        )
+
+    async def _audited_refresh(
+        self,
+        user: str,
+        upstream: UpstreamConfig,
+        window: int | None,
+        due: Callable[[Credential, float], bool] | None = None,
+    ) -> Credential:
         """A refresh that Resolve started on its own: audited once per grant, not per caller."""
         try:
-            credential = await self._refresh(user, upstream, window)
+            credential = await self._refresh(user, upstream, window, due)
         except BrokerError as exc:
             self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
             raise
@@ -484,7 +551,7 @@ class BrokerService:
         No scope parameter: RFC 6749 section 6, the original grant stands."""
         form = shaping.refresh_grant_form(upstream.auth_broker, refresh_token)
         try:
-            token = await self._request(upstream, form, user, deadline)
+            token = await self._request(upstream, form, user, deadline, credential.secrets.params)
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
             if isinstance(exc, TokenRequestRejected) and (
                 exc.oauth_error == "invalid_grant" or exc.reconnect
@@ -562,12 +629,14 @@ class BrokerService:
         form: Sequence[tuple[str, str]],
         user: str,
         deadline: float | None = None,
+        params: connection_values.Pairs = (),
     ) -> TokenResponse:
         auth = upstream.auth_broker
         refreshing = shaping.is_refresh(form)
+        endpoint = connection_values.endpoint(upstream, shaping.token_endpoint(auth, refreshing), params)
         try:
             return await self._tokens.request_token(
-                shaping.token_endpoint(auth, refreshing),
+                endpoint,
                 form,
                 self._client(upstream),
                 upstream=upstream.name,
@@ -596,7 +665,11 @@ class BrokerService:
                 f"the credential for upstream {upstream.name!r} can no longer be refreshed; "
                 "send the user to the authorization_url to reconnect"
             )
-        return kind(text, upstream=upstream.name, authorization_url=request.authorization_url)
+        if request is None:  # connection params needed, and none known for this user
+            text = text.split(";")[0] + "; call BuildAuthorizationURL with its connection_params"
+        return kind(
+            text, upstream=upstream.name, authorization_url=request.authorization_url if request else ""
+        )
 
     # -- mapping -------------------------------------------------------------------------
 
@@ -608,8 +681,17 @@ class BrokerService:
         obtained_via: str,
         previous: Credential | None,
         now: float,
+        params: connection_values.Pairs | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> Credential:
+        """The credential to store from a token answer. A refresh (``previous``) keeps the
+        connection's params and fields, updated by what this answer carries."""
         refresh = token.refresh_token or (previous.secrets.refresh_token if previous else None)
+        if params is None:
+            params = previous.secrets.params if previous else ()
+        kept = connection_values.merged_fields(
+            upstream, previous.secrets.fields if previous else (), fields or {}, token.fields
+        )
         if token.scope is not None:
             scopes = token.scope
         elif previous is not None:
@@ -619,7 +701,7 @@ class BrokerService:
         return Credential(
             user_id=user,
             upstream_key=upstream.key,
-            secrets=Secrets(token.access_token, refresh),
+            secrets=Secrets(token.access_token, refresh, kept, params),
             token_type=token.token_type,
             scopes=scopes,
             expires_at=None if token.expires_in is None else now + token.expires_in,
@@ -651,6 +733,7 @@ class BrokerService:
             credential.obtained_via,
             auth.header,
             auth.header_format.replace("{token}", token),
+            credential.secrets.fields,
         )
 
 

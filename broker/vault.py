@@ -228,6 +228,10 @@ class CredentialVault:
         payload: dict[str, object] = {"access_token": credential.secrets.access_token}
         if credential.secrets.refresh_token is not None:
             payload["refresh_token"] = credential.secrets.refresh_token
+        if credential.secrets.fields:
+            payload["fields"] = dict(credential.secrets.fields)
+        if credential.secrets.params:
+            payload["params"] = dict(credential.secrets.params)
         payload["meta"] = _meta(
             credential.token_type,
             credential.scopes,
@@ -264,7 +268,9 @@ class CredentialVault:
         """Seal the flow's verifier and state (bound to its user, state hash and upstream) and
         store it. False when the store refused it: ``max_total`` live flows already."""
         context = flow_context(flow.user_id, flow.state_hash, flow.upstream_key)
-        payload = {"verifier": flow.verifier, "state": flow.state}
+        payload: dict[str, object] = {"verifier": flow.verifier, "state": flow.state}
+        if flow.params:
+            payload["params"] = dict(flow.params)
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = PendingFlowRow(
             state_hash=flow.state_hash,
@@ -298,6 +304,7 @@ class CredentialVault:
             try:
                 data = json.loads(plain)
                 verifier, state = data["verifier"], data.get("state", "")
+                params = _pairs(data.get("params"))
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
             if not isinstance(verifier, str) or not isinstance(state, str):
@@ -313,6 +320,7 @@ class CredentialVault:
             created_at=row.created_at,
             expires_at=row.expires_at,
             state=state,
+            params=params,
         )
 
 
@@ -322,10 +330,23 @@ def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:
         access = data["access_token"]
         refresh = data.get("refresh_token")
         meta = data.get("meta")  # absent in records written before it existed
+        fields, params = _pairs(data.get("fields")), _pairs(data.get("params"))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise DecryptionError() from None
     if not isinstance(access, str) or not (refresh is None or isinstance(refresh, str)):
         raise DecryptionError()
     if meta is not None and not isinstance(meta, list):
         raise DecryptionError()
-    return Secrets(access, refresh), meta
+    return Secrets(access, refresh, fields, params), meta
+
+
+def _pairs(value: object) -> tuple[tuple[str, str], ...]:
+    """A sealed mapping of names to strings (connection fields or params) as sorted pairs;
+    absent in records written before they existed. Anything else is a damaged record."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("not a mapping of strings")
+    return tuple(sorted(value.items()))

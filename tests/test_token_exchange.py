@@ -299,3 +299,27 @@ async def test_exchanges_are_audited_without_the_subject_token(
         ("failure", "alice", EXCHANGE, "UPSTREAM_UNAVAILABLE"),
     ]
     assert token not in "\n".join(e.to_json() for e in xbroker.extra["audit"].events)
+
+
+@pytest.mark.parametrize("upstream", [EXCHANGE, OBO])
+@pytest.mark.parametrize("error", ["invalid_grant", "interaction_required", "not-a-known-code"])
+async def test_http_200_carrying_error_is_a_rejection_not_an_outage(
+    xbroker: Broker, auth_server: AuthServer, caplog: pytest.LogCaptureFixture, upstream: str, error: str
+) -> None:
+    """Some servers refuse a token exchange or an on-behalf-of request with HTTP 200 and an
+    ``error`` field. That is a refusal (TOKEN_REQUEST_REJECTED), never UNAVAILABLE."""
+    caplog.set_level(logging.DEBUG, logger="credential_broker")
+    token = subject(auth_server, "alice")
+    auth_server.fail_next("oauth_error", status=200, error=error)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await xbroker.resolve("alice", upstream, subject_token=token)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    detail = error_info(info.value)
+    assert detail.reason == "TOKEN_REQUEST_REJECTED"
+    assert detail.metadata["http_status"] == "200"
+    # Only an RFC 6749 / OpenID code is passed on; anything else is dropped.
+    assert detail.metadata.get("oauth_error") == (None if error == "not-a-known-code" else error)
+    text = info.value.details() + str(detail) + caplog.text
+    assert token not in text and "you sent" not in text
+    # The next call with the token works: nothing was cached.
+    assert (await xbroker.resolve("alice", upstream, subject_token=token)).access_token

@@ -84,6 +84,8 @@ class TokenResponse:
     refresh_token: str | None
     scope: tuple[str, ...] | None
     issued_token_type: str | None
+    # Values an upstream's connection_fields read from the answer (never a token), as pairs.
+    fields: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         return f"TokenResponse(<redacted>, expires_in={self.expires_in!r})"

@@ -35,14 +35,17 @@ class RevocationClient:
         token: str | None,
         token_type_hint: str,
         credentials: ClientCredentials,
+        json_body: bool = False,
     ) -> RevocationOutcome:
+        """Revoke ``token`` (section 2.1: a form; ``json_body`` sends the same fields as a JSON
+        object, for servers that document that instead)."""
         if not token:
             return RevocationOutcome(token_type_hint, ABSENT)
         if endpoint is None:
             return RevocationOutcome(token_type_hint, NOT_SUPPORTED, "no_revocation_endpoint")
         form = [("token", token), ("token_type_hint", token_type_hint)]
         try:
-            status, _ = await self._http.post_form(endpoint, form, credentials)
+            status, _ = await self._http.post_form(endpoint, form, credentials, json_body=json_body)
         except UpstreamUnavailable:
             return RevocationOutcome(token_type_hint, FAILED, "unreachable")
         # Section 2.2: 200 means revoked, or the token was already invalid (same thing to us).

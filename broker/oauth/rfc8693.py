@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from broker.errors import UpstreamUnavailable
+from broker.errors import TokenRequestRejected, UpstreamUnavailable
+from broker.oauth import rfc6749
 from broker.oauth.rfc6749 import TokenResponse
 
 # Section 2.1: the grant type of a token exchange request.
@@ -64,3 +65,20 @@ def check_issued_token_type(response: TokenResponse, requested_token_type: str) 
         raise UpstreamUnavailable(
             "the token endpoint sent an invalid answer: issued_token_type is not the requested type"
         )
+
+
+def parse_answer(status: int, body: bytes) -> TokenResponse:
+    """Read a token exchange or on-behalf-of answer (section 2.2).
+
+    Section 2.2.2 says a refusal is an RFC 6749 section 5.2 error answer (HTTP 400), but some
+    servers refuse with HTTP 200 and an ``error`` field. That is a refusal too
+    (TokenRequestRejected), never an invalid answer (UpstreamUnavailable, retried as an outage).
+    Only an allow-listed code is kept; the description is never read."""
+    if status == 200:
+        try:
+            data = rfc6749.json_object(body)
+        except UpstreamUnavailable:
+            data = {}
+        if data.get("error") not in (None, "", False):
+            raise TokenRequestRejected(status, rfc6749.error_code(data, frozenset()))
+    return rfc6749.parse_token_response(status, body)

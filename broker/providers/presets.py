@@ -17,7 +17,16 @@ import yaml
 from broker.errors import ConfigError
 
 #: ``auth_broker`` keys whose value is a mapping merged key by key (config over preset).
-MAPPING_KEYS = frozenset({"authorization_params", "token_params", "refresh_params", "token_response"})
+MAPPING_KEYS = frozenset(
+    {
+        "authorization_params",
+        "token_params",
+        "refresh_params",
+        "token_response",
+        "connection_params",
+        "connection_fields",
+    }
+)
 
 
 def builtin_entries() -> dict[str, Any]:

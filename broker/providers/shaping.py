@@ -9,6 +9,7 @@ broker.config refuses those names.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
@@ -83,6 +84,7 @@ def answer_parser(auth: AuthBrokerConfig, refreshing: bool) -> AnswerParser:
         codes=frozenset(auth.reconnect_errors),
         default_expires_in=auth.default_expires_in,
         refreshing=refreshing,
+        fields={name: f.path for name, f in auth.connection_fields.items() if f.source == "token" and f.path},
     )
 
 
@@ -95,6 +97,7 @@ def parse_answer(
     codes: frozenset[str] = frozenset(),
     default_expires_in: int | None = None,
     refreshing: bool = False,
+    fields: Mapping[str, str] | None = None,
 ) -> TokenResponse:
     """Read a token answer by ``paths``, or raise the broker error it amounts to.
 
@@ -102,7 +105,8 @@ def parse_answer(
     carrying ``error`` (GitHub), or one whose ``ok`` field is not true (Slack). Only a section
     5.2 code or one of ``codes`` (the upstream's ``reconnect_errors``) is kept; one of ``codes``
     marks the grant dead. ``default_expires_in`` stands in for a missing ``expires_in`` when the
-    answer or the grant has a refresh token (Salesforce sends none)."""
+    answer or the grant has a refresh token (Salesforce sends none). ``fields``: connection
+    fields read from the answer by path (see ``connection_values``)."""
     if status != 200 and not 400 <= status < 500:
         return rfc6749.parse_token_response(status, body)  # its UNAVAILABLE answers
     data = rfc6749.json_object(body) if status == 200 else _maybe_object(body)
@@ -123,15 +127,42 @@ def parse_answer(
     if paths.refresh_token_expires_in is not None:
         rfc6749.expires_in(_at(data, paths.refresh_token_expires_in))  # checked like expires_in
     if token.expires_in is None and default_expires_in is not None and (refreshing or token.refresh_token):
-        return TokenResponse(
-            token.access_token,
-            token.token_type,
-            default_expires_in,
-            token.refresh_token,
-            token.scope,
-            token.issued_token_type,
-        )
+        token = dataclasses.replace(token, expires_in=default_expires_in)
+    if fields:
+        token = dataclasses.replace(token, fields=connection_values(data, fields, token))
     return token
+
+
+#: The longest connection field value kept.
+MAX_FIELD_LENGTH = 2048
+
+
+def connection_values(
+    data: Mapping[str, object], fields: Mapping[str, str], token: TokenResponse
+) -> tuple[tuple[str, str], ...]:
+    """The connection fields read from a token answer, as sorted pairs. A value is kept when it
+    is a string (printable, 1 to MAX_FIELD_LENGTH characters), a number or a boolean, and is
+    not one of the answer's tokens; anything else (an object, a list, a token) is left out."""
+    out: dict[str, str] = {}
+    secrets = {token.access_token, token.refresh_token}
+    for name, path in fields.items():
+        value = _at(data, path)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = str(value)
+        elif isinstance(value, str):
+            text = value
+        else:
+            continue
+        if field_value_ok(text) and text not in secrets:
+            out[name] = text
+    return tuple(sorted(out.items()))
+
+
+def field_value_ok(text: str) -> bool:
+    """A connection field value that may be stored and returned: printable, bounded."""
+    return 0 < len(text) <= MAX_FIELD_LENGTH and text.isprintable()
 
 
 def _maybe_object(body: bytes) -> dict[str, object]:

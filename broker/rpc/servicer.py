@@ -124,7 +124,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            result = await self._service.build_authorization_url(request.user_id, request.upstream)
+            result = await self._service.build_authorization_url(
+                request.user_id, request.upstream, dict(request.connection_params)
+            )
         except Exception as exc:
             await self._fail(context, "BuildAuthorizationURL", request, exc)
         _audit(self._audit, "BuildAuthorizationURL", request, "success", "", result)
@@ -140,7 +142,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            info = await self._service.complete(request.state, request.code, request.user_id, request.iss)
+            info = await self._service.complete(
+                request.state, request.code, request.user_id, request.iss, dict(request.callback_params)
+            )
         except Exception as exc:
             await self._fail(context, "Complete", request, exc)
         _audit(self._audit, "Complete", request, "success", "", info)
@@ -179,7 +183,9 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if self._users.verifier is not None:
                 user = await self._user(context, user_id, token)
                 token, claims = user.token, user.claims
-            result = await self._service.resolve(user_id, upstream, token, request.min_valid_seconds, claims)
+            result = await self._service.resolve(
+                user_id, upstream, token, request.min_valid_seconds, claims, request.rejected_access_token
+            )
         except Exception as exc:
             await self._fail(context, "Resolve", request, exc)
         self._audit.record("inject", "success", user=user_id, upstream=upstream)
@@ -193,6 +199,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             result.obtained_via,
             result.header_name,
             result.header_value,
+            result.connection_fields,
         )
         answer = self._answers.get(key)
         if answer is None:
@@ -206,6 +213,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 obtained_via=result.obtained_via,
                 header_name=result.header_name,
                 header_value=result.header_value,
+                connection_fields=dict(result.connection_fields),
             )
         return answer
 
@@ -322,6 +330,7 @@ def _connection(connection: Connection) -> pb.Connection:
         obtained_via=connection.obtained_via,
         updated_at=_timestamp(connection.updated_at),
         last_error=connection.last_error,
+        connection_fields=dict(connection.connection_fields),
     )
 
 

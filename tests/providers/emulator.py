@@ -140,6 +140,8 @@ class Emulator:
     # -- serving ---------------------------------------------------------------------------
 
     provider: ClassVar[str] = ""  # the catalogue name it emulates
+    # BuildAuthorizationURL's connection_params for a preset with per-connection endpoints.
+    connection_params: ClassVar[dict[str, str]] = {}
     authorize_path: ClassVar[str] = "/authorize"
     token_path: ClassVar[str] = "/token"
 

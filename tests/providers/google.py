@@ -2,14 +2,16 @@
 
 Quirks: a refresh token is issued only when the authorization request has
 ``access_type=offline`` (and again on a later consent only with ``prompt=consent``); a refresh
-answer has no new refresh token; a revoked grant is 400 ``invalid_grant``.
+answer has no new refresh token; a revoked grant is 400 ``invalid_grant``. Revocation ("Revoking
+a token"): POST /revoke with ``token`` in a form, 200 when revoked, 400 ``invalid_token``
+otherwise; revoking either token of a grant ends the grant.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tests.providers.emulator import CLIENT_ID, Emulator, Request
+from tests.providers.emulator import CLIENT_ID, Emulator, Grant, Request
 
 
 class Google(Emulator):
@@ -24,7 +26,31 @@ class Google(Emulator):
             "revocation_endpoint": self.base + "/revoke",
         }
 
+    revoke_path = "/revoke"
+
+    def start(self) -> Google:
+        self.access: dict[str, Grant] = {}
+        self.revoked: list[str] = []
+        super().start()
+        return self
+
+    def _access(self, grant: Grant) -> str:
+        token = self.mint("ya29")
+        self.access[token] = grant
+        return token
+
+    def revoke(self, request: Request) -> tuple[int, dict[str, Any]]:
+        token = request.form().get("token", "")
+        grant = self.grants.get(token) or self.access.get(token)
+        if grant is None:
+            return 400, {"error": "invalid_token", "error_description": "Token expired or revoked"}
+        grant.dead = True
+        self.revoked.append(token)
+        return 200, {}
+
     def token(self, request: Request) -> tuple[int, dict[str, Any]]:
+        if request.path == self.revoke_path:
+            return self.revoke(request)
         form = request.form()
         if form.get("client_id") != CLIENT_ID or form.get("client_secret") != self.client_secret:
             return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
@@ -36,7 +62,7 @@ class Google(Emulator):
                     "error_description": "Token has been expired or revoked.",
                 }
             return 200, {
-                "access_token": self.mint("ya29"),
+                "access_token": self._access(grant),
                 "expires_in": 3599,
                 "scope": grant.scope,
                 "token_type": "Bearer",
@@ -48,7 +74,7 @@ class Google(Emulator):
         offline = query.get("access_type") == "offline" and query.get("prompt") == "consent"
         grant = self.new_grant(user, query.get("scope", ""), refresh=offline)
         answer = {
-            "access_token": self.mint("ya29"),
+            "access_token": self._access(grant),
             "expires_in": 3599,
             "scope": grant.scope,
             "token_type": "Bearer",

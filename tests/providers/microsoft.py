@@ -4,12 +4,14 @@ authorization code flow".
 Quirks covered here: the tenant sits in the path (the preset fixes it as ``common``); a refresh
 token is issued only for the ``offline_access`` scope; refresh tokens are replaced on each use
 (the broker must store the new one); a revoked grant is 400 ``invalid_grant`` with an AADSTS
-description. Not covered yet: a per-connection tenant, private_key_jwt, client assertions.
+description. ``MicrosoftTenant`` (below) serves one tenant's endpoints for the
+``microsoft-tenant`` preset, whose tenant is a connection param. Not covered here:
+private_key_jwt, client assertions.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.providers.emulator import CLIENT_ID, Emulator, Request
 
@@ -54,3 +56,22 @@ class Microsoft(Emulator):
         if grant.refresh_token:
             answer["refresh_token"] = grant.refresh_token
         return 200, answer
+
+
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+
+class MicrosoftTenant(Microsoft):
+    """The ``microsoft-tenant`` preset: the tenant is a connection param filled into the path.
+    Only this tenant's endpoints answer; any other path is a 404."""
+
+    provider = "microsoft-tenant"
+    authorize_path = f"/{TENANT}/oauth2/v2.0/authorize"
+    token_path = f"/{TENANT}/oauth2/v2.0/token"
+    connection_params: ClassVar[dict[str, str]] = {"tenant": TENANT}
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "authorization_endpoint": self.base + "/{tenant}/oauth2/v2.0/authorize",
+            "token_endpoint": self.base + "/{tenant}/oauth2/v2.0/token",
+        }

@@ -24,10 +24,13 @@ from tests.providers.emulator import CLIENT_ID, Emulator
 from tests.providers.figma import Figma
 from tests.providers.github import GitHub
 from tests.providers.google import Google
-from tests.providers.microsoft import Microsoft
+from tests.providers.microsoft import Microsoft, MicrosoftTenant
 from tests.providers.notion import Notion
+from tests.providers.quickbooks import QuickBooks
 from tests.providers.salesforce import Salesforce
+from tests.providers.shopify import Shopify
 from tests.providers.slack import Slack
+from tests.providers.zendesk import Zendesk
 
 EMULATORS: dict[str, type[Emulator]] = {
     "github-app": GitHub,
@@ -38,12 +41,18 @@ EMULATORS: dict[str, type[Emulator]] = {
     "google": Google,
     "atlassian": Atlassian,
     "microsoft": Microsoft,
+    "microsoft-tenant": MicrosoftTenant,
+    "shopify": Shopify,
+    "quickbooks": QuickBooks,
+    "zendesk": Zendesk,
 }
 SCOPES = {
     "github-app": ["repo", "read:user"],
     "slack": ["chat:write", "search:read"],
     "google": ["openid", "email"],
     "atlassian": ["offline_access", "read:jira-work"],
+    "shopify": ["read_products", "write_orders"],
+    "zendesk": ["read", "write"],
 }
 
 
@@ -74,13 +83,17 @@ async def _broker(make_broker: BrokerFactory, emulator: Emulator) -> Broker:
 
 async def _connect(broker: Broker, emulator: Emulator, user: str = "alice") -> pb.CompleteResponse:
     started = await broker.stub.BuildAuthorizationURL(
-        pb.BuildAuthorizationURLRequest(user_id=user, upstream="up")
+        pb.BuildAuthorizationURLRequest(
+            user_id=user, upstream="up", connection_params=emulator.connection_params
+        )
     )
     assert started.authorization_url.startswith(emulator.base)
     callback = await asyncio.to_thread(emulator.authorize, started.authorization_url, user)
     assert callback["state"] == started.state
+    # As an app does: the callback's other parameters go along (QuickBooks' realmId).
+    others = {k: v for k, v in callback.items() if k not in ("code", "state")}
     return await broker.stub.Complete(
-        pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user)
+        pb.CompleteRequest(state=started.state, code=callback["code"], user_id=user, callback_params=others)
     )
 
 
