@@ -33,6 +33,7 @@ def _check_retried_with_a_new_token(api: UpstreamAPI, broker: Broker, before: in
 async def test_httpx_sync_auth_retries_one_401_with_a_refreshed_token(broker: Broker) -> None:
     with BrokerClient(target(broker), cache=True) as client, UpstreamAPI() as api:
         await asyncio.to_thread(connect, client, broker.auth, "alice")
+        broker.clock.advance(31)  # past min_refresh_interval_seconds since the connect
         before = _refreshes(broker)
 
         def call() -> httpx.Response:
@@ -48,6 +49,7 @@ async def test_httpx_async_auth_retries_one_401_with_a_refreshed_token(broker: B
     async with AsyncBrokerClient(target(broker)) as client:
         with BrokerClient(target(broker)) as sync_client:
             await asyncio.to_thread(connect, sync_client, broker.auth, "bob")
+        broker.clock.advance(31)  # past min_refresh_interval_seconds since the connect
         before = _refreshes(broker)
         with UpstreamAPI() as api:
             async with httpx.AsyncClient(auth=BrokerAuth(client, "bob", UPSTREAM)) as http:
@@ -59,6 +61,7 @@ async def test_httpx_async_auth_retries_one_401_with_a_refreshed_token(broker: B
 async def test_requests_auth_retries_one_401_with_a_refreshed_token(broker: Broker) -> None:
     with BrokerClient(target(broker)) as client, UpstreamAPI() as api:
         await asyncio.to_thread(connect, client, broker.auth, "carol")
+        broker.clock.advance(31)  # past min_refresh_interval_seconds since the connect
         before = _refreshes(broker)
 
         def call() -> requests.Response:
