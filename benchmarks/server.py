@@ -4,7 +4,8 @@ Run by benchmarks/resolve_vs_empty.py in a subprocess; prints one JSON line with
 once serving. ``--users N`` bulk-loads N connected users with long-lived credentials straight
 into the store; ``--backend postgres --dsn DSN`` uses PostgreSQL (the DSN's schema must be
 empty or hold a broker schema); ``--token-endpoint URL`` points the upstream at a real
-authorization server (for the coalescing benchmark).
+authorization server (for the coalescing benchmark); ``--tracing-endpoint URL`` turns tracing on,
+exporting every span to that OTLP/gRPC collector (for the tracing cost benchmark).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ async def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--dsn", help="PostgreSQL DSN (backend postgres)")
     parser.add_argument("--dir", help="folder for the keyring and SQLite file (default: a new temp dir)")
+    parser.add_argument("--tracing-endpoint", help="trace every RPC, exporting to this OTLP/gRPC collector")
     args = parser.parse_args()
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cb-bench-"))
     if not (tmp / "keyring.json").exists():
@@ -74,6 +76,8 @@ async def main() -> None:
             }
         ],
     }
+    if args.tracing_endpoint:
+        document["tracing"] = {"enabled": True, "endpoint": args.tracing_endpoint, "sample_ratio": 1.0}
     config = load_config(document, environ={}, base_dir=tmp)
     configure("text", "error")
     app = build_app(config, extra_handlers=[_empty_handler()])

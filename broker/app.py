@@ -27,14 +27,17 @@ from broker.metrics import BrokerMetrics, MeteredTokenClient, timed_store
 from broker.oauth.client import TokenEndpointClient
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
+from broker.offboarding import Offboarding
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
 from broker.refresher import BackgroundRefresher
+from broker.retention import Reaper
 from broker.rpc.interceptors import CallerInterceptor
 from broker.rpc.server import SERVICE_NAME, BrokerServer
 from broker.rpc.servicer import CredentialBrokerServicer
 from broker.service import BrokerService
 from broker.store import CredentialStore, open_store
+from broker.tracing import NO_SPANS, Spans, start_tracing
 from broker.vault import CredentialVault
 
 
@@ -58,6 +61,8 @@ class App:
     flow_purger: FlowPurger | None = None
     refresher: BackgroundRefresher | None = None
     events: EventHub | None = None
+    tracing: Spans = NO_SPANS
+    reaper: Reaper | None = None
 
     async def start(self) -> None:
         if self.events is not None:
@@ -74,6 +79,8 @@ class App:
             self.flow_purger.start()
         if self.refresher is not None:
             self.refresher.start()
+        if self.reaper is not None:
+            self.reaper.start()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
@@ -83,12 +90,16 @@ class App:
             await self.events.stop()
         if self.flow_purger is not None:
             await self.flow_purger.stop()
+        if self.reaper is not None:
+            await self.reaper.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        await self.service.usage.drain()
         await self.tokens.aclose()
         if self.identity is not None:
             await self.identity.aclose()
         self.store.close()
+        await self.tracing.shutdown()
 
 
 def build_app(
@@ -108,8 +119,10 @@ def build_app(
     here, once, before anything else is built. ``audit_sinks`` replaces the configured sink."""
     logger = logger or get_logger()
     clock = clock or SystemClock()
+    spans = start_tracing(config.tracing, store_system=config.store.backend)
     if any(u.auth_broker.issuer for u in config.upstreams):
-        config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds))
+        config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds, spans=spans))
+    spans.name_endpoints(_endpoint_names(config))
     metrics = BrokerMetrics()
     if audit_sinks is None:
         configured = sink_from_config(config.audit)
@@ -120,9 +133,10 @@ def build_app(
     # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
     cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
     store = open_store(config.store)
+    traced = spans.store(store)
     try:
         vault = CredentialVault(
-            timed_store(store, metrics), cipher, read_cache_seconds=config.read_cache_seconds
+            timed_store(traced, metrics), cipher, read_cache_seconds=config.read_cache_seconds
         )
         # A wrong keyring is refused; damaged records are not its concern (broker/key_checks.py).
         where = config.store.path if config.store.backend == "sqlite" else "postgres"
@@ -139,6 +153,7 @@ def build_app(
             max_bytes=config.http.max_response_bytes,
             transport=transport,
             max_concurrent_requests=config.http.max_concurrent_requests,
+            spans=spans,
         )
         exchanger = TokenExchanger(vault, tokens, clock, logger, auditor)
         policy = PolicyEnforcer(build_policy(config.policy), logger)
@@ -151,21 +166,31 @@ def build_app(
                 timeout=config.http.timeout_seconds,
                 transport=transport,
                 logger=logger,
+                spans=spans,
             )
         connections = ConnectionManager(config, vault, RevocationClient(tokens), clock)
         metrics.watch_single_flight(lambda: service.flights.coalesced)
         metrics.watch_credentials(lambda: store.count_credentials(clock.now()))
         metrics.watch_flow_refusals(lambda: service.flows_refused)
         flow_purger = FlowPurger(
-            timed_store(store, metrics), clock, config.flow_purge_interval_seconds, logger
+            timed_store(traced, metrics), clock, config.flow_purge_interval_seconds, logger, auditor
+        )
+        reaper = Reaper(
+            timed_store(traced, metrics),
+            clock,
+            config.retention,
+            config.events,
+            {u.key: u.name for u in config.upstreams},
+            auditor,
+            logger,
         )
         refresher = None
         if config.background_refresh.enabled:
-            refresher = BackgroundRefresher(config, timed_store(store, metrics), service, clock, logger)
+            refresher = BackgroundRefresher(config, timed_store(traced, metrics), service, clock, logger)
             stats = refresher.stats
             metrics.watch_background_refresh(lambda: dict(stats.outcomes), lambda: stats.lag_seconds)
         events = EventHub(
-            timed_store(store, metrics),
+            timed_store(traced, metrics),
             {u.key: u.name for u in config.upstreams},
             EVENT_POLL_SECONDS if config.store.backend == "sqlite" else EVENT_FALLBACK_POLL_SECONDS,
             listen=getattr(store, "listen_events", None),
@@ -186,13 +211,14 @@ def build_app(
                 auditor=auditor,
                 connections=connections,
                 events=events,
+                offboarding=Offboarding(config, store, connections, auditor),
             ),
             config.listeners(),
             health_listen=config.health_listen,
             extra_handlers=extra_handlers,
             reuse_port=reuse_port,
             tls=config.tls,
-            interceptors=(interceptor,),
+            interceptors=(*_tracing_interceptors(spans), interceptor),
         )
     except BaseException:
         store.close()
@@ -212,7 +238,28 @@ def build_app(
         flow_purger=flow_purger,
         refresher=refresher,
         events=events,
+        tracing=spans,
+        reaper=reaper,
     )
+
+
+def _endpoint_names(config: BrokerConfig) -> dict[str, str]:
+    """Token and revocation endpoint URL -> the upstream's name, for trace spans."""
+    names: dict[str, str] = {}
+    for upstream in config.upstreams:
+        for endpoint in (upstream.auth_broker.token_endpoint, upstream.auth_broker.revocation_endpoint):
+            if endpoint is not None:
+                names.setdefault(endpoint, upstream.name)
+    return names
+
+
+def _tracing_interceptors(spans: Spans) -> tuple[grpc.aio.ServerInterceptor, ...]:
+    """The server-span interceptor, first of all, when tracing is on; none when off."""
+    if not spans.enabled:
+        return ()
+    from broker.rpc.tracing import TracingInterceptor
+
+    return (TracingInterceptor(spans),)
 
 
 def pb_methods() -> list[str]:

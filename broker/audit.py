@@ -6,8 +6,9 @@ error's free text). Never a token, code, state, secret or an authorization URL.
 
 Actions: ``connect`` (a connect flow started), ``acquire`` (a credential obtained by a
 completed connect flow), ``refresh``, ``exchange``, ``inject`` (Resolve handed out a token),
-``deny`` (the user refused a connect flow), ``disconnect``, ``list`` and ``policy_denial``
-(a caller refused by the listener's rules).
+``deny`` (the user refused a connect flow), ``disconnect``, ``list``, ``policy_denial``
+(a caller refused by the listener's rules) and ``retention`` (the reaper deleted, or in a dry
+run would delete, a credential, old events or expired connect flows: broker/retention.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ ACTIONS = frozenset(
         "disconnect",
         "list",
         "policy_denial",
+        "retention",
     }
 )
 

@@ -30,6 +30,7 @@ from broker import endpoint_templates
 from broker.config_errors import format_errors, validation_problems
 from broker.errors import ConfigError
 from broker.models import upstream_key
+from broker.tracing.config import TracingConfig, resolve_tracing
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -496,6 +497,33 @@ class BackgroundRefreshConfig(_Strict):
     interval_seconds: float = Field(default=5.0, gt=0, le=3600)
 
 
+class RetentionConfig(_Strict):
+    """What the reaper deletes (broker/retention.py), every ``interval_seconds``.
+
+    ``needs_reauth_seconds``: a credential that has needed reconnecting for longer than this is
+    deleted (its refresh token is dead; the user connects again when next asked). 0, the
+    default, keeps them: deleting one loses the "needs_reauth" answer that tells the app to
+    prompt the user, and nothing can undo it, so the operator opts in. ``dry_run``: log and
+    audit what would be deleted, delete nothing (expired connect flows are still purged: they
+    cannot be completed, and each new flow purges them too)."""
+
+    needs_reauth_seconds: int = Field(default=0, ge=0, le=10 * 365 * 86400)
+    dry_run: bool = False
+    interval_seconds: float = Field(default=300.0, gt=0, le=86400)
+
+
+class EventsConfig(_Strict):
+    """How long connection events are kept (WatchConnections' resume window, broker/events.py).
+
+    Events older than ``retention_seconds`` (default 7 days: a watcher down over a weekend
+    still resumes) are deleted, and beyond the newest ``max_events`` (default 1,000,000, about
+    100 MB) even younger ones. A watcher asking to resume below what was deleted is told to
+    resynchronise with ListConnections (WATCH_RESYNC_REQUIRED)."""
+
+    retention_seconds: int = Field(default=7 * 86400, ge=60, le=366 * 86400)
+    max_events: int = Field(default=1_000_000, ge=1, le=1_000_000_000)
+
+
 class MetricsConfig(_Strict):
     """The Prometheus endpoint, off unless ``listen`` is set (host:port, served at /metrics)."""
 
@@ -515,6 +543,8 @@ class BrokerConfig(_Strict):
     callers: tuple[CallerConfig, ...] = ()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # OpenTelemetry traces; off unless enabled here or by OTEL_* variables (broker/tracing/config.py).
+    tracing: TracingConfig = TracingConfig()
     store: StoreConfig = StoreConfig()
     keyring: KeyringConfig
     log: LogConfig = LogConfig()
@@ -537,6 +567,8 @@ class BrokerConfig(_Strict):
     # More provider presets (or replacements for built-in ones), in the catalogue's schema.
     providers_file: Path | None = None
     background_refresh: BackgroundRefreshConfig = BackgroundRefreshConfig()
+    retention: RetentionConfig = RetentionConfig()
+    events: EventsConfig = EventsConfig()
     upstreams: tuple[UpstreamConfig, ...] = ()
     identity: IdentityConfig | None = None
     policy: PolicyConfig | None = None
@@ -879,6 +911,11 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         _check_operations(config)
     except ConfigError as exc:
         problems.append(exc.message)
+    tracing = config.tracing
+    try:
+        tracing = resolve_tracing(config.tracing, environ)
+    except ConfigError as exc:
+        problems.append(exc.message)
     if problems:
         raise ConfigError(format_errors(problems))
     tls = config.tls
@@ -897,6 +934,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         update={
             "tls": tls,
             "audit": audit,
+            "tracing": tracing,
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
             "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),

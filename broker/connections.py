@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from broker import connection_values, events, validation
 from broker.clock import Clock
@@ -19,6 +20,7 @@ from broker.errors import DecryptionError, InvalidArgument, StoreError, UnknownU
 from broker.models import Credential, CredentialStatus
 from broker.oauth.client import ClientCredentials
 from broker.oauth.rfc7009 import FAILED, RevocationClient, RevocationOutcome
+from broker.store.base import CredentialRow
 from broker.vault import CredentialVault
 
 CONNECTED = "connected"
@@ -41,12 +43,33 @@ class Connection:
     updated_at: float | None = None
     last_error: str = ""
     connection_fields: tuple[tuple[str, str], ...] = ()
+    # Health: see ``health`` below.
+    refresh_token_expires_at: float | None = None
+    last_refreshed_at: float | None = None
+    last_used_at: float | None = None
+    consecutive_failures: int = 0
+    next_retry_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Disconnection:
     deleted: bool
     revocations: tuple[RevocationOutcome, ...]
+
+
+def health(row: CredentialRow) -> dict[str, Any]:
+    """A stored credential's health fields. ``last_refreshed_at``: the last time a refresh
+    stored a new token (unset while the connect flow's own token is the newest: the row's
+    last_refresh_at is then its creation time). ``next_retry_at``: only while failures are
+    counted (a credential without a refresh token is also kept out of scans, not retried)."""
+    refreshed = row.last_refresh_at
+    return {
+        "refresh_token_expires_at": row.refresh_token_expires_at,
+        "last_refreshed_at": None if refreshed is None or refreshed == row.created_at else refreshed,
+        "last_used_at": row.last_used_at,
+        "consecutive_failures": row.failure_count,
+        "next_retry_at": row.next_attempt_at if row.failure_count > 0 else None,
+    }
 
 
 def client_credentials(upstream: UpstreamConfig) -> ClientCredentials:
@@ -132,6 +155,7 @@ class ConnectionManager:
                     updated_at=row.updated_at,
                     last_error=row.last_error or "",
                     connection_fields=fields,
+                    **health(row),
                 )
             )
         return out

@@ -20,6 +20,7 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── FlowNotFound               FAILED_PRECONDITION  state unknown, expired or already used
     ├── TooManyPendingFlows        RESOURCE_EXHAUSTED   max_pending_flows_total flows are pending
     ├── WatcherTooSlow             RESOURCE_EXHAUSTED   a WatchConnections stream fell too far behind
+    ├── WatchResyncRequired        OUT_OF_RANGE         after_sequence is below the retained events
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
     │   └── ReconnectRequired          the stored credential can no longer be refreshed
@@ -205,3 +206,11 @@ class WatcherTooSlow(BrokerError):
     waiting for it reached the per-watcher bound. Reconnect with the last sequence seen."""
 
     code = "WATCH_TOO_SLOW"
+
+
+class WatchResyncRequired(BrokerError):
+    """A WatchConnections request asked to resume after a sequence older than the events still
+    kept (``events.retention_seconds`` / ``max_events``): some it missed are gone. The watcher
+    must read the current state with ListConnections and watch again without after_sequence."""
+
+    code = "WATCH_RESYNC_REQUIRED"

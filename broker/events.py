@@ -14,7 +14,10 @@ by PostgreSQL's NOTIFY (sent in the writing transaction, delivered on commit to 
 LISTEN connection) and otherwise polls: every ``poll_seconds`` on SQLite (a primary-key range
 read that finds nothing costs microseconds), and every few seconds on PostgreSQL as a fallback.
 A watcher that names ``after_sequence`` first reads what it missed from the table, then follows
-the hub; events are delivered once each, in sequence order. Each watcher has a bounded queue:
+the hub; events are delivered once each, in sequence order. Retention (broker/retention.py)
+deletes old events and keeps a mark of the highest sequence it deleted: a watcher resuming
+below that mark is refused with WatchResyncRequired (OUT_OF_RANGE) rather than silently
+missing events, and must resynchronise with ListConnections. Each watcher has a bounded queue:
 one that falls that far behind is cut off (WatcherTooSlow, RESOURCE_EXHAUSTED), so a slow
 reader cannot grow the broker's memory.
 """
@@ -30,7 +33,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from broker import validation
-from broker.errors import BrokerError, CallerNotPermitted, InvalidArgument, UnknownUpstream, WatcherTooSlow
+from broker.errors import (
+    BrokerError,
+    CallerNotPermitted,
+    InvalidArgument,
+    UnknownUpstream,
+    WatcherTooSlow,
+    WatchResyncRequired,
+)
 from broker.logs import fields, get_logger
 from broker.models import Credential, CredentialStatus
 from broker.store.base import ConnectionEventRow, CredentialStore
@@ -82,6 +92,13 @@ def refresh_failed(
 def disconnected(user_id: str, upstream_key: str, now: float) -> ConnectionEventRow:
     """The credential was deleted (Disconnect)."""
     return ConnectionEventRow(user_id, upstream_key, EventKind.DISCONNECTED.value, "not_connected", None, now)
+
+
+def reaped(user_id: str, upstream_key: str, now: float) -> ConnectionEventRow:
+    """Retention deleted a credential that had needed reconnecting for too long."""
+    return ConnectionEventRow(
+        user_id, upstream_key, EventKind.DISCONNECTED.value, "not_connected", "retention", now
+    )
 
 
 # -- delivering events -------------------------------------------------------------------
@@ -231,6 +248,9 @@ class EventHub:
             if after_sequence is not None:
                 while True:
                     rows = await asyncio.to_thread(self._store.events_after, last, PAGE, user_id)
+                    # Read after the page: retention that deleted any event above ``last``
+                    # (before or during this read) has raised the mark past it by then.
+                    await self._check_retained(last)
                     for row in rows:
                         last = row.sequence
                         if watcher.wants(row):
@@ -250,6 +270,16 @@ class EventHub:
                 yield self._event(row)
         finally:
             self._watchers.discard(watcher)
+
+    async def _check_retained(self, last: int) -> None:
+        """Raise WatchResyncRequired when retention deleted events after ``last``."""
+        trimmed = await asyncio.to_thread(self._store.events_trimmed_through)
+        if last < trimmed:
+            raise WatchResyncRequired(
+                f"after_sequence {last} is older than the retained connection events (kept from "
+                f"sequence {trimmed + 1}); read the current state with ListConnections, then "
+                "watch again without after_sequence"
+            )
 
     def watch_connections(
         self,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 
+from broker.audit import Auditor
 from broker.clock import Clock
 from broker.errors import BrokerError
 from broker.logs import fields, get_logger
@@ -22,7 +23,12 @@ class FlowPurger:
     delete the flows expired at ``clock.now()`` and reclaim their space."""
 
     def __init__(
-        self, store: CredentialStore, clock: Clock, interval: float, logger: logging.Logger | None = None
+        self,
+        store: CredentialStore,
+        clock: Clock,
+        interval: float,
+        logger: logging.Logger | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -30,6 +36,7 @@ class FlowPurger:
         self._clock = clock
         self._interval = interval
         self._log = logger or get_logger()
+        self._audit = auditor
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         #: Flows deleted since start (for tests and diagnostics).
@@ -73,4 +80,11 @@ class FlowPurger:
         if purged:
             self.purged += purged
             self._log.info("expired connect flows purged", extra=fields(count=purged))
+            if self._audit is not None:  # retention's record of what it deleted (no secret)
+                self._audit.record(
+                    "retention",
+                    "success",
+                    reason="flows_expired",
+                    detail={"kind": "flows", "count": str(purged)},
+                )
         return purged

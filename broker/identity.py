@@ -43,6 +43,7 @@ from broker.clock import Clock
 from broker.config import IdentityConfig, _check_url
 from broker.errors import IdentityProviderUnavailable, UserMismatch, UserTokenInvalid
 from broker.logs import fields, get_logger
+from broker.tracing import NO_SPANS, CallRecord, Spans
 
 # RFC 7518 section 3.1 / RFC 8037 section 3.1: which key type each algorithm signs with.
 _KEY_TYPE = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
@@ -92,8 +93,10 @@ class IdentityVerifier:
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
         logger: logging.Logger | None = None,
+        spans: Spans = NO_SPANS,
     ) -> None:
         self._config = config
+        self._spans = spans
         self._clock = clock
         self._log = logger or get_logger()
         self._http = httpx.AsyncClient(
@@ -296,8 +299,13 @@ class IdentityVerifier:
         return jwks_uri
 
     async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+        with self._spans.http("jwks" if what == "JWKS" else "discovery", "GET", url) as span:
+            return await self._fetch_json(url, what, span)
+
+    async def _fetch_json(self, url: str, what: str, span: CallRecord) -> dict[str, Any]:
         try:
             async with self._http.stream("GET", url) as resp:
+                span.status(resp.status_code)
                 if resp.status_code != 200:
                     raise IdentityProviderUnavailable(
                         f"the identity provider's {what} answered HTTP {resp.status_code}"

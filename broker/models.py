@@ -67,6 +67,8 @@ class Credential:
     last_error: str | None = None
     failure_count: int = 0
     next_attempt_at: float | None = None
+    # When the refresh token stops working, when the provider said (clear metadata).
+    refresh_token_expires_at: float | None = None
 
     def valid_for(self, now: float, seconds: float) -> bool:
         """True when the access token is usable and stays so for ``seconds`` more."""

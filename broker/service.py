@@ -52,6 +52,7 @@ from broker.oauth.rfc6749 import TokenResponse
 from broker.policy import AllowAll, PolicyEnforcer, PolicyRequest
 from broker.providers import shaping
 from broker.singleflight import SingleFlight
+from broker.usage import UsageStamps
 from broker.vault import CredentialVault
 
 # How often a process that did not get a refresh lease looks for the holder's result.
@@ -93,6 +94,8 @@ class BrokerService:
         # Who holds a refresh lease, and for how long: one token request plus a margin.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lease_seconds = config.http.timeout_seconds + _LEASE_MARGIN_SECONDS
+        #: ListConnections' last_used_at, stamped by Resolve at most once a minute per credential.
+        self.usage = UsageStamps(vault.store, logger=self._log)
 
     @property
     def flights(self) -> SingleFlight[Credential]:
@@ -336,6 +339,7 @@ class BrokerService:
             if credential.status is CredentialStatus.NEEDS_REAUTH or not credential.secrets.refresh_token:
                 raise await self._connect_error(ReconnectRequired, user, upstream)
             if self._refreshed_recently(credential, self._clock.now()):
+                self.usage.used(user, upstream.key, self._clock.now())
                 return self._resolved(credential, upstream)
             try:
                 credential = await self._flights.run(
@@ -348,6 +352,7 @@ class BrokerService:
                 # better than an error. A terminal refusal became ReconnectRequired earlier.
                 if lifecycle.is_terminal(exc) or not credential.valid_for(self._clock.now(), floor):
                     raise
+        self.usage.used(user, upstream.key, self._clock.now())
         return self._resolved(credential, upstream)
 
     def _refreshed_recently(self, credential: Credential, now: float) -> bool:
@@ -707,6 +712,7 @@ class BrokerService:
             expires_at=None if token.expires_in is None else now + token.expires_in,
             obtained_via=obtained_via,
             updated_at=now,
+            refresh_token_expires_at=refresh_token_expiry(token, previous, now),
         )
 
     @staticmethod
@@ -735,6 +741,17 @@ class BrokerService:
             auth.header_format.replace("{token}", token),
             credential.secrets.fields,
         )
+
+
+def refresh_token_expiry(token: TokenResponse, previous: Credential | None, now: float) -> float | None:
+    """When the stored refresh token stops working: from the answer's refresh_token_expires_in
+    when it sent one; the previous expiry when the answer kept the old refresh token (RFC 6749
+    section 6); unknown for a new refresh token without a lifetime."""
+    if token.refresh_token_expires_in is not None:
+        return now + token.refresh_token_expires_in
+    if not token.refresh_token and previous is not None:
+        return previous.refresh_token_expires_at
+    return None
 
 
 def check_iss(upstream: UpstreamConfig, iss: str) -> None:

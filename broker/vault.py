@@ -75,6 +75,12 @@ class _WriteTracking:
             "due_for_refresh",
             "idle_for_refresh",
             "newest_pending_flow",
+            "needs_reauth_before",
+            "events_to_trim",
+            "events_trimmed_through",
+            # A write, but of a column no cached read depends on: Resolve stamps it once a
+            # minute per credential, and must not empty the read cache each time.
+            "touch_last_used",
             "close",
         }
     )
@@ -206,6 +212,7 @@ class CredentialVault:
             last_error=row.last_error,
             failure_count=row.failure_count,
             next_attempt_at=row.next_attempt_at,
+            refresh_token_expires_at=row.refresh_token_expires_at,
         )
 
     def save(
@@ -254,6 +261,7 @@ class CredentialVault:
             created_at=now,
             updated_at=credential.updated_at,
             last_refresh_at=now,
+            refresh_token_expires_at=credential.refresh_token_expires_at,
         )
 
     def forget(self, user_id: str, upstream_key: str) -> None:

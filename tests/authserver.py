@@ -7,7 +7,7 @@ code under test talk to it over real HTTP. The server implements
 * the token endpoint: ``authorization_code``, ``refresh_token`` with rotation and reuse detection
   (RFC 6749 §6, RFC 9700 §4.14.2), token exchange (RFC 8693 §2) and the Entra ID on-behalf-of
   ``jwt-bearer`` grant,
-* the revocation endpoint (RFC 7009),
+* the revocation endpoint (RFC 7009) and token introspection (RFC 7662),
 * authorization server metadata (RFC 8414),
 
 plus fault injection on the token endpoint (:meth:`AuthServer.fail_next`) and a record of every
@@ -574,6 +574,11 @@ class AuthServer:
         """URL of the revocation endpoint."""
         return self.base_url + "/revoke"
 
+    @property
+    def introspection_endpoint(self) -> str:
+        """URL of the introspection endpoint (RFC 7662)."""
+        return self.base_url + "/introspect"
+
     # ----------------------------------------------------------------- configuration
 
     def add_client(self, client: Client) -> Client:
@@ -747,7 +752,7 @@ class AuthServer:
         )
         with self._lock:
             self._requests.append(request)
-            if path in ("/token", "/revoke"):
+            if path in ("/token", "/revoke", "/introspect"):
                 self._note_secrets(form, headers)
         try:
             if path in (
@@ -771,6 +776,11 @@ class AuthServer:
                     return _Response(405, b"method not allowed\n", {"Allow": "POST"})
                 with self._lock:
                     return self._revocation_endpoint(request)
+            if path == "/introspect":
+                if method != "POST":
+                    return _Response(405, b"method not allowed\n", {"Allow": "POST"})
+                with self._lock:
+                    return self._introspection_endpoint(request)
             return _Response(404, b"not found\n", {"Content-Type": "text/plain"})
         except _OAuthError as err:
             return _error_response(err)
@@ -1269,3 +1279,71 @@ class AuthServer:
             access.revoked = True
         # RFC 7009 §2.2: 200 whether or not the token was known.
         return _Response(200, b"", {"Cache-Control": "no-store"})
+
+    # ----------------------------------------------------------------- /introspect
+
+    def _introspection_endpoint(self, request: RecordedRequest) -> _Response:
+        """RFC 7662 §2.1 introspection request, authenticated as a client; lock held. Only the
+        client a token was issued to learns that it is active (§2.2: otherwise "active": false)."""
+        form = request.form
+        client = self._authenticate_client(form, request.headers)
+        token = _param(form, "token")
+        if not token:
+            raise _OAuthError(400, "invalid_request", "token required")
+        access = self._live_access_token(token)
+        if access is not None and self._grants[access.grant_id].client_id == client.client_id:
+            grant = self._grants[access.grant_id]
+            answer: dict[str, Any] = {"active": True, "token_type": "access_token", "sub": grant.user}
+            answer["client_id"] = client.client_id
+            if access.expires_at is not None:
+                answer["exp"] = int(access.expires_at)
+            return _json_response(200, answer)
+        refresh = self._refresh_tokens.get(token)
+        if (
+            refresh is not None
+            and refresh.client_id == client.client_id
+            and not refresh.rotated
+            and not refresh.revoked
+            and not self._grants[refresh.grant_id].revoked
+        ):
+            grant = self._grants[refresh.grant_id]
+            answer = {"active": True, "token_type": "refresh_token", "sub": grant.user}
+            answer["client_id"] = client.client_id
+            return _json_response(200, answer)
+        return _json_response(200, {"active": False})
+
+    def introspect(self, client: Client, token: str) -> dict[str, Any]:
+        """Ask this server's RFC 7662 endpoint about ``token`` over HTTP, as ``client``
+        (client_secret_basic or client_secret_post, as the client is registered)."""
+        data = {"token": token}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if client.auth_method == "client_secret_basic":
+            pair = f"{client.client_id}:{client.client_secret or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        else:
+            data["client_id"] = client.client_id
+            if client.client_secret is not None:
+                data["client_secret"] = client.client_secret
+        parts = urlsplit(self.introspection_endpoint)
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+        try:
+            conn.request("POST", parts.path, body=urlencode(data), headers=headers)
+            answer = conn.getresponse()
+            body = answer.read()
+        finally:
+            conn.close()
+        if answer.status != 200:
+            raise AssertionError(f"introspection answered HTTP {answer.status}")
+        found: dict[str, Any] = json.loads(body)
+        return found
+
+    def live_tokens(self, user: str) -> list[str]:
+        """Every access and refresh token of ``user``'s grants that would be accepted now."""
+        with self._lock:
+            out = [t for t in self._access_tokens if self._live_access_token(t) is not None]
+            out = [t for t in out if self._grants[self._access_tokens[t].grant_id].user == user]
+            for token, record in self._refresh_tokens.items():
+                grant = self._grants[record.grant_id]
+                if grant.user == user and not (record.rotated or record.revoked or grant.revoked):
+                    out.append(token)
+            return out

@@ -3,6 +3,7 @@ measured by running them, not asserted in the test suite."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,23 @@ def test_refresh_scan_runs_and_prints_ratio() -> None:
     assert "sqlite    ratio 3000/300:" in out
     assert "USING INDEX credentials_refresh_due" in out  # the scan is an index range scan
     assert "USING INDEX credentials_keep_alive" in out
+
+
+def test_resolve_vs_check_runs_and_prints_ratios_with_tracing_cost() -> None:
+    out = _run("benchmarks/resolve_vs_check.py", "--seconds", "0.2", "--rounds", "2", "--callers", "4")
+    lines = {line.split(":")[0]: line for line in out.splitlines() if ":" in line}
+    ratios = lines["resolve/check"].split("rate ratio ")[1].split(",")[0]
+    assert float(ratios) > 0, out
+    assert "p50 ratio" in lines["resolve/check"] and "server CPU per call ratio" in lines["resolve/check"]
+    traced = lines["tracing on/off"]
+    assert float(traced.split("rate ratio ")[1].split(",")[0]) > 0, out
+    # The traced broker really exported its Resolve spans to the loopback receiver.
+    received = int(out.split(" spans received")[0].rsplit("; ", 1)[1])
+    assert received > 0, out
+
+
+def test_usage_stamp_benchmark_runs_and_prints_ratio() -> None:
+    out = _run("benchmarks/resolve_usage_stamp.py", "--users", "50", "--calls", "200", "--rounds", "4")
+    assert "ratio on/off: p50" in out
+    figures = json.loads(out.splitlines()[-1])
+    assert figures["p50_x"] > 0 and figures["stamps_written"] >= 50  # every credential stamped once

@@ -274,6 +274,31 @@ async def test_disconnect_revokes_at_the_provider(make_broker: BrokerFactory, oi
     assert error_info(gone.value).reason == "NOT_CONNECTED"
 
 
+async def test_disconnect_all_revokes_at_the_provider(make_broker: BrokerFactory, oidc: OidcProvider) -> None:
+    """DisconnectAll (offboarding): the provider's introspection says both tokens are dead."""
+    broker, client = await start(make_broker, oidc, ALL_SCOPES)
+    user, other = "offboarded-user", "staying-user"
+    tokens = {}
+    for who in (user, other):
+        await connect(broker, oidc, who)
+        refresh_token = stored_refresh_token(broker, who)
+        assert refresh_token
+        tokens[who] = [(await resolve(broker, who)).access_token, refresh_token]
+        assert [oidc.introspect(client, t)["active"] for t in tokens[who]] == [True, True]
+
+    done = await broker.stub.DisconnectAll(pb.DisconnectAllRequest(user_id=user))
+    assert [(r.upstream, r.deleted) for r in done.results] == [(UPSTREAM, True)]
+    assert [(r.token_type_hint, r.outcome) for r in done.results[0].revocations] == [
+        ("refresh_token", "revoked"),
+        ("access_token", "revoked"),
+    ]
+    assert [oidc.introspect(client, t)["active"] for t in tokens[user]] == [False, False]
+    assert [oidc.introspect(client, t)["active"] for t in tokens[other]] == [True, True]
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await resolve(broker, user)
+    assert error_info(gone.value).reason == "NOT_CONNECTED"
+
+
 @pytest.mark.parametrize("iss", ["http://127.0.0.1:1", "", "http://127.0.0.1:{port}/"])
 async def test_a_wrong_or_missing_iss_is_refused_and_nothing_is_stored(
     make_broker: BrokerFactory, oidc: OidcProvider, iss: str

@@ -3,6 +3,7 @@ plus SQLite's own schema, WAL and file mode."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -18,6 +19,7 @@ from broker.errors import DecryptionError, KeyringError, StoreError
 from broker.key_checks import StoreKeyCheck
 from broker.models import Credential, PendingFlow, Secrets
 from broker.store import SCHEMA_VERSION, SqliteStore
+from broker.store.base import CRED_COLUMNS
 from broker.vault import CredentialVault
 
 
@@ -193,8 +195,14 @@ def test_migration_2_keeps_version_1_records_openable(tmp_path: Path) -> None:
             pass
 
     old = V1Store(path)
-    CredentialVault(old, cipher).save(_cred(), None, 1e9)
+    # Written with version 1's columns only, as a version 1 broker wrote it.
+    row = CredentialVault(old, cipher).seal_credential(_cred(), 1e9)
     old.close()
+    values = [getattr(row, column.strip()) for column in CRED_COLUMNS.split(",")]
+    values[3] = json.dumps(list(row.scopes))  # the scopes column holds JSON
+    v1 = sqlite3.connect(path, isolation_level=None)
+    v1.execute(f"INSERT INTO credentials ({CRED_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
+    v1.close()
     upgraded = SqliteStore(path)
     try:
         found = CredentialVault(upgraded, cipher).get("alice", "gh_0011223344556677")

@@ -12,6 +12,7 @@ import httpx
 from broker.config import ClientAuthMethod
 from broker.errors import UpstreamUnavailable
 from broker.oauth.rfc6749 import TokenResponse, basic_credentials, parse_token_response
+from broker.tracing import NO_SPANS, Spans
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class TokenEndpointClient:
     ``timeout`` bounds each request as a whole, by an asyncio deadline: the wait for a slot,
     connect, send, and every byte of the answer. A server that answers one byte at a time is
     cut at the deadline, not let run for as long as each read stays under a per-read timeout.
+
+    ``spans``: each request is a client span (broker/tracing/), when tracing is on.
     """
 
     def __init__(
@@ -60,8 +63,10 @@ class TokenEndpointClient:
         max_bytes: int,
         transport: httpx.AsyncBaseTransport | None = None,
         max_concurrent_requests: int = 10,
+        spans: Spans = NO_SPANS,
     ) -> None:
         self.timeout = timeout
+        self.spans = spans
         self._max_bytes = max_bytes
         self._transport = transport
         self._max_concurrent = max_concurrent_requests
@@ -119,6 +124,23 @@ class TokenEndpointClient:
         upstream: str | None = None,
         deadline: float | None = None,
         json_body: bool = False,
+        call: str = "token",
+    ) -> tuple[int, bytes]:
+        """Post ``form`` and read the answer's status and (bounded) body. ``call`` names the kind
+        of request in its trace span: ``token`` or ``revocation``."""
+        with self.spans.http(call, "POST", endpoint, upstream=upstream) as span:
+            status, body = await self._post_form(endpoint, form, credentials, upstream, deadline, json_body)
+            span.status(status)
+            return status, body
+
+    async def _post_form(
+        self,
+        endpoint: str,
+        form: Sequence[tuple[str, str]],
+        credentials: ClientCredentials,
+        upstream: str | None,
+        deadline: float | None,
+        json_body: bool,
     ) -> tuple[int, bytes]:
         fields = list(form)
         headers: dict[str, str] = {}

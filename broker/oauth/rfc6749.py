@@ -86,6 +86,9 @@ class TokenResponse:
     issued_token_type: str | None
     # Values an upstream's connection_fields read from the answer (never a token), as pairs.
     fields: tuple[tuple[str, str], ...] = ()
+    # The refresh token's lifetime in seconds, when the server says (GitHub, QuickBooks): not
+    # in RFC 6749, read through the upstream's token_response.refresh_token_expires_in path.
+    refresh_token_expires_in: int | None = None
 
     def __repr__(self) -> str:
         return f"TokenResponse(<redacted>, expires_in={self.expires_in!r})"

@@ -45,7 +45,9 @@ class RevocationClient:
             return RevocationOutcome(token_type_hint, NOT_SUPPORTED, "no_revocation_endpoint")
         form = [("token", token), ("token_type_hint", token_type_hint)]
         try:
-            status, _ = await self._http.post_form(endpoint, form, credentials, json_body=json_body)
+            status, _ = await self._http.post_form(
+                endpoint, form, credentials, json_body=json_body, call="revocation"
+            )
         except UpstreamUnavailable:
             return RevocationOutcome(token_type_hint, FAILED, "unreachable")
         # Section 2.2: 200 means revoked, or the token was already invalid (same thing to us).

@@ -15,6 +15,7 @@ import httpx
 
 from broker.config import BrokerConfig, check_endpoint_url
 from broker.errors import ConfigError
+from broker.tracing import NO_SPANS, Spans
 
 MAX_METADATA_BYTES = 256 * 1024
 _ENDPOINTS = ("token_endpoint", "authorization_endpoint", "revocation_endpoint")
@@ -61,13 +62,17 @@ def parse_metadata(issuer: str, status: int, body: bytes) -> dict[str, Any]:
 class MetadataCache:
     """Fetches each issuer's metadata once and keeps it."""
 
-    def __init__(self, *, timeout: float, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, *, timeout: float, transport: httpx.BaseTransport | None = None, spans: Spans = NO_SPANS
+    ) -> None:
+        self._spans = spans
         self._documents: dict[str, dict[str, Any]] = {}
         self._timeout = timeout
         self._transport = transport
 
-    def get(self, issuer: str) -> dict[str, Any]:
-        """The issuer's metadata; raises ValueError with a safe reason."""
+    def get(self, issuer: str, upstream: str | None = None) -> dict[str, Any]:
+        """The issuer's metadata; raises ValueError with a safe reason. ``upstream`` names the
+        upstream it is for in the trace span of each fetch."""
         cached = self._documents.get(issuer)
         if cached is not None:
             return cached
@@ -77,7 +82,11 @@ class MetadataCache:
         ) as http:
             for url in metadata_urls(issuer):
                 try:
-                    with http.stream("GET", url, headers={"Accept": "application/json"}) as resp:
+                    with (
+                        self._spans.http("discovery", "GET", url, upstream=upstream) as span,
+                        http.stream("GET", url, headers={"Accept": "application/json"}) as resp,
+                    ):
+                        span.status(resp.status_code)
                         body = b""
                         for chunk in resp.iter_bytes():
                             body += chunk
@@ -105,7 +114,7 @@ def apply_discovery(config: BrokerConfig, cache: MetadataCache) -> BrokerConfig:
             continue
         where = f"upstreams[{index}].auth_broker.issuer"
         try:
-            document = cache.get(auth.issuer)
+            document = cache.get(auth.issuer, upstream.name)
         except ValueError as exc:
             raise ConfigError(f"{where}: metadata could not be used ({exc})") from None
         update: dict[str, Any] = {}

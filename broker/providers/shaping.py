@@ -125,7 +125,10 @@ def parse_answer(
         flat.pop("token_type", None)  # not a token type: the token is used as Bearer
     token = rfc6749.token_response_from(flat)
     if paths.refresh_token_expires_in is not None:
-        rfc6749.expires_in(_at(data, paths.refresh_token_expires_in))  # checked like expires_in
+        # Checked like expires_in; kept only with a refresh token it can describe.
+        refresh_lifetime = rfc6749.expires_in(_at(data, paths.refresh_token_expires_in))
+        if refresh_lifetime is not None and token.refresh_token:
+            token = dataclasses.replace(token, refresh_token_expires_in=refresh_lifetime)
     if token.expires_in is None and default_expires_in is not None and (refreshing or token.refresh_token):
         token = dataclasses.replace(token, expires_in=default_expires_in)
     if fields:

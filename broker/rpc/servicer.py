@@ -21,6 +21,7 @@ from broker.events import ConnectionEvent, EventHub, EventKind
 from broker.identity import UserAuthenticator, VerifiedUser
 from broker.logs import fields, get_logger
 from broker.models import CredentialInfo
+from broker.offboarding import Offboarding
 from broker.rpc.status import internal_status, to_status
 from broker.service import BrokerService
 
@@ -77,8 +78,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         auditor: Auditor | None = None,
         connections: ConnectionManager | None = None,
         events: EventHub | None = None,
+        offboarding: Offboarding | None = None,
     ) -> None:
         self._events = events
+        self._offboarding = offboarding
         self._service = service
         self._log = logger or get_logger()
         self._users = authenticator or UserAuthenticator()
@@ -251,6 +254,38 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             ],
         )
 
+    async def DisconnectAll(
+        self, request: pb.DisconnectAllRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DisconnectAllResponse:
+        call = current_call.get()
+        who = call.who if call is not None else None
+        try:
+            self._check(request)
+            if self._offboarding is None:
+                raise NotImplementedMode("DisconnectAll is not wired in this server")
+            await self._user(context, request.user_id)
+            done = await self._offboarding.disconnect_all(
+                request.user_id, who.may_use if who else lambda _: True
+            )
+        except Exception as exc:
+            await self._fail(context, "DisconnectAll", request, exc)
+        _audit(self._audit, "DisconnectAll", request, "success", "", done)
+        return pb.DisconnectAllResponse(
+            results=[
+                pb.UpstreamDisconnect(
+                    upstream=d.upstream,
+                    deleted=d.result.deleted,
+                    revocations=[
+                        pb.TokenRevocation(
+                            token_type_hint=r.token_type_hint, outcome=r.outcome, reason=r.reason
+                        )
+                        for r in d.result.revocations
+                    ],
+                )
+                for d in done
+            ]
+        )
+
     async def WatchConnections(
         self, request: pb.WatchConnectionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchConnectionsResponse]:
@@ -292,6 +327,7 @@ AUDIT_ACTIONS = {
     "Resolve": "inject",
     "ListConnections": "list",
     "Disconnect": "disconnect",
+    "DisconnectAll": "disconnect",
     "WatchConnections": "list",
 }
 
@@ -303,6 +339,8 @@ def _audit(auditor: Auditor, method: str, request: object, outcome: str, reason:
     user = getattr(request, "user_id", "")
     upstream = getattr(request, "upstream", "") or getattr(result, "upstream", "")
     detail: dict[str, str] = {}
+    if isinstance(result, list):  # DisconnectAll: each upstream is audited on its own as well
+        detail["upstreams"] = ",".join(sorted(getattr(d, "upstream", "") for d in result))
     if isinstance(result, Disconnection):
         detail["deleted"] = str(result.deleted).lower()
         for revocation in result.revocations:
@@ -331,6 +369,11 @@ def _connection(connection: Connection) -> pb.Connection:
         updated_at=_timestamp(connection.updated_at),
         last_error=connection.last_error,
         connection_fields=dict(connection.connection_fields),
+        refresh_token_expires_at=_timestamp(connection.refresh_token_expires_at),
+        last_refreshed_at=_timestamp(connection.last_refreshed_at),
+        last_used_at=_timestamp(connection.last_used_at),
+        consecutive_failures=connection.consecutive_failures,
+        next_retry_at=_timestamp(connection.next_retry_at),
     )
 
 

@@ -36,6 +36,7 @@ STATUS_TABLE: tuple[tuple[type[errors.BrokerError], grpc.StatusCode], ...] = (
     (errors.KeyRotationRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.TooManyPendingFlows, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.WatcherTooSlow, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.WatchResyncRequired, grpc.StatusCode.OUT_OF_RANGE),
 )
 
 

@@ -30,6 +30,10 @@ class CredentialRow:
     last_error: str | None = None
     failure_count: int = 0
     next_attempt_at: float | None = None
+    # Connection health (migration 6): when the refresh token stops working, when known; the
+    # last Resolve (written at most once a minute, broker/usage.py). Clear metadata, no secret.
+    refresh_token_expires_at: float | None = None
+    last_used_at: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -107,7 +111,7 @@ CRED_COLUMNS = (
 )
 # Read with next_attempt_at (migration 2); a save writes CRED_COLUMNS only, which resets the
 # backoff and releases the refresh lease.
-CRED_SELECT = CRED_COLUMNS + ", next_attempt_at"
+CRED_SELECT = CRED_COLUMNS + ", next_attempt_at, refresh_token_expires_at, last_used_at"
 FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
 
 
@@ -125,6 +129,7 @@ def _credential_fields(row: Sequence[Any]) -> CredentialRow:
     (user, key, token_type, scopes, expires, via, status, gen, kid, sealed, created, updated,
      last_refresh, last_error, failures, *rest) = row  # fmt: skip
     next_attempt = rest[0] if rest else None
+    refresh_expires, last_used = (rest[1], rest[2]) if len(rest) >= 3 else (None, None)
     scope_list = json.loads(str(scopes))
     if not isinstance(scope_list, list) or not all(isinstance(s, str) for s in scope_list):
         raise ValueError("scopes")
@@ -145,6 +150,8 @@ def _credential_fields(row: Sequence[Any]) -> CredentialRow:
         last_error=None if last_error is None else str(last_error),
         failure_count=int(failures or 0),
         next_attempt_at=None if next_attempt is None else float(next_attempt),
+        refresh_token_expires_at=None if refresh_expires is None else float(refresh_expires),
+        last_used_at=None if last_used is None else float(last_used),
     )
 
 
@@ -287,5 +294,33 @@ class CredentialStore(Protocol):
     def sealed_records_under(self, kek_id: str, after_position: int, limit: int) -> list[SealedRecord]:
         """Up to ``limit`` sealed records (both tables) under ``kek_id`` with position >
         ``after_position``, in position order (as ``sealed_records``)."""
+
+    # -- upkeep (broker/store/upkeep.py: usage stamps, retention) ---------------------------
+
+    def touch_last_used(self, user_id: str, upstream_key: str, now: float, not_since: float) -> bool:
+        """Set the credential's last_used_at to ``now`` unless it is already after
+        ``not_since`` (one conditional UPDATE; never changes the generation). True when written."""
+
+    def needs_reauth_before(self, cutoff: float, limit: int) -> list[tuple[str, str, float]]:
+        """Up to ``limit`` (user_id, upstream_key, needs_reauth_at) of credentials that have
+        needed reconnecting since ``cutoff`` or earlier, oldest first (an index range scan)."""
+
+    def delete_needs_reauth(
+        self, user_id: str, upstream_key: str, cutoff: float, event: ConnectionEventRow | None = None
+    ) -> bool:
+        """Delete the credential only if it still needs reconnecting since ``cutoff`` or earlier
+        (a reconnect meanwhile keeps it); ``event`` in the same transaction. True when deleted."""
+
+    def events_to_trim(self, before: float, keep: int) -> tuple[int, int]:
+        """(the highest sequence retention would delete, how many events that is): every event
+        at or before ``before``, and all but the newest ``keep``. (0, 0) when none."""
+
+    def trim_events(self, through_sequence: int, batch_size: int = 1000) -> int:
+        """Delete the events with sequence <= ``through_sequence`` in batches, raising the
+        trimmed-through mark with each batch in its transaction; how many were deleted."""
+
+    def events_trimmed_through(self) -> int:
+        """The highest sequence retention ever deleted (0: none): a watcher resuming below it
+        may have missed events."""
 
     def close(self) -> None: ...

@@ -42,10 +42,11 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES, SharedQueries
+from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES
+from broker.store.upkeep import POSTGRES_MIGRATION, UpkeepQueries
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
 _EVENT_LOCK = 0x63625F657674  # advisory lock id for event inserts ("cb_evt")
@@ -57,7 +58,7 @@ _SUSPECT_READ_WAIT_SECONDS = 0.02
 _WRITE_WAIT_SECONDS = 5.0
 _RECONNECT_TIMEOUT_SECONDS = 2.0  # a pool slot gives up and is re-grown on demand after this
 
-_CLEAR_LIFECYCLE = "next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL"
+_CLEAR_LIFECYCLE = "next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, needs_reauth_at = NULL"
 
 _MIGRATION_1 = (
     """CREATE TABLE credentials (
@@ -123,6 +124,7 @@ MIGRATIONS: list[Sequence[str]] = [
         f"CREATE TABLE connection_events (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, {EVENT_COLUMNS})",
         EVENT_USER_INDEX,
     ),
+    POSTGRES_MIGRATION,  # SQLite's _migrate_health_retention (broker/store/upkeep.py)
 ]
 
 
@@ -136,7 +138,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
 
 
-class PostgresStore(SharedQueries):
+class PostgresStore(UpkeepQueries):
     """Credentials and pending flows in PostgreSQL, shared by every replica."""
 
     schema_version = SCHEMA_VERSION
@@ -257,27 +259,29 @@ class PostgresStore(SharedQueries):
             row.last_refresh_at,
             row.last_error,
             row.failure_count,
+            row.refresh_token_expires_at,
         )
         with self._write() as conn:
             if expected_generation is not None:
                 found = conn.execute(
                     "UPDATE credentials SET token_type = %s, scopes = %s, expires_at = %s, "
                     "obtained_via = %s, status = %s, kek_id = %s, sealed = %s, updated_at = %s, "
-                    "last_refresh_at = %s, last_error = %s, failure_count = %s, "
+                    "last_refresh_at = %s, last_error = %s, failure_count = %s, refresh_token_expires_at = %s, "
                     f"generation = generation + 1, {_CLEAR_LIFECYCLE} "
                     "WHERE user_id = %s AND upstream_key = %s AND generation = %s RETURNING generation",
                     (*values, row.user_id, row.upstream_key, expected_generation),
                 ).fetchone()
             else:
                 found = conn.execute(
-                    f"INSERT INTO credentials ({CRED_COLUMNS}) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s) "
+                    f"INSERT INTO credentials ({CRED_COLUMNS}, refresh_token_expires_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (user_id, upstream_key) DO UPDATE SET "
                     "token_type = EXCLUDED.token_type, scopes = EXCLUDED.scopes, "
                     "expires_at = EXCLUDED.expires_at, obtained_via = EXCLUDED.obtained_via, "
                     "status = EXCLUDED.status, kek_id = EXCLUDED.kek_id, sealed = EXCLUDED.sealed, "
                     "updated_at = EXCLUDED.updated_at, last_refresh_at = EXCLUDED.last_refresh_at, "
                     "last_error = EXCLUDED.last_error, failure_count = EXCLUDED.failure_count, "
+                    "refresh_token_expires_at = EXCLUDED.refresh_token_expires_at, "
                     f"generation = credentials.generation + 1, {_CLEAR_LIFECYCLE} RETURNING generation",
                     (
                         row.user_id,
@@ -294,6 +298,7 @@ class PostgresStore(SharedQueries):
                         row.last_refresh_at,
                         row.last_error,
                         row.failure_count,
+                        row.refresh_token_expires_at,
                     ),
                 ).fetchone()
             if found is not None and event is not None:

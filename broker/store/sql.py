@@ -88,10 +88,21 @@ class SharedQueries:
                 self._q(
                     "UPDATE credentials SET status = ?, last_error = ?, "
                     "failure_count = COALESCE(failure_count, 0) + 1, next_attempt_at = ?, "
-                    "lease_owner = NULL, lease_until = NULL "
+                    "lease_owner = NULL, lease_until = NULL, "
+                    # Since when it needs reconnecting (retention), from the event's time.
+                    "needs_reauth_at = CASE WHEN ? = 'needs_reauth' THEN COALESCE(needs_reauth_at, ?) END "
                     "WHERE user_id = ? AND upstream_key = ? AND generation = ?"
                 ),
-                (status, error_class, next_attempt_at, user_id, upstream_key, generation),
+                (
+                    status,
+                    error_class,
+                    next_attempt_at,
+                    status,
+                    None if event is None else event.at,
+                    user_id,
+                    upstream_key,
+                    generation,
+                ),
             )
             if event is not None and cursor.rowcount == 1:
                 self._add_event(conn, event)

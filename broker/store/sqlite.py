@@ -29,9 +29,10 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES, SharedQueries
+from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES
+from broker.store.upkeep import SQLITE_MIGRATION, UpkeepQueries
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -110,16 +111,23 @@ def _migrate_events(db: sqlite_utils.Database) -> None:
     db.execute(EVENT_USER_INDEX)
 
 
+def _migrate_health_retention(db: sqlite_utils.Database) -> None:
+    """Connection health columns and retention (broker/store/upkeep.py)."""
+    for statement in SQLITE_MIGRATION:
+        db.execute(statement)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
     _migrate_key_checks,
     _migrate_refresh_schedule,
     _migrate_events,
+    _migrate_health_retention,
 ]
 
 
-class SqliteStore(SharedQueries):
+class SqliteStore(UpkeepQueries):
     """The default store: a local SQLite file."""
 
     schema_version = SCHEMA_VERSION
@@ -220,7 +228,7 @@ class SqliteStore(SharedQueries):
     ) -> int | None:
         with self._write() as conn:
             current = conn.execute(
-                "SELECT generation, created_at FROM credentials WHERE user_id = ? AND upstream_key = ?",
+                "SELECT generation, created_at, last_used_at FROM credentials WHERE user_id = ? AND upstream_key = ?",
                 (row.user_id, row.upstream_key),
             ).fetchone()
             if expected_generation is not None and (current is None or current[0] != expected_generation):
@@ -228,8 +236,8 @@ class SqliteStore(SharedQueries):
             generation = (current[0] if current else 0) + 1
             created = current[1] if current else row.created_at
             conn.execute(
-                f"INSERT OR REPLACE INTO credentials ({CRED_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO credentials ({CRED_COLUMNS}, refresh_token_expires_at, last_used_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.user_id,
                     row.upstream_key,
@@ -246,6 +254,8 @@ class SqliteStore(SharedQueries):
                     row.last_refresh_at,
                     row.last_error,
                     row.failure_count,
+                    row.refresh_token_expires_at,
+                    current[2] if current else None,  # the last Resolve outlives a refresh
                 ),
             )
             if event is not None:
