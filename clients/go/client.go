@@ -17,6 +17,7 @@ package credentialbroker
 
 import (
 	"context"
+	"errors"
 	"iter"
 	"math/rand/v2"
 	"os"
@@ -410,6 +411,7 @@ func (c *Client) watchOnce(ctx context.Context, attempt *int) {
 		return
 	}
 	if _, err := stream.Header(); err != nil { // the broker sends it once the watcher is registered
+		c.resyncIfAsked(err)
 		return
 	}
 	c.cache.setLive(true)
@@ -417,6 +419,7 @@ func (c *Client) watchOnce(ctx context.Context, attempt *int) {
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
+			c.resyncIfAsked(err)
 			return
 		}
 		event := eventFrom(resp.GetEvent())
@@ -424,5 +427,16 @@ func (c *Client) watchOnce(ctx context.Context, attempt *int) {
 		c.lastSequence, c.haveSequence = event.Sequence, true
 		c.seqMu.Unlock()
 		c.cache.apply(event)
+	}
+}
+
+// resyncIfAsked forgets the resume point when the broker no longer keeps it (the cache was
+// dropped with the stream anyway): the next subscription watches from now on.
+func (c *Client) resyncIfAsked(err error) {
+	var resync *ResyncRequiredError
+	if errors.As(fromStatus(err), &resync) {
+		c.seqMu.Lock()
+		c.haveSequence = false
+		c.seqMu.Unlock()
 	}
 }

@@ -73,6 +73,10 @@ type TokenRequestRejectedError struct{ *BrokerError }
 // ResourceExhaustedError: TOO_MANY_PENDING_FLOWS, WATCH_TOO_SLOW.
 type ResourceExhaustedError struct{ *BrokerError }
 
+// ResyncRequiredError: a watch resumed after a sequence the broker no longer keeps
+// (WATCH_RESYNC_REQUIRED, OUT_OF_RANGE): read the state again and watch from now on.
+type ResyncRequiredError struct{ *BrokerError }
+
 // InternalError: INTERNAL, DECRYPTION_FAILED, UNIMPLEMENTED, a passed deadline and anything
 // this version does not recognise.
 type InternalError struct{ *BrokerError }
@@ -87,6 +91,7 @@ func (e *FlowNotFoundError) Unwrap() error         { return e.BrokerError }
 func (e *TokenRequestRejectedError) Unwrap() error { return e.BrokerError }
 func (e *ResourceExhaustedError) Unwrap() error    { return e.BrokerError }
 func (e *InternalError) Unwrap() error             { return e.BrokerError }
+func (e *ResyncRequiredError) Unwrap() error       { return e.BrokerError }
 
 // fromStatus turns a failed gRPC call into the typed error for its ErrorInfo reason.
 func fromStatus(err error) error {
@@ -138,6 +143,8 @@ func fromStatus(err error) error {
 		return &UnknownUpstreamError{base}
 	case codes.ResourceExhausted:
 		return &ResourceExhaustedError{base}
+	case codes.OutOfRange:
+		return &ResyncRequiredError{base}
 	}
 	return &InternalError{base}
 }

@@ -184,3 +184,41 @@ async def test_disconnect_is_honoured_from_the_cache_quickly(broker: Broker) -> 
     finally:
         await asyncio.to_thread(client.close)
         await asyncio.to_thread(other.close)
+
+
+@pytest.mark.timeout(120)
+async def test_a_resume_point_the_broker_no_longer_keeps_is_dropped(broker: Broker, tmp_path: Path) -> None:
+    """Two processes keep one event (events.max_events 1, reaped every 0.2 s). The cached
+    client's broker dies, events are made and reaped meanwhile; the client's after_sequence is
+    refused with WATCH_RESYNC_REQUIRED, so it watches from now on and its cache comes back."""
+    settings = {"events": {"max_events": 1}, "retention": {"interval_seconds": 0.2}}
+    port = free_port()
+    config_a = write_config(broker.document, tmp_path / "a.yaml", listen=[f"127.0.0.1:{port}"], **settings)
+    config_b = write_config(broker.document, tmp_path / "b.yaml", **settings)
+    a = PatientServerProcess(config_a, tmp_path / "a.log")
+    b = PatientServerProcess(config_b, tmp_path / "b.log")
+    restarted: list[PatientServerProcess] = []
+    client = BrokerClient(a.address, cache=True)
+    other = BrokerClient(b.address)
+    try:
+        assert await asyncio.to_thread(client.wait_cache_live)
+        await asyncio.to_thread(connect, other, broker.auth, "fay")
+        await eventually(lambda: client.last_sequence is not None)
+        old = client.last_sequence
+        assert old is not None
+        a.kill()
+        await eventually(lambda: client.cache is not None and not client.cache.live)
+        for user in ("gus", "hal", "ida"):
+            await asyncio.to_thread(connect, other, broker.auth, user)
+        await asyncio.sleep(1.0)  # B's reaper keeps only the newest event
+        restarted.append(PatientServerProcess(config_a, tmp_path / "a2.log"))
+        assert await asyncio.to_thread(client.wait_cache_live, 30), "the cache never came back"
+        await asyncio.to_thread(other.refresh, "ida", UPSTREAM)
+        # Events flow again (not one refused resume after another).
+        await eventually(lambda: client.last_sequence is not None and client.last_sequence > old, timeout=10)
+        assert client.cache is not None and client.cache.live
+    finally:
+        await asyncio.to_thread(client.close)
+        await asyncio.to_thread(other.close)
+        for server in (a, b, *restarted):
+            server.stop()

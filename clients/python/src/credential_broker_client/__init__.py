@@ -53,6 +53,7 @@ from credential_broker_client.errors import (
     UpstreamUnavailable,
     UserMismatch,
     UserTokenInvalid,
+    WatchResyncRequired,
     WatchTooSlow,
 )
 from credential_broker_client.models import (
@@ -110,6 +111,7 @@ __all__ = [
     "UpstreamUnavailable",
     "UserMismatch",
     "UserTokenInvalid",
+    "WatchResyncRequired",
     "WatchTooSlow",
 ]
 

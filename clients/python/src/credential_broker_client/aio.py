@@ -256,6 +256,8 @@ class AsyncBrokerClient:
                     reason = "the stream ended"
             except grpc.aio.AioRpcError as exc:
                 reason = from_rpc_error(exc).reason
+                if reason == "WATCH_RESYNC_REQUIRED":
+                    self.last_sequence = None  # the cache is dropped anyway: watch from now on
             finally:
                 cache.set_live(False)
                 call.cancel()

@@ -283,6 +283,8 @@ class BrokerClient:
                 reason = f"the stream ended ({ended.code})"
             except grpc.RpcError as exc:
                 reason = from_rpc_error(exc).reason
+                if reason == "WATCH_RESYNC_REQUIRED":
+                    self.last_sequence = None  # the cache is dropped anyway: watch from now on
             finally:
                 self._cache.set_live(False)
             if self._closed.is_set():

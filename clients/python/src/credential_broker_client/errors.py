@@ -28,6 +28,7 @@
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── TooManyPendingFlows        TOO_MANY_PENDING_FLOWS
     │   └── WatchTooSlow               WATCH_TOO_SLOW
+    ├── WatchResyncRequired        WATCH_RESYNC_REQUIRED (OUT_OF_RANGE: resume point deleted)
     ├── ModeNotImplemented         MODE_NOT_IMPLEMENTED
     ├── DeadlineExceeded           DEADLINE_EXCEEDED (the caller's deadline passed)
     ├── Cancelled                  CANCELLED
@@ -227,6 +228,14 @@ class WatchTooSlow(ResourceExhausted):
     default_reason = "WATCH_TOO_SLOW"
 
 
+class WatchResyncRequired(BrokerError):
+    """A watch asked to resume after a sequence the broker no longer keeps: events were missed.
+    Read the state again (list_connections) and watch from now on."""
+
+    default_reason = "WATCH_RESYNC_REQUIRED"
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class ModeNotImplemented(BrokerError):
     default_reason = "MODE_NOT_IMPLEMENTED"
     default_code = grpc.StatusCode.UNIMPLEMENTED
@@ -276,6 +285,7 @@ BY_REASON: dict[str, type[BrokerError]] = {
         ResourceExhausted,
         TooManyPendingFlows,
         WatchTooSlow,
+        WatchResyncRequired,
         ModeNotImplemented,
         DeadlineExceeded,
         Cancelled,
@@ -293,6 +303,7 @@ BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNIMPLEMENTED: ModeNotImplemented,
+    grpc.StatusCode.OUT_OF_RANGE: WatchResyncRequired,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
 }
