@@ -52,40 +52,44 @@ def bulk_load(store: object, vault: CredentialVault, upstream_key: str, users: i
     started = time.perf_counter()
     now = time.time()
     for start in range(0, users, BATCH):
-        rows = sealed_rows(vault, upstream_key, start, min(users, start + BATCH), now)
-        if isinstance(store, SqliteStore):
-            conn = sqlite3.connect(store.path)
-            with conn:
-                conn.executemany(
-                    "INSERT INTO credentials (user_id, upstream_key, token_type, scopes, expires_at, "
-                    "obtained_via, status, generation, kek_id, sealed, created_at, updated_at, "
-                    "last_refresh_at, last_error, failure_count) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r.user_id,
-                            r.upstream_key,
-                            r.token_type,
-                            json.dumps(list(r.scopes)),
-                            r.expires_at,
-                            r.obtained_via,
-                            r.status,
-                            r.generation,
-                            r.kek_id,
-                            r.sealed,
-                            r.created_at,
-                            r.updated_at,
-                            r.last_refresh_at,
-                            r.last_error,
-                            r.failure_count,
-                        )
-                        for r in rows
-                    ],
-                )
-            conn.close()
-        else:
-            store.bulk_insert_credentials(rows)  # type: ignore[attr-defined]
+        insert_rows(store, sealed_rows(vault, upstream_key, start, min(users, start + BATCH), now))
     return time.perf_counter() - started
+
+
+def insert_rows(store: object, rows: list[CredentialRow]) -> None:
+    """Insert new sealed rows in one transaction (executemany on SQLite, COPY on PostgreSQL)."""
+    if isinstance(store, SqliteStore):
+        conn = sqlite3.connect(store.path)
+        with conn:
+            conn.executemany(
+                "INSERT INTO credentials (user_id, upstream_key, token_type, scopes, expires_at, "
+                "obtained_via, status, generation, kek_id, sealed, created_at, updated_at, "
+                "last_refresh_at, last_error, failure_count) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.user_id,
+                        r.upstream_key,
+                        r.token_type,
+                        json.dumps(list(r.scopes)),
+                        r.expires_at,
+                        r.obtained_via,
+                        r.status,
+                        r.generation,
+                        r.kek_id,
+                        r.sealed,
+                        r.created_at,
+                        r.updated_at,
+                        r.last_refresh_at,
+                        r.last_error,
+                        r.failure_count,
+                    )
+                    for r in rows
+                ],
+            )
+        conn.close()
+    else:
+        store.bulk_insert_credentials(rows)  # type: ignore[attr-defined]
 
 
 @contextmanager

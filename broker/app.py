@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,8 +14,11 @@ from broker.audit import Auditor, AuditSink, sink_from_config
 from broker.callers import CallerPolicy
 from broker.clock import Clock, SystemClock
 from broker.config import BrokerConfig
+from broker.connect.flows import HostedConnect
+from broker.connect.server import ConnectServer
 from broker.connections import ConnectionManager
-from broker.crypto import EnvelopeCipher, FileKeySource, KeySource
+from broker.crypto import EnvelopeCipher, KeySource
+from broker.crypto.keysource import key_source_for
 from broker.errors import ConfigError
 from broker.events import EVENT_FALLBACK_POLL_SECONDS, EVENT_POLL_SECONDS, EventHub
 from broker.exchange import TokenExchanger
@@ -63,6 +67,8 @@ class App:
     events: EventHub | None = None
     tracing: Spans = NO_SPANS
     reaper: Reaper | None = None
+    #: The hosted connect listener (broker/connect/), when ``connect`` is configured.
+    connect_server: ConnectServer | None = None
 
     async def start(self) -> None:
         if self.events is not None:
@@ -75,6 +81,16 @@ class App:
                 await self.server.stop(0)
                 reason = describe_bind_error(self.config.metrics.listen, exc)
                 raise ConfigError(f"metrics.listen: {reason}") from None
+        if self.connect_server is not None:
+            try:
+                await self.connect_server.start()
+            except ConfigError:
+                await self.server.stop(0)
+                if self.events is not None:
+                    await self.events.stop()
+                if self.metrics is not None:
+                    self.metrics.stop()
+                raise
         if self.flow_purger is not None:
             self.flow_purger.start()
         if self.refresher is not None:
@@ -83,6 +99,8 @@ class App:
             self.reaper.start()
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.connect_server is not None:
+            await self.connect_server.stop()
         await self.server.stop(grace)
         if self.refresher is not None:
             await self.refresher.stop()
@@ -128,7 +146,7 @@ def build_app(
         configured = sink_from_config(config.audit)
         audit_sinks = [configured] if configured is not None else []
     auditor = Auditor([*audit_sinks, metrics], now=clock.now)
-    source = key_source or FileKeySource(config.keyring.file)
+    source = key_source or key_source_for(config.keyring, os.environ)
     keyring = source.load()
     # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
     cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
@@ -196,6 +214,12 @@ def build_app(
             listen=getattr(store, "listen_events", None),
             logger=logger,
         )
+        connect_server = None
+        if config.connect is not None:
+            hosted = HostedConnect(service, vault, clock, auditor, logger)
+            connect_server = ConnectServer(
+                config.connect, hosted, config.flow_ttl_seconds, logger, reuse_port=reuse_port
+            )
         methods = pb_methods()
         interceptor = CallerInterceptor(
             CallerPolicy(config, methods),
@@ -240,6 +264,7 @@ def build_app(
         events=events,
         tracing=spans,
         reaper=reaper,
+        connect_server=connect_server,
     )
 
 

@@ -1,5 +1,5 @@
-"""Command line: ``credential-broker serve | keys generate|add|promote|rewrap|retire|status | config check
-| providers list|show``."""
+"""Command line: ``credential-broker serve | keys generate|add|promote|rewrap|retire|status|wrap|unwrap|
+rewrap-root | config check | providers list|show``."""
 
 from __future__ import annotations
 
@@ -146,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
         ("rewrap", "re-wrap every record's data key under the primary (payloads untouched)"),
         ("retire", "remove a key no record uses any more"),
         ("status", "records per key id"),
+        ("wrap", "wrap every key of a plain keyring with keyring.wrapped_by's root key (KMS, HSM)"),
+        ("unwrap", "turn a wrapped keyring back into a plain one (for leaving a KMS)"),
+        ("rewrap-root", "re-wrap every key under the root key's current version, after a rotation"),
     ):
         sub = keys.add_parser(name, help=text)
         # Required: a key command on the embedded development config would act on files in the
@@ -227,12 +230,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return 0
         if args.command == "keys" and args.keys_command != "generate":
             config, _ = _load(args, env)
-            return _keys(args, config)
+            return _keys(args, config, env)
         if args.command == "providers":
             return _providers(args)
         if args.command == "config" and args.config_command == "check":
             config, _ = _load(args, env)
-            return _check(config)
+            return _check(config, env)
     except BrokerError as exc:
         print(f"credential-broker: {exc.message}", file=sys.stderr)
         return 2
@@ -258,11 +261,11 @@ def _providers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(config: BrokerConfig) -> int:
+def _check(config: BrokerConfig, environ: Mapping[str, str]) -> int:
     """``config check``: what can be known without serving; says what it could not check."""
-    from broker.crypto import FileKeySource
+    from broker.crypto.keysource import key_source_for
 
-    keyring = FileKeySource(config.keyring.file).load()
+    keyring = key_source_for(config.keyring, environ).load()
     _refuse([*listener_problems(config), *file_problems(config)])
     listening = ", ".join(entry.address for entry in config.listeners())
     print(f"config OK: {len(config.upstreams)} upstream(s), listening on {listening}")
@@ -276,14 +279,17 @@ def _check(config: BrokerConfig) -> int:
     return 0
 
 
-def _keys(args: argparse.Namespace, config: BrokerConfig) -> int:
-    from broker.crypto import FileKeySource
+def _keys(args: argparse.Namespace, config: BrokerConfig, environ: Mapping[str, str]) -> int:
+    from broker.crypto.keysource import key_source_for
     from broker.keys import KeyRotation
     from broker.store import open_store
 
+    if args.keys_command in ("wrap", "unwrap", "rewrap-root"):
+        return _custody(args.keys_command, config, environ)
     # Check the inputs before opening the store, and never create a store here: a failed
     # command leaves no file behind.
-    FileKeySource(config.keyring.file).load()
+    source = key_source_for(config.keyring, environ)
+    source.load()
     if config.store.backend == "sqlite" and not config.store.path.exists():
         raise StoreError(
             f"no store at {config.store.path}; keys commands work on an existing store: start the "
@@ -291,7 +297,7 @@ def _keys(args: argparse.Namespace, config: BrokerConfig) -> int:
         )
     store = open_store(config.store)
     try:
-        rotation = KeyRotation(FileKeySource(config.keyring.file), store)
+        rotation = KeyRotation(source, store)
         command = args.keys_command
         if command == "add":
             print(rotation.add())  # the id alone, for scripts
@@ -316,6 +322,26 @@ def _keys(args: argparse.Namespace, config: BrokerConfig) -> int:
                 print(f"{kid}\t{state}\t{count}")
     finally:
         store.close()
+    return 0
+
+
+def _custody(command: str, config: BrokerConfig, environ: Mapping[str, str]) -> int:
+    """``keys wrap | unwrap | rewrap-root``: the keyring file converted in place, atomically.
+    Records are never touched: their data keys stay wrapped by the same KEKs."""
+    from broker.crypto.keysource import wrapped_source_for
+    from broker.crypto.wrapped import rewrap_root, unwrap_keyring, wrap_keyring
+
+    target = wrapped_source_for(config.keyring, environ)
+    where = f"the keyring {config.keyring.file}"
+    if command == "wrap":
+        count = len(wrap_keyring(target).ids())
+        print(f"wrapped {count} key(s) of {where} with the root key ({target.root.describe()})")
+    elif command == "unwrap":
+        count = len(unwrap_keyring(target).ids())
+        print(f"unwrapped {count} key(s): {where} is a plain keyring again; remove keyring.wrapped_by")
+    else:
+        count = rewrap_root(target)
+        print(f"re-wrapped {count} key(s) of {where} under the root key ({target.root.describe()})")
     return 0
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode, urlsplit
 
 import yaml
 from pydantic import (
@@ -198,6 +198,9 @@ class AuthBrokerConfig(_Strict):
     revocation_endpoint: str | None = None
     # RFC 9207: the callback must carry iss equal to ``issuer`` (or discovered from metadata).
     authorization_response_iss_parameter_supported: bool | None = None
+    # token_exchange / entra_obo: keep the refresh token the exchange returns (sealed) and renew
+    # the exchanged token with it once the user's own token is gone (long-running on-behalf-of).
+    store_refresh_token: bool = False
 
     @field_validator(
         "token_endpoint",
@@ -294,6 +297,12 @@ class AuthBrokerConfig(_Strict):
     def resources(self) -> tuple[str, ...]:
         return _as_tuple(self.resource)
 
+    @property
+    def refreshable(self) -> bool:
+        """Whether credentials of this upstream hold a refresh token the broker uses:
+        oauth_connect, or an exchange mode with ``store_refresh_token``."""
+        return self.mode is Mode.OAUTH_CONNECT or self.store_refresh_token
+
     def audiences(self) -> tuple[str, ...]:
         return _as_tuple(self.audience)
 
@@ -336,8 +345,42 @@ class StoreConfig(_Strict):
     lock_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
 
 
+class Pkcs11RootKeyConfig(_Strict):
+    """A root key on a PKCS#11 token (an HSM): the KEKs are wrapped with CKM_AES_KEY_WRAP_KWP, or
+    AES-GCM where the token lacks it. The PIN comes from exactly one of pin_file, pin_env."""
+
+    type: Literal["pkcs11"]
+    module: Path
+    token_label: str = Field(min_length=1, max_length=32)
+    key_label: str = Field(min_length=1, max_length=128)
+    pin_file: Path | None = None
+    pin_env: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_pin_source(self) -> Pkcs11RootKeyConfig:
+        if (self.pin_file is None) == (self.pin_env is None):
+            raise ValueError("set exactly one of pin_file, pin_env")
+        return self
+
+
+class AwsKmsRootKeyConfig(_Strict):
+    """A root key in AWS KMS (Encrypt/Decrypt with an encryption context binding each KEK id);
+    credentials come from the standard AWS chain (environment, web identity, instance role)."""
+
+    type: Literal["aws_kms"]
+    key_id: str = Field(min_length=1, max_length=2048)
+    region: str = Field(pattern=r"^[a-z0-9-]{1,32}$")
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+
+
 class KeyringConfig(_Strict):
     file: Path
+    # The root key that wraps every KEK in the file (broker/crypto/wrapped.py); None: a plain file.
+    wrapped_by: Annotated[Pkcs11RootKeyConfig | AwsKmsRootKeyConfig, Field(discriminator="type")] | None = (
+        None
+    )
+    # At start-up, how long to keep retrying (with backoff) a root key source that cannot be reached.
+    unwrap_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
 class LogConfig(_Strict):
@@ -530,6 +573,48 @@ class MetricsConfig(_Strict):
     listen: str | None = None
 
 
+class ConnectConfig(_Strict):
+    """Hosted connect (broker/connect/): the broker's own HTTP listener for the browser side of
+    a connect flow. ``public_url`` is where browsers reach it (TLS may end at a proxy in front of
+    ``listen``); each oauth_connect upstream's redirect URI is ``{public_url}/callback``. After
+    the callback the browser goes to ``return_to`` with ``upstream``, ``status`` and ``reason``."""
+
+    listen: str
+    public_url: str
+    return_to: str
+    cookie_name: str = Field(default="credential_broker_connect", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        check_listen_address(value)
+        if value.startswith("unix://"):
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        _check_url(value)
+        if urlsplit(value).query or value.endswith("?"):
+            raise ValueError("must not have a query")
+        return value.rstrip("/")
+
+    @field_validator("return_to")
+    @classmethod
+    def _return_to(cls, value: str) -> str:
+        _check_url(value)
+        return value
+
+    @property
+    def callback_url(self) -> str:
+        return self.public_url + "/callback"
+
+    def start_url(self, reference: str) -> str:
+        """The /start link of a flow's one-time reference."""
+        return f"{self.public_url}/start?" + urlencode({"flow": reference})
+
+
 class BrokerConfig(_Strict):
     """The whole configuration document."""
 
@@ -572,6 +657,7 @@ class BrokerConfig(_Strict):
     upstreams: tuple[UpstreamConfig, ...] = ()
     identity: IdentityConfig | None = None
     policy: PolicyConfig | None = None
+    connect: ConnectConfig | None = None
 
     @field_validator("listen")
     @classmethod
@@ -749,6 +835,23 @@ def _resolve_store(store: StoreConfig, environ: Mapping[str, str], base_dir: Pat
     return store.model_copy(update={"dsn": SecretStr(dsn)})
 
 
+def _hosted_redirect_uri(
+    index: int, auth: AuthBrokerConfig, connect: ConnectConfig | None
+) -> AuthBrokerConfig:
+    """With hosted connect on, an oauth_connect upstream's redirect URI is the broker's own
+    callback: taken as that when left out, refused when it names anything else."""
+    if connect is None or auth.mode is not Mode.OAUTH_CONNECT:
+        return auth
+    if auth.redirect_uri is None:
+        return auth.model_copy(update={"redirect_uri": connect.callback_url})
+    if auth.redirect_uri != connect.callback_url:
+        raise ConfigError(
+            f"upstreams[{index}].auth_broker.redirect_uri: must be {connect.callback_url} "
+            "(connect.public_url + /callback) when hosted connect is on, or left out"
+        )
+    return auth
+
+
 def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
     where = f"upstreams[{index}].auth_broker"
     auth = upstream.auth_broker
@@ -763,6 +866,11 @@ def _check_upstream(index: int, upstream: UpstreamConfig) -> None:
                 raise ConfigError(f"{where}.{key}: required for mode oauth_connect")
     if auth.client_id is None and auth.mode is not Mode.OAUTH_CONNECT and needs_secret:
         raise ConfigError(f"{where}.client_id: required with {auth.token_endpoint_auth_method.value}")
+    if auth.store_refresh_token and auth.mode is Mode.OAUTH_CONNECT:
+        raise ConfigError(
+            f"{where}.store_refresh_token: only for mode token_exchange or entra_obo "
+            "(oauth_connect always keeps its refresh token)"
+        )
     if auth.mode is not Mode.OAUTH_CONNECT and (auth.connection_params or auth.connection_fields):
         raise ConfigError(f"{where}.connection_params: only for mode oauth_connect")
     if auth.mode is Mode.ENTRA_OBO and not auth.scopes:
@@ -893,6 +1001,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         seen.add(upstream.name)
         try:
             auth = _resolve_secret(upstream.auth_broker, f"upstreams[{index}].auth_broker", environ, base_dir)
+            auth = _hosted_redirect_uri(index, auth, config.connect)
             upstream = upstream.model_copy(update={"auth_broker": auth})
             _check_upstream(index, upstream)
         except ConfigError as exc:
@@ -937,10 +1046,18 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
             "tracing": tracing,
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
-            "keyring": config.keyring.model_copy(update={"file": rooted(config.keyring.file)}),
+            "keyring": _rooted_keyring(config.keyring, rooted),
             "providers_file": rooted(config.providers_file) if config.providers_file else None,
         }
     )
+
+
+def _rooted_keyring(keyring: KeyringConfig, rooted: Callable[[Path], Path]) -> KeyringConfig:
+    """The keyring section with its file (and a PKCS#11 PIN file) taken from the config's folder."""
+    wrapped_by = keyring.wrapped_by
+    if isinstance(wrapped_by, Pkcs11RootKeyConfig) and wrapped_by.pin_file is not None:
+        wrapped_by = wrapped_by.model_copy(update={"pin_file": rooted(wrapped_by.pin_file)})
+    return keyring.model_copy(update={"file": rooted(keyring.file), "wrapped_by": wrapped_by})
 
 
 def _check_operations(config: BrokerConfig) -> None:

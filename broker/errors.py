@@ -23,7 +23,8 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── WatchResyncRequired        OUT_OF_RANGE         after_sequence is below the retained events
     ├── ConnectRequired            FAILED_PRECONDITION  carries a ready authorization URL
     │   ├── NotConnected               the user never connected this upstream
-    │   └── ReconnectRequired          the stored credential can no longer be refreshed
+    │   ├── ReconnectRequired          the stored credential can no longer be refreshed
+    │   └── InsufficientScope          the grant lacks required_scopes (broker/scopes.py)
     ├── TokenRequestRejected       FAILED_PRECONDITION  the token endpoint refused (4xx)
     ├── UpstreamUnavailable        UNAVAILABLE          unreachable, timed out, 5xx, or junk answer
     │   ├── IdentityProviderUnavailable  the JWKS or discovery document could not be fetched
@@ -31,6 +32,8 @@ translated into this tree once, at their boundary, with ``raise ... from exc``.
     ├── NotImplementedMode         UNIMPLEMENTED        an auth mode this build cannot run yet
     ├── ConfigError                (start-up only)      names the offending config field
     ├── KeyringError               (start-up only)      missing or unreadable keyring
+    │   ├── RootKeyUnavailable         the root key source (KMS, HSM) could not be reached
+    │   └── RootKeyRefused             the root key does not unwrap a KEK (wrong key, tampered file)
     ├── KeyRotationRefused         (CLI only)           a `keys` step that would strand records
     ├── DecryptionError            INTERNAL             one uninformative error for any bad record
     └── StoreError                 UNAVAILABLE          the store could not be read or written
@@ -151,6 +154,18 @@ class ConfigError(BrokerError):
 
 class KeyringError(BrokerError):
     code = "KEYRING_INVALID"
+
+
+class RootKeyUnavailable(KeyringError):
+    """The root key source of a wrapped keyring (KMS, HSM) could not be reached: worth a retry."""
+
+    code = "ROOT_KEY_UNAVAILABLE"
+
+
+class RootKeyRefused(KeyringError):
+    """The root key does not unwrap a wrapped KEK: another root key, or a changed file."""
+
+    code = "ROOT_KEY_REFUSED"
 
 
 class KeyRotationRefused(BrokerError):

@@ -5,17 +5,31 @@ credential, with ``obtained_via`` set to the mode and no refresh token; it is se
 until it enters the refresh window. Concurrent callers share one exchange (single flight), a
 failed exchange is never retried within the same call and is never cached. The subject token is
 only ever put in the request body: it is not logged, stored, or put in an error.
+
+Long-running on-behalf-of (``store_refresh_token: true``): the refresh token the exchange
+returns is kept, sealed with the access token, and renews the credential (through ``renew``: the
+service's refresh, with its single flight, refresh lease and backoff) when it enters the
+refresh window and no subject token came, or the subject token was refused (expired): a
+background agent keeps working after the user's own token is gone. A fresh subject token still
+means a fresh exchange. When the stored grant is dead too, the answer is SUBJECT_TOKEN_REQUIRED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import Mode, UpstreamConfig
-from broker.errors import DecryptionError, SubjectTokenRequired, TokenRequestRejected, UpstreamUnavailable
+from broker.errors import (
+    ConnectRequired,
+    DecryptionError,
+    SubjectTokenRequired,
+    TokenRequestRejected,
+    UpstreamUnavailable,
+)
 from broker.logs import fields, get_logger
 from broker.models import Credential, CredentialStatus, ObtainedVia, Secrets
 from broker.oauth import rfc8693
@@ -46,6 +60,9 @@ class TokenExchanger:
         self.flights: SingleFlight[Credential] = SingleFlight()
         #: Exchanges actually sent to a token endpoint (for tests and metrics).
         self.exchanges = 0
+        #: Renews a stored credential with its refresh token (set by the service): for
+        #: upstreams with ``store_refresh_token``.
+        self.renew: Callable[[str, UpstreamConfig, int], Awaitable[Credential]] | None = None
 
     async def resolve(
         self, user: str, upstream: UpstreamConfig, subject_token: str, floor: int, window: int
@@ -57,7 +74,15 @@ class TokenExchanger:
         now = self._clock.now()
         if cached is not None and cached.valid_for(now, window):
             return cached
+        renewable = (
+            upstream.auth_broker.store_refresh_token
+            and cached is not None
+            and bool(cached.secrets.refresh_token)
+            and self.renew is not None
+        )
         if not subject_token:
+            if renewable:
+                return await self._renew(user, upstream, cached, floor, window)
             if cached is not None and cached.valid_for(now, floor):
                 return cached
             raise SubjectTokenRequired(
@@ -68,12 +93,32 @@ class TokenExchanger:
             return await self.flights.run(
                 (user, upstream.key), lambda: self._exchange(user, upstream, subject_token, window)
             )
+        except TokenRequestRejected:
+            if not renewable:
+                raise
+            # The user's token was refused (typically: it expired); the stored grant still serves.
+            return await self._renew(user, upstream, cached, floor, window)
         except UpstreamUnavailable:
             # The authorization server is down: a token still valid for what the caller asked
             # for is better than an error.
             if cached is not None and cached.valid_for(self._clock.now(), floor):
                 return cached
             raise
+
+    async def _renew(
+        self, user: str, upstream: UpstreamConfig, cached: Credential | None, floor: int, window: int
+    ) -> Credential:
+        """Renew with the stored refresh token; the cached credential when the authorization
+        server is down and it is still valid for ``floor``."""
+        assert self.renew is not None
+        try:
+            return await self.renew(user, upstream, window)
+        except UpstreamUnavailable:
+            if cached is not None and cached.valid_for(self._clock.now(), floor):
+                return cached
+            raise
+        except (TokenRequestRejected, ConnectRequired):
+            raise renewal_refused(upstream) from None
 
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
@@ -90,7 +135,12 @@ class TokenExchanger:
         # A row from another mode (the upstream's mode changed) is never served.
         if credential.obtained_via != _OBTAINED_VIA[upstream.auth_broker.mode].value:
             return None
-        if credential.status is not CredentialStatus.CONNECTED:
+        if credential.status is CredentialStatus.NEEDS_REAUTH:
+            return None
+        if (
+            credential.status is not CredentialStatus.CONNECTED
+            and not upstream.auth_broker.store_refresh_token
+        ):
             return None
         return credential
 
@@ -164,11 +214,21 @@ class TokenExchanger:
         return Credential(
             user_id=user,
             upstream_key=upstream.key,
-            # An exchanged credential is renewed by exchanging again, never with a refresh token.
-            secrets=Secrets(token.access_token, None),
+            # Renewed by exchanging again, unless the upstream keeps the exchange's refresh token.
+            secrets=Secrets(token.access_token, token.refresh_token if auth.store_refresh_token else None),
             token_type=token.token_type,
             scopes=token.scope if token.scope is not None else auth.scopes,
             expires_at=None if token.expires_in is None else now + token.expires_in,
             obtained_via=_OBTAINED_VIA[auth.mode].value,
             updated_at=now,
         )
+
+
+def renewal_refused(upstream: UpstreamConfig) -> SubjectTokenRequired:
+    """The answer when a long-running credential's stored grant is dead (or there is none): the
+    user's own token is needed for a new exchange."""
+    return SubjectTokenRequired(
+        f"subject_token: required for upstream {upstream.name!r} (mode "
+        f"{upstream.auth_broker.mode.value}): the stored grant can no longer be renewed; "
+        "send the user's token"
+    )

@@ -29,6 +29,7 @@ from broker.crypto.keyring import (
     new_key_entry,
     source_fingerprint,
 )
+from broker.crypto.wrapped import WrappedKeyringFile
 from broker.errors import DecryptionError, KeyringError, KeyRotationRefused
 from broker.key_checks import StoreKeyCheck
 from broker.logs import fields, get_logger
@@ -61,7 +62,8 @@ class KeyringFollower:
                 return self._keyring
             self._fingerprint = seen
             try:
-                newer = self._source.load()
+                # One attempt: a wrapped keyring's root key source may be down while we serve.
+                newer = getattr(self._source, "reload", self._source.load)()
             except KeyringError as exc:
                 # Keep serving with the keys in memory; the message names the file, not a key.
                 self._log.warning(
@@ -102,7 +104,12 @@ class KeyRotation:
     Each change first proves the keyring is the store's (its per-key check values, see
     broker/key_checks.py), so a wrong keyring file is refused rather than extended or used."""
 
-    def __init__(self, source: FileKeySource, store: CredentialStore, store_name: str = "configured") -> None:
+    def __init__(
+        self,
+        source: FileKeySource | WrappedKeyringFile,
+        store: CredentialStore,
+        store_name: str = "configured",
+    ) -> None:
         self._source = source
         self._store = store
         self._checks = StoreKeyCheck(store, str(source.path), store_name, now=time.time())

@@ -112,7 +112,11 @@ class PendingFlow:
     """A started connect flow waiting for its callback. ``state_hash`` is sha256(state).
 
     ``state`` (sealed with the verifier, never in a clear column) lets a later NOT_CONNECTED or
-    RECONNECT_REQUIRED answer send the user to this same flow; empty when not known."""
+    RECONNECT_REQUIRED answer send the user to this same flow; empty when not known.
+
+    Hosted connect (broker/connect/): ``start_ref`` is the one-time reference of the flow's
+    ``/start`` link (sealed; the store keeps its hash), and ``bound`` says a browser has opened
+    that link, so the flow now belongs to that browser's cookie."""
 
     state_hash: str
     user_id: str
@@ -123,6 +127,11 @@ class PendingFlow:
     state: str = ""
     # The connect request's connection params (sealed with the verifier).
     params: tuple[tuple[str, str], ...] = ()
+    start_ref: str = ""
+    bound: bool = False
+    #: The scopes the flow asks for (sealed with the verifier); empty: the upstream's configured
+    #: ones. Set by an incremental-scopes answer (broker/scopes.py).
+    scopes: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"PendingFlow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"

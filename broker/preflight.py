@@ -131,6 +131,7 @@ def listener_problems(config: BrokerConfig) -> list[str]:
     for where, address in (
         ("health_listen", config.health_listen),
         ("metrics.listen", config.metrics.listen),
+        ("connect.listen", config.connect.listen if config.connect is not None else None),
     ):
         if address is not None:
             problem = address_problem(address)

@@ -12,7 +12,8 @@ broker/store/sql.py):
 - **keep-alive**: an upstream with ``refresh_token_idle_seconds`` has its credentials refreshed
   before that idle limit (with the same lead and jitter), even if nobody calls Resolve.
 
-Only ``oauth_connect`` upstreams are scanned, one by one (exchanged credentials, and those of
+Only ``oauth_connect`` upstreams, and exchange upstreams with ``store_refresh_token``
+(long-running on-behalf-of), are scanned, one by one (other exchanged credentials, and those of
 upstreams no longer configured, are never read). A credential found without a refresh token is
 left out of later scans (``defer_refresh``) until it is written again.
 
@@ -39,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from broker.clock import Clock
-from broker.config import BrokerConfig, Mode, UpstreamConfig
+from broker.config import BrokerConfig, UpstreamConfig
 from broker.errors import BrokerError
 from broker.logs import fields, get_logger
 from broker.models import Credential, CredentialStatus
@@ -92,12 +93,14 @@ class BackgroundRefresher:
         self._clock = clock
         self._log = logger or get_logger()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-        self._by_key = {u.key: u for u in config.upstreams if u.auth_broker.mode is Mode.OAUTH_CONNECT}
+        self._by_key = {u.key: u for u in config.upstreams if u.auth_broker.refreshable}
         per_upstream = min(settings.max_concurrent, max(1, config.http.max_concurrent_requests // 2))
         self._slots = {key: asyncio.Semaphore(per_upstream) for key in self._by_key}
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = RefreshStats()
+        # The latest tick found a full batch due: tick again without waiting (see tick).
+        self._backlog = False
         # Credentials without a refresh token met by ``due``, by (user, upstream key): generation.
         self._unrefreshable: dict[tuple[str, str], int] = {}
 
@@ -166,14 +169,16 @@ class BackgroundRefresher:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            wait = self._interval * self._rng.uniform(0.8, 1.2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), wait)
+            if not self._backlog:
+                wait = self._interval * self._rng.uniform(0.8, 1.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
             if self._stopping.is_set():
                 return
             try:
                 await self.tick()
             except Exception as exc:  # a bug must not end the timer for the life of the process
+                self._backlog = False
                 self._log.error("background refresh tick failed", extra=fields(error=type(exc).__name__))
 
     # -- one tick ------------------------------------------------------------------------
@@ -208,15 +213,21 @@ class BackgroundRefresher:
         try:
             due = await self.scan(now)
         except BrokerError as exc:
+            self._backlog = False
             self._log.warning("background refresh scan failed", extra=fields(error=exc.code))
             return 0
         self.stats.ticks += 1
+        self._backlog = False
         if not due:
             self.stats.lag_seconds = 0.0
             return 0
         self.stats.lag_seconds = max(0.0, max(now - at for _, _, at in due))
-        done = await asyncio.gather(*(self.refresh_one(row, upstream) for row, upstream, _ in due))
-        return sum(done)
+        done = sum(await asyncio.gather(*(self.refresh_one(row, upstream) for row, upstream, _ in due)))
+        # A full batch was due and this process did a good share of it: more may be waiting
+        # behind it, so the next tick starts at once instead of after the interval (a herd drains
+        # at the refresh rate). Not when other replicas did most of it (their leases): no spin.
+        self._backlog = len(due) >= BATCH_SIZE and done >= BATCH_SIZE // 4
+        return done
 
     async def refresh_one(self, row: DueCredential, upstream: UpstreamConfig) -> int:
         async with self._slots[upstream.key]:

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from broker import connection_values, events, lifecycle, rejected_token, validation
+from broker import connection_values, events, exchange, lifecycle, rejected_token, scopes, validation
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import BrokerConfig, Mode, UpstreamConfig
@@ -29,6 +29,7 @@ from broker.errors import (
     NotImplementedMode,
     PermissionDenied,
     ReconnectRequired,
+    SubjectTokenRequired,
     TokenRequestRejected,
     TooManyPendingFlows,
     UnknownUpstream,
@@ -90,6 +91,8 @@ class BrokerService:
         #: New flows refused since start because max_pending_flows_total were pending.
         self.flows_refused = 0
         self._exchanger = exchanger or TokenExchanger(vault, tokens, clock, self._log)
+        if self._exchanger.renew is None:  # long-running on-behalf-of: renewed as a refresh
+            self._exchanger.renew = self._renew_exchanged
         self._policy = policy or PolicyEnforcer(AllowAll(), self._log)
         # Who holds a refresh lease, and for how long: one token request plus a margin.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -119,6 +122,14 @@ class BrokerService:
             )
         return upstream
 
+    def _refreshable(self, name: str) -> UpstreamConfig:
+        """An upstream whose credentials carry a refresh token the broker uses (oauth_connect,
+        or an exchange mode with ``store_refresh_token``)."""
+        upstream = self._upstream(name)
+        if not upstream.auth_broker.refreshable:
+            return self._oauth_connect(name)  # raises its NotImplementedMode
+        return upstream
+
     @staticmethod
     def _client(upstream: UpstreamConfig) -> ClientCredentials:
         auth = upstream.auth_broker
@@ -139,10 +150,15 @@ class BrokerService:
         return await self._start_flow(user, upstream, params)
 
     async def _start_flow(
-        self, user: str, upstream: UpstreamConfig, params: connection_values.Pairs = ()
+        self,
+        user: str,
+        upstream: UpstreamConfig,
+        params: connection_values.Pairs = (),
+        asked: tuple[str, ...] = (),
     ) -> AuthorizationRequest:
         """A new flow, stored (sealed) before its URL is handed out. Raises TooManyPendingFlows
-        when ``max_pending_flows_total`` flows of all users are pending: nobody's is evicted."""
+        when ``max_pending_flows_total`` flows of all users are pending: nobody's is evicted.
+        ``asked``: the scopes it asks for (broker/scopes.py); empty: the configured ones."""
         verifier, state = rfc7636.new_verifier(), rfc7636.new_state()
         now = self._clock.now()
         flow = PendingFlow(
@@ -154,6 +170,9 @@ class BrokerService:
             expires_at=now + self._config.flow_ttl_seconds,
             state=state,
             params=params,
+            # Hosted connect: the user gets a one-time /start link, never the state.
+            start_ref=rfc7636.new_state() if self._config.connect is not None else "",
+            scopes=asked,
         )
         added = await asyncio.to_thread(
             self._vault.add_flow,
@@ -176,25 +195,41 @@ class BrokerService:
         return self._authorization(upstream, flow)
 
     def _authorization(self, upstream: UpstreamConfig, flow: PendingFlow) -> AuthorizationRequest:
+        """Where to send the user for ``flow``: the authorization server, or with hosted connect
+        the flow's one-time /start link (and no state: the broker's callback completes it)."""
+        if flow.start_ref and self._config.connect is not None:
+            return AuthorizationRequest(self._config.connect.start_url(flow.start_ref), "", flow.expires_at)
+        return AuthorizationRequest(self.provider_url(upstream, flow), flow.state, flow.expires_at)
+
+    def provider_url(self, upstream: UpstreamConfig, flow: PendingFlow) -> str:
         """The authorization URL of ``flow`` (RFC 6749 section 4.1.1, RFC 7636 section 4.3)."""
         auth = upstream.auth_broker
         assert auth.authorization_endpoint and auth.client_id and auth.redirect_uri  # by config
-        state, verifier = flow.state, flow.verifier
-        params = shaping.authorization_params(auth, state, verifier)
+        params = shaping.authorization_params(auth, flow.state, flow.verifier, flow.scopes)
         endpoint = connection_values.endpoint(upstream, auth.authorization_endpoint, flow.params)
-        url = rfc6749.authorization_url(endpoint, params)
-        return AuthorizationRequest(url, state, flow.expires_at)
+        return rfc6749.authorization_url(endpoint, params)
 
-    async def _flow_for_answer(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest | None:
+    def upstream_by_key(self, key: str) -> UpstreamConfig | None:
+        """The configured upstream of a store key (None when no longer configured)."""
+        return self._by_key.get(key)
+
+    async def _flow_for_answer(
+        self, user: str, upstream: UpstreamConfig, asked: tuple[str, ...] = ()
+    ) -> AuthorizationRequest | None:
         """The flow a NOT_CONNECTED / RECONNECT_REQUIRED answer sends the user to: the newest
         live one of (user, upstream) while it has at least half its lifetime left, so an app
         that polls Resolve never replaces (or, past max_pending_flows, evicts) the login the
         user is completing. Otherwise one new flow; if the global cap refuses it, a live older
         flow still serves. An upstream with connection params starts one only with the params
-        of the user's stored connection; without any, None (no URL can be built)."""
-        return await self._flow_flights.run((user, upstream.key), lambda: self._reuse_flow(user, upstream))
+        of the user's stored connection; without any, None (no URL can be built). ``asked``: the
+        scopes it must ask for (only a flow asking for the same set is reused)."""
+        return await self._flow_flights.run(
+            (user, upstream.key, *asked), lambda: self._reuse_flow(user, upstream, asked)
+        )
 
-    async def _reuse_flow(self, user: str, upstream: UpstreamConfig) -> AuthorizationRequest | None:
+    async def _reuse_flow(
+        self, user: str, upstream: UpstreamConfig, asked: tuple[str, ...] = ()
+    ) -> AuthorizationRequest | None:
         now = self._clock.now()
         try:
             newest = await asyncio.to_thread(self._vault.newest_flow, user, upstream.key, now)
@@ -205,8 +240,10 @@ class BrokerService:
                 extra=fields(user_id=user, upstream=upstream.name),
             )
             newest = None
-        if newest is not None and not newest.state:
-            newest = None  # written without its state: its URL cannot be rebuilt
+        if newest is not None and (not newest.state or set(newest.scopes) != set(asked)):
+            newest = None  # written without its state (its URL cannot be rebuilt), or other scopes
+        if newest is not None and self._config.connect is not None and (newest.bound or not newest.start_ref):
+            newest = None  # hosted connect: its /start link is used up (or it never had one)
         if newest is not None and newest.expires_at - now >= (newest.expires_at - newest.created_at) / 2:
             return self._authorization(upstream, newest)
         params: connection_values.Pairs = ()
@@ -216,7 +253,7 @@ class BrokerService:
             if not params:
                 return None if newest is None else self._authorization(upstream, newest)
         try:
-            return await self._start_flow(user, upstream, params)
+            return await self._start_flow(user, upstream, params, asked)
         except TooManyPendingFlows:
             if newest is None:
                 raise
@@ -251,6 +288,29 @@ class BrokerService:
                 extra=fields(user_id=user, upstream=upstream.name),
             )
             raise PermissionDenied("this connect flow was started by a different user")
+        if flow.start_ref:
+            self._log.warning(
+                "hosted connect flow completed through Complete; refused",
+                extra=fields(user_id=user, upstream=upstream.name),
+            )
+            raise PermissionDenied(
+                "this connect flow belongs to hosted connect: the broker's callback completes it "
+                "in the browser that opened its link"
+            )
+        return await self.finish_flow(upstream, flow, code, iss, callback)
+
+    async def finish_flow(
+        self,
+        upstream: UpstreamConfig,
+        flow: PendingFlow,
+        code: str,
+        iss: str,
+        callback: Mapping[str, str],
+    ) -> CredentialInfo:
+        """Exchange the code of a taken, live ``flow`` (its user already checked) and store the
+        credential for the flow's user. ``callback``: the callback's other query parameters
+        (already checked with ``connection_values.check_callback_params``)."""
+        user, state = flow.user_id, flow.state
         check_iss(upstream, iss)
         auth = upstream.auth_broker
         form = shaping.code_grant_form(auth, code, flow.verifier)
@@ -260,9 +320,13 @@ class BrokerService:
         credential = self._credential(
             user, upstream, token, ObtainedVia.CONNECT_FLOW, None, now, flow.params, kept
         )
-        await asyncio.to_thread(
-            self._vault.save, credential, None, now, events.connected(user, upstream.key, now)
+        if token.scope is None and flow.scopes:
+            credential = dataclasses.replace(credential, scopes=flow.scopes)  # RFC 6749 section 5.1
+        previous = await asyncio.to_thread(self._vault.store.get_credential, user, upstream.key)
+        event = scopes.completion_event(
+            user, upstream.key, None if previous is None else previous.scopes, credential.scopes, now
         )
+        await asyncio.to_thread(self._vault.save, credential, None, now, event)
         self._log.info("connected", extra=fields(user_id=user, upstream=upstream.name))
         return self._info(credential, upstream)
 
@@ -297,7 +361,7 @@ class BrokerService:
     async def refresh(self, user_id: str, upstream_name: str) -> CredentialInfo:
         """Refresh now, whatever the expiry (RFC 6749 section 6)."""
         user = validation.user_id(user_id)
-        upstream = self._oauth_connect(upstream_name)
+        upstream = self._refreshable(upstream_name)
         credential = await self._flights.run(
             (user, upstream.key), lambda: self._refresh(user, upstream, None)
         )
@@ -311,15 +375,25 @@ class BrokerService:
         min_valid_seconds: int,
         claims: Mapping[str, Any] | None = None,
         rejected_access_token: str = "",
+        required_scopes: Sequence[str] = (),
     ) -> ResolvedCredential:
         """A valid access token for (user, upstream), refreshed (or exchanged) first when it is
         about to expire, once the policy allowed it. ``claims``: the verified user token's.
         ``rejected_access_token``: the upstream refused this token; when it is the stored one,
-        refresh first (see broker/rejected_token.py)."""
+        refresh first (see broker/rejected_token.py). ``required_scopes``: scopes the stored
+        grant must hold (broker/scopes.py)."""
         user = validation.user_id(user_id)
         upstream = self._upstream(upstream_name)
         validation.subject_token(subject_token)
         floor = validation.min_valid_seconds(min_valid_seconds)
+        required: tuple[str, ...] = ()
+        if required_scopes:
+            required = scopes.check_required(required_scopes, upstream.auth_broker.scope_separator)
+            if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+                raise InvalidArgument(
+                    f"required_scopes: upstream {upstream.name!r} uses mode "
+                    f"{upstream.auth_broker.mode.value}, whose scopes are configured, not asked for"
+                )
         window = max(self._config.refresh_window_seconds, floor)
         if not self._policy.allows_all:
             await self._policy.check(
@@ -330,7 +404,9 @@ class BrokerService:
             return self._resolved(exchanged, upstream)
         credential = self._load(user, upstream, recent=True)
         if credential is None:
-            raise await self._connect_error(NotConnected, user, upstream)
+            raise await self._connect_error(NotConnected, user, upstream, required)
+        if required:
+            await self._check_scopes(user, upstream, credential, required)
         if rejected_access_token and rejected_token.is_stored_token(
             rejected_access_token, credential.secrets.access_token
         ):
@@ -354,6 +430,18 @@ class BrokerService:
                     raise
         self.usage.used(user, upstream.key, self._clock.now())
         return self._resolved(credential, upstream)
+
+    async def _check_scopes(
+        self, user: str, upstream: UpstreamConfig, credential: Credential, required: tuple[str, ...]
+    ) -> None:
+        """Raise InsufficientScope when ``credential`` lacks some of ``required``: its URL's flow
+        asks for the granted scopes and the required ones (broker/scopes.py)."""
+        lacking = scopes.missing(credential.scopes, required)
+        if lacking:
+            asked = scopes.flow_scopes(upstream.auth_broker.scopes, credential.scopes, required)
+            request = await self._flow_for_answer(user, upstream, asked)
+            url = request.authorization_url if request is not None else ""
+            raise scopes.InsufficientScope(upstream.name, url, lacking)
 
     def _refreshed_recently(self, credential: Credential, now: float) -> bool:
         """True when a refresh now would be pointless: the credential was refreshed (or
@@ -379,6 +467,13 @@ class BrokerService:
                 user, upstream.key, Secrets(""), "", (), 0.0, "", 0.0, CredentialStatus.NEEDS_REAUTH
             )
         return None if found is None else found[0]
+
+    async def _renew_exchanged(self, user: str, upstream: UpstreamConfig, window: int) -> Credential:
+        """A long-running exchanged credential renewed with its stored refresh token: the same
+        single flight, refresh lease and backoff as an oauth_connect refresh (broker/exchange.py)."""
+        return await self._flights.run(
+            (user, upstream.key), lambda: self._audited_refresh(user, upstream, window)
+        )
 
     async def _refresh_rejected(
         self, user: str, upstream: UpstreamConfig, credential: Credential, rejected: str
@@ -428,25 +523,29 @@ class BrokerService:
         row as re-read here (after any other process's refresh). True when this process made
         the grant; False when it was no longer due. Raises as a refresh does."""
         upstream = self._by_key.get(upstream_key)
-        if upstream is None or upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+        if upstream is None or not upstream.auth_broker.refreshable:
             return False
         verdict: list[bool] = []
+        seen: list[int] = []
 
         def still_due(credential: Credential, now: float) -> bool:
             verdict.append(due(credential, now))
+            seen.append(credential.generation)
             return verdict[-1]
 
         try:
-            await self._flights.run(
+            result = await self._flights.run(
                 (user, upstream.key), lambda: self._refresh(user, upstream, None, still_due)
             )
         except BrokerError as exc:
             self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
             raise
-        if verdict and verdict[-1]:
+        if verdict and verdict[-1] and result.generation != seen[-1]:
             self._audit.record("refresh", "success", user=user, upstream=upstream.name)
             return True
-        return False  # not due any more, or a Resolve's refresh already in flight did it
+        # Not due any more, a Resolve's refresh already in flight did it, or another process
+        # holds the lease.
+        return False
 
     async def _refresh(
         self,
@@ -534,6 +633,11 @@ class BrokerService:
                 raced = True  # the refresh token changed under us: go round once with the new one
                 first_generation = None
                 continue
+            if due is not None:
+                # A background refresh: another process holds the lease (or just wrote the row)
+                # and does this one. Waiting would hold a refresher slot that could serve the
+                # next credential; the next tick looks again.
+                return credential
             if loop.time() > give_up:
                 self._log.warning(
                     "timed out waiting for another process's refresh",
@@ -661,8 +765,12 @@ class BrokerService:
         kind: type[NotConnected] | type[ReconnectRequired],
         user: str,
         upstream: UpstreamConfig,
-    ) -> NotConnected | ReconnectRequired:
-        request = await self._flow_for_answer(user, upstream)
+        required: tuple[str, ...] = (),
+    ) -> NotConnected | ReconnectRequired | SubjectTokenRequired:
+        if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
+            return exchange.renewal_refused(upstream)  # no flow: the user's token is needed
+        asked = scopes.flow_scopes(upstream.auth_broker.scopes, (), required) if required else ()
+        request = await self._flow_for_answer(user, upstream, asked)
         if kind is NotConnected:
             text = f"user has not connected upstream {upstream.name!r}; send them to the authorization_url"
         else:

@@ -9,6 +9,8 @@ write (a refresh, a re-wrap, a tampered byte) misses.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import threading
 import time
@@ -57,11 +59,23 @@ def _meta(
     return [token_type, list(scopes), expires_at, obtained_via, updated_at]
 
 
+# Writes that touch one credential, and where their (user_id, upstream_key) is: the vault then
+# drops only that credential's remembered read. Any other write drops them all.
+_ONE_CREDENTIAL: dict[str, Callable[[tuple[Any, ...]], tuple[str, str]]] = {
+    "save_credential": lambda args: (args[0].user_id, args[0].upstream_key),
+    "record_failure": lambda args: (args[0], args[1]),
+    "claim_refresh": lambda args: (args[0], args[1]),
+    "delete_credential": lambda args: (args[0], args[1]),
+    "defer_refresh": lambda args: (args[0], args[1]),
+}
+
+
 class _WriteTracking:
     """The store, with a callback after every call that may write (anything not a known read).
 
     Lets the vault drop remembered reads whenever this process changes the store, whoever
-    (service, connection manager, key rotation) made the change."""
+    (service, connection manager, key rotation) made the change: that credential's for a
+    write of one credential (called positionally), every one for any other write."""
 
     READS = frozenset(
         {
@@ -81,11 +95,12 @@ class _WriteTracking:
             # A write, but of a column no cached read depends on: Resolve stamps it once a
             # minute per credential, and must not empty the read cache each time.
             "touch_last_used",
+            "get_pending_flow",
             "close",
         }
     )
 
-    def __init__(self, store: CredentialStore, on_write: Callable[[], None]) -> None:
+    def __init__(self, store: CredentialStore, on_write: Callable[[tuple[str, str] | None], None]) -> None:
         self._store = store
         self._on_write = on_write
         self.schema_version = store.schema_version
@@ -95,12 +110,17 @@ class _WriteTracking:
         if name in self.READS or name.startswith("_") or not callable(attr):
             return attr
         on_write = self._on_write
+        keyed = _ONE_CREDENTIAL.get(name)
 
         def write(*args: Any, **kwargs: Any) -> Any:
             try:
                 return attr(*args, **kwargs)
             finally:
-                on_write()
+                key = None
+                if keyed is not None and not kwargs:
+                    with contextlib.suppress(IndexError, AttributeError):
+                        key = keyed(args)
+                on_write(key)
 
         setattr(self, name, write)
         return write
@@ -123,7 +143,12 @@ class CredentialVault:
         self.store = cast(CredentialStore, _WriteTracking(store, self._wrote))
         self._cipher = cipher
         self._read_ttl = read_cache_seconds
+        # Writes by this process, counted; a remembered read older than the latest write of its
+        # credential (``_dirty``), or than the latest write of any other kind (``_floor``), is
+        # not used: so a write always wins over a read that raced it.
         self._epoch = 0
+        self._floor = 0
+        self._dirty: dict[tuple[str, str], int] = {}
         self._epoch_lock = threading.Lock()
         self._recent: dict[tuple[str, str], tuple[int, float, tuple[Credential, CredentialRow] | None]] = {}
         self._cache: OrderedDict[tuple[str, str], tuple[int, bytes, Secrets, list[object] | None]] = (
@@ -138,10 +163,16 @@ class CredentialVault:
 
     # -- credentials ---------------------------------------------------------------------
 
-    def _wrote(self) -> None:
+    def _wrote(self, key: tuple[str, str] | None = None) -> None:
         with self._epoch_lock:
             self._epoch += 1
-            self._recent.clear()
+            if key is None or len(self._dirty) >= self._cache_size:
+                self._floor = self._epoch
+                self._dirty.clear()
+                self._recent.clear()
+            else:
+                self._dirty[key] = self._epoch
+                self._recent.pop(key, None)
 
     def get(
         self, user_id: str, upstream_key: str, *, recent: bool = False
@@ -152,7 +183,12 @@ class CredentialVault:
         key = (user_id, upstream_key)
         if recent and self._read_ttl > 0:
             hit = self._recent.get(key)
-            if hit is not None and hit[0] == self._epoch and time.monotonic() - hit[1] < self._read_ttl:
+            if (
+                hit is not None
+                and hit[0] >= self._floor
+                and hit[0] >= self._dirty.get(key, 0)
+                and time.monotonic() - hit[1] < self._read_ttl
+            ):
                 return hit[2]
         epoch, read_at = self._epoch, time.monotonic()  # taken before the read: a write during it wins
         try:
@@ -279,6 +315,10 @@ class CredentialVault:
         payload: dict[str, object] = {"verifier": flow.verifier, "state": flow.state}
         if flow.params:
             payload["params"] = dict(flow.params)
+        if flow.start_ref:
+            payload["start"] = flow.start_ref  # hosted connect: the /start link is rebuilt from it
+        if flow.scopes:
+            payload["scopes"] = list(flow.scopes)
         sealed = self._cipher.seal(json.dumps(payload).encode(), context)
         row = PendingFlowRow(
             state_hash=flow.state_hash,
@@ -288,6 +328,7 @@ class CredentialVault:
             expires_at=flow.expires_at,
             kek_id=key_id_of(sealed),
             sealed=sealed,
+            start_hash=reference_hash(flow.start_ref) if flow.start_ref else None,
         )
         return self.store.add_pending_flow(row, max_per_user, now, max_total)
 
@@ -303,6 +344,25 @@ class CredentialVault:
         row = self.store.newest_pending_flow(user_id, upstream_key, now)
         return None if row is None else self._open_flow(row)
 
+    # -- hosted connect (broker/connect/) -------------------------------------------------
+
+    def bind_flow(self, start_ref: str, browser_hash: str, now: float) -> PendingFlow | None:
+        """The live, not yet opened flow of the /start reference ``start_ref``, now bound to the
+        browser whose cookie secret hashes to ``browser_hash``; None when there is none (unknown,
+        expired or already opened). Raises DecryptionError for a record that does not open."""
+        row = self.store.bind_pending_flow(reference_hash(start_ref), browser_hash, now)
+        return None if row is None else self._open_flow(row)
+
+    def peek_flow(self, state_hash: str) -> PendingFlowRow | None:
+        """The stored flow of ``state_hash`` (clear columns: who, which upstream, until when,
+        which browser), expired or not, left in place."""
+        return self.store.get_pending_flow(state_hash)
+
+    def take_bound_flow(self, state_hash: str, browser_hash: str) -> PendingFlow | None:
+        """Remove and open the flow of ``state_hash`` if bound to ``browser_hash``."""
+        row = self.store.take_bound_flow(state_hash, browser_hash)
+        return None if row is None else self._open_flow(row)
+
     def _open_flow(self, row: PendingFlowRow) -> PendingFlow:
         try:
             if key_id_of(row.sealed) != row.kek_id:
@@ -313,9 +373,13 @@ class CredentialVault:
                 data = json.loads(plain)
                 verifier, state = data["verifier"], data.get("state", "")
                 params = _pairs(data.get("params"))
+                start = data.get("start", "")
+                scopes = data.get("scopes", [])
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise DecryptionError() from None
-            if not isinstance(verifier, str) or not isinstance(state, str):
+            if not all(isinstance(v, str) for v in (verifier, state, start)):
+                raise DecryptionError()
+            if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
                 raise DecryptionError()
         except DecryptionError:
             self.decryption_failures += 1
@@ -329,7 +393,15 @@ class CredentialVault:
             expires_at=row.expires_at,
             state=state,
             params=params,
+            start_ref=start,
+            bound=row.browser_hash is not None,
+            scopes=tuple(scopes),
         )
+
+
+def reference_hash(value: str) -> str:
+    """What the store keeps of a hosted connect reference or cookie secret: its SHA-256, hex."""
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def _secrets_from(plain: bytes) -> tuple[Secrets, list[object] | None]:

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import html
 import http.client
 import json
 import re
@@ -307,6 +308,26 @@ def _append_query(uri: str, params: dict[str, str]) -> str:
     return uri + separator + urlencode(params)
 
 
+def _login_page(query: dict[str, list[str]]) -> _Response:
+    """A sign-in page for a browser: the authorization request's parameters carried in hidden
+    fields, a user name, and Allow / Deny (which GET /authorize again with the user's answer)."""
+    hidden = "".join(
+        f'<input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'
+        for name, values in query.items()
+        for value in values
+    )
+    body = (
+        "<!doctype html><html><head><title>Sign in - test authorization server</title></head><body>"
+        "<h1>Sign in to the test authorization server</h1>"
+        f'<form method="get" action="/authorize">{hidden}'
+        '<label>User name <input type="text" name="login_hint_user" autofocus></label> '
+        '<button type="submit" id="allow" name="decision" value="allow">Allow</button> '
+        '<button type="submit" id="deny" name="test_deny" value="1">Deny</button>'
+        "</form></body></html>"
+    ).encode()
+    return _Response(200, body, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
 def _scope_set(scope: str | None) -> set[str]:
     return set(scope.split()) if scope else set()
 
@@ -468,6 +489,8 @@ class AuthServer:
         self.code_ttl: float = 60.0
         #: Subject tokens (token exchange) and assertions (jwt-bearer) accepted, mapped to users.
         self.exchange_users: dict[str, str] = {}
+        #: Token exchange answers carry a refresh token too (RFC 8693 section 2.2.1 allows one).
+        self.exchange_refresh_token = False
         #: When set, token exchange answers carry this issued_token_type whatever was requested.
         self.issued_token_type_override: str | None = None
         #: "500" or "503" makes /revoke answer with that status until reset to None.
@@ -492,6 +515,11 @@ class AuthServer:
         self._revoked: list[tuple[str, str | None]] = []
         #: Called with each /token request before it is answered (tests use it to act "meanwhile").
         self.before_token_response: Callable[[RecordedRequest], None] | None = None
+        #: When True, /authorize without ``login_hint_user`` answers with a sign-in page (a user
+        #: name field, Allow and Deny buttons) that a real browser goes through.
+        self.login_page = False
+        #: Every redirect /authorize answered with (its Location), in order.
+        self.redirects: list[str] = []
         INSTANCES.add(self)
 
     # ----------------------------------------------------------------- lifecycle
@@ -629,6 +657,28 @@ class AuthServer:
             raise ValueError("count must be at least 1")
         with self._lock:
             self._failures.extend((kind, dict(options)) for _ in range(count))
+
+    def issue_user_token(self, user: str, ttl: float) -> str:
+        """An access token of ``user`` that expires ``ttl`` seconds from now (wall clock): a
+        subject token or assertion the exchange grants accept until then, and refuse after."""
+        with self._lock:
+            client = Client("user-tokens", None, "none")
+            grant = self._new_grant(user, client, None, [])
+            saved, self.access_ttl = self.access_ttl, None
+            try:
+                token = self._mint_access_token(grant, None, GRANT_AUTHORIZATION_CODE)
+            finally:
+                self.access_ttl = saved
+            self._access_tokens[token].expires_at = time.time() + ttl
+            return token
+
+    def issue_grant(self, user: str, client: Client, scope: str | None = None) -> tuple[str, str]:
+        """(access token, refresh token) of a new grant of ``user`` to ``client``, as a code
+        exchange would give: for tests that load many connected users at once."""
+        with self._lock:
+            grant = self._new_grant(user, client, scope, [])
+            access = self._mint_access_token(grant, scope, GRANT_AUTHORIZATION_CODE)
+            return access, self._mint_refresh_token(grant)
 
     def revoke_user(self, user: str) -> None:
         """Invalidate every refresh token of ``user``; the next refresh gets invalid_grant."""
@@ -853,6 +903,8 @@ class AuthServer:
         if not _S256_CHALLENGE_RE.fullmatch(challenge):
             raise _OAuthError(400, "invalid_request", "malformed S256 code_challenge")
 
+        if self.login_page and _param(query, "login_hint_user") is None and not _param(query, "test_deny"):
+            return _login_page(query)
         params: dict[str, str] = {}
         if _param(query, "test_deny"):
             params["error"] = "access_denied"  # RFC 6749 §4.1.2.1
@@ -874,7 +926,9 @@ class AuthServer:
             params["state"] = state
             self._issued.add(state)  # a state is a secret too (RFC 6749 section 10.12)
         params["iss"] = self.issuer  # RFC 9207 §2, on success and error responses
-        return _Response(302, b"", {"Location": _append_query(target, params)})
+        location = _append_query(target, params)
+        self.redirects.append(location)
+        return _Response(302, b"", {"Location": location})
 
     # ----------------------------------------------------------------- /token
 
@@ -1223,6 +1277,8 @@ class AuthServer:
         access = self._mint_access_token(grant, scope, GRANT_TOKEN_EXCHANGE, resources, audiences)
         payload = self._bearer_payload(access, scope)
         payload["issued_token_type"] = self.issued_token_type_override or requested or TOKEN_TYPE_ACCESS_TOKEN
+        if self.exchange_refresh_token:
+            payload["refresh_token"] = self._mint_refresh_token(grant)
         return payload
 
     def _grant_jwt_bearer(

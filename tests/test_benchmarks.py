@@ -108,3 +108,28 @@ def test_usage_stamp_benchmark_runs_and_prints_ratio() -> None:
     assert "ratio on/off: p50" in out
     figures = json.loads(out.splitlines()[-1])
     assert figures["p50_x"] > 0 and figures["stamps_written"] >= 50  # every credential stamped once
+
+
+def test_background_refresh_benchmark_runs_at_a_tiny_size() -> None:
+    out = _run(
+        "benchmarks/background_refresh.py",
+        "--backend",
+        "sqlite",
+        "--due",
+        "40",
+        "--cached",
+        "5",
+        "--seconds",
+        "0.3",
+        "--watchers",
+        "5",
+        "--changes",
+        "4",
+        "--rate",
+        "50",
+    )
+    assert "by the background refresher vs" in out and "/s sent directly" in out
+    assert "resolve idle" in out and "resolve refreshing" in out and "p50" in out
+    assert "watch fan-out: 4 changes on replica A" in out
+    deliveries = [line for line in out.splitlines() if "watch 5 watchers" in line]
+    assert deliveries and deliveries[0].endswith("deliveries 20"), out

@@ -157,7 +157,10 @@ def test_existing_sqlite_store_is_converted_to_incremental_vacuum(tmp_path: Path
     conn = sqlite3.connect(path)  # make it look like a store written before the change
     conn.execute("PRAGMA auto_vacuum = NONE")
     conn.execute("VACUUM")
-    conn.execute("INSERT INTO pending_flows VALUES ('h', 'u', 'k', 1.0, 2.0, 'kid', x'00')")
+    conn.execute(
+        "INSERT INTO pending_flows (state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed) "
+        "VALUES ('h', 'u', 'k', 1.0, 2.0, 'kid', x'00')"
+    )
     conn.commit()
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
     conn.close()

@@ -28,6 +28,8 @@ from broker.crypto.keyfile import read_private_file, write_private_file
 from broker.errors import KeyringError
 
 FORMAT = "credential-broker-keyring/v1"
+#: A keyring whose KEKs are wrapped by a KMS or HSM root key (broker/crypto/wrapped.py).
+WRAPPED_FORMAT = "credential-broker-wrapped-keyring/v1"
 KEY_STATES = ("primary", "active")
 
 
@@ -83,6 +85,11 @@ class Keyring:
 
     @classmethod
     def from_document(cls, document: object, where: str) -> Keyring:
+        if isinstance(document, dict) and document.get("format") == WRAPPED_FORMAT:
+            raise KeyringError(
+                f"{where}: a keyring wrapped by a root key ({str(document.get('wrapped_by'))[:32]}); "
+                "set keyring.wrapped_by to that root key (or convert it back with `keys unwrap`)"
+            )
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise KeyringError(f"{where}: not a credential-broker keyring ({FORMAT})")
         raw_keys = document.get("keys")
@@ -104,14 +111,23 @@ def new_key_entry(state: str) -> KeyEntry:
     )
 
 
-def _entry(raw: object, where: str) -> KeyEntry:
+def entry_fields(raw: object, where: str) -> tuple[str, str, float]:
+    """The id, state and created_at of one key object of a keyring document (plain or wrapped)."""
     if not isinstance(raw, dict):
         raise KeyringError(f"{where}: must be an object")
-    kid, state, material = raw.get("id"), raw.get("state"), raw.get("material")
+    kid, state = raw.get("id"), raw.get("state")
     if not isinstance(kid, str) or not kid.isascii() or not 1 <= len(kid) <= 64 or not kid.isprintable():
         raise KeyringError(f"{where}.id: must be 1-64 printable ASCII characters")
     if state not in KEY_STATES:
         raise KeyringError(f"{where}.state: must be one of {', '.join(KEY_STATES)}")
+    created = raw.get("created_at", 0)
+    return kid, str(state), float(created) if isinstance(created, int | float) else 0.0
+
+
+def _entry(raw: object, where: str) -> KeyEntry:
+    kid, state, created = entry_fields(raw, where)
+    assert isinstance(raw, dict)
+    material = raw.get("material")
     if not isinstance(material, str):
         raise KeyringError(f"{where}.material: must be a base64url string")
     try:
@@ -120,8 +136,7 @@ def _entry(raw: object, where: str) -> KeyEntry:
         raise KeyringError(f"{where}.material: not valid base64url") from None
     if len(key) != 32:
         raise KeyringError(f"{where}.material: must decode to 32 bytes")
-    created = raw.get("created_at", 0)
-    return KeyEntry(kid, state, float(created) if isinstance(created, int | float) else 0.0, key)
+    return KeyEntry(kid, state, created, key)
 
 
 class KeySource(Protocol):

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
-from broker.config import AuthBrokerConfig, TokenResponsePaths
+from broker.config import AuthBrokerConfig, Mode, TokenResponsePaths
 from broker.errors import TokenRequestRejected, UpstreamUnavailable
 from broker.oauth import rfc6749, rfc7636
 from broker.oauth.rfc6749 import TokenResponse
@@ -23,10 +23,12 @@ AnswerParser = Callable[[int, bytes], TokenResponse]
 _STANDARD = TokenResponsePaths()
 
 
-def authorization_params(auth: AuthBrokerConfig, state: str, verifier: str) -> list[tuple[str, str]]:
+def authorization_params(
+    auth: AuthBrokerConfig, state: str, verifier: str, scopes: Sequence[str] = ()
+) -> list[tuple[str, str]]:
     """The authorization request's parameters (RFC 6749 section 4.1.1; RFC 7636 section 4.3
-    unless ``pkce: none``), then ``scope_param`` joined by ``scope_separator``, the resources,
-    and the upstream's ``authorization_params``."""
+    unless ``pkce: none``), then ``scope_param`` joined by ``scope_separator`` (``scopes`` when
+    given, else the configured ones), the resources, and the upstream's ``authorization_params``."""
     assert auth.client_id and auth.redirect_uri  # by config
     params = [
         ("response_type", "code"),
@@ -36,8 +38,9 @@ def authorization_params(auth: AuthBrokerConfig, state: str, verifier: str) -> l
     ]
     if auth.pkce == "s256":
         params += [("code_challenge", rfc7636.challenge_s256(verifier)), ("code_challenge_method", "S256")]
-    if auth.scopes:
-        params.append((auth.scope_param, auth.scope_separator.join(auth.scopes)))
+    asked = scopes or auth.scopes
+    if asked:
+        params.append((auth.scope_param, auth.scope_separator.join(asked)))
     params += [("resource", r) for r in auth.resources()]
     params += [(k, v) for k, v in auth.authorization_params.items() if k != auth.scope_param]
     return params
@@ -58,6 +61,10 @@ def refresh_grant_form(auth: AuthBrokerConfig, refresh_token: str) -> list[tuple
     """The refresh grant (RFC 6749 section 6, no scope: the original grant stands), plus
     ``refresh_params``."""
     form = [("grant_type", "refresh_token"), ("refresh_token", refresh_token)]
+    if auth.mode is Mode.ENTRA_OBO and auth.scopes:
+        # Entra's v2 token endpoint wants the scope on a refresh too (a long-running
+        # on-behalf-of credential's refresh token came from the jwt-bearer grant).
+        form.append(("scope", " ".join(auth.scopes)))
     form += [("resource", r) for r in auth.resources()]
     form += list(auth.refresh_params.items())
     return form

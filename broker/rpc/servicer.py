@@ -187,7 +187,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 user = await self._user(context, user_id, token)
                 token, claims = user.token, user.claims
             result = await self._service.resolve(
-                user_id, upstream, token, request.min_valid_seconds, claims, request.rejected_access_token
+                user_id,
+                upstream,
+                token,
+                request.min_valid_seconds,
+                claims,
+                request.rejected_access_token,
+                request.required_scopes,
             )
         except Exception as exc:
             await self._fail(context, "Resolve", request, exc)

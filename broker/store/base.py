@@ -68,7 +68,10 @@ class ConnectionEventRow:
 
 @dataclass(frozen=True, slots=True)
 class PendingFlowRow:
-    """A started connect flow. The state is stored only as its hash; the verifier sealed."""
+    """A started connect flow. The state is stored only as its hash; the verifier sealed.
+
+    Hosted connect: ``start_hash`` is the hash of the flow's one-time /start reference (cleared
+    when a browser opens it), ``browser_hash`` the hash of the cookie secret of that browser."""
 
     state_hash: str
     user_id: str
@@ -77,6 +80,8 @@ class PendingFlowRow:
     expires_at: float
     kek_id: str
     sealed: bytes
+    start_hash: str | None = None
+    browser_hash: str | None = None
 
     def __repr__(self) -> str:
         return f"PendingFlowRow(user_id={self.user_id!r}, upstream_key={self.upstream_key!r})"
@@ -112,7 +117,9 @@ CRED_COLUMNS = (
 # Read with next_attempt_at (migration 2); a save writes CRED_COLUMNS only, which resets the
 # backoff and releases the refresh lease.
 CRED_SELECT = CRED_COLUMNS + ", next_attempt_at, refresh_token_expires_at, last_used_at"
-FLOW_COLUMNS = "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed"
+FLOW_COLUMNS = (
+    "state_hash, user_id, upstream_key, created_at, expires_at, kek_id, sealed, start_hash, browser_hash"
+)
 
 
 def credential_from_row(row: Sequence[Any]) -> CredentialRow:
@@ -157,9 +164,17 @@ def _credential_fields(row: Sequence[Any]) -> CredentialRow:
 
 def flow_from_row(row: Sequence[Any]) -> PendingFlowRow:
     """A PendingFlowRow from a FLOW_COLUMNS row."""
-    state_hash, user, key, created, expires, kid, sealed = row
+    state_hash, user, key, created, expires, kid, sealed, start_hash, browser_hash = row
     return PendingFlowRow(
-        str(state_hash), str(user), str(key), float(created), float(expires), str(kid), bytes(sealed)
+        str(state_hash),
+        str(user),
+        str(key),
+        float(created),
+        float(expires),
+        str(kid),
+        bytes(sealed),
+        None if start_hash is None else str(start_hash),
+        None if browser_hash is None else str(browser_hash),
     )
 
 
@@ -240,6 +255,17 @@ class CredentialStore(Protocol):
 
     def newest_pending_flow(self, user_id: str, upstream_key: str, now: float) -> PendingFlowRow | None:
         """The most recently started flow of (user, upstream) that has not expired at ``now``."""
+
+    def get_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
+        """The flow of ``state_hash``, expired or not, without consuming it (hosted connect)."""
+
+    def bind_pending_flow(self, start_hash: str, browser_hash: str, now: float) -> PendingFlowRow | None:
+        """Hosted connect /start, atomically: the live flow whose one-time reference hashes to
+        ``start_hash`` and that no browser holds yet gets ``browser_hash`` and loses its
+        reference (so a second /start finds nothing). The flow as bound, or None."""
+
+    def take_bound_flow(self, state_hash: str, browser_hash: str) -> PendingFlowRow | None:
+        """Remove and return the flow of ``state_hash`` only if bound to ``browser_hash``."""
 
     def purge_expired_flows(self, now: float, batch_size: int = 1000) -> int:
         """Delete every flow expired at ``now``, ``batch_size`` rows per transaction; how many."""

@@ -42,11 +42,16 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES
+from broker.store.sql import (
+    EVENT_COLUMNS,
+    EVENT_USER_INDEX,
+    HOSTED_CONNECT_MIGRATION,
+    REFRESH_SCHEDULE_INDEXES,
+)
 from broker.store.upkeep import POSTGRES_MIGRATION, UpkeepQueries
 
 # Moves with SQLite's SCHEMA_VERSION: migration n adds the same columns on both backends.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _MIGRATION_LOCK = 0x63625F6D6967  # advisory lock id for migrations ("cb_mig")
 _FLOW_INSERT_LOCK = 0x63625F666C6F  # advisory lock id for capped flow inserts ("cb_flo")
 _EVENT_LOCK = 0x63625F657674  # advisory lock id for event inserts ("cb_evt")
@@ -125,6 +130,7 @@ MIGRATIONS: list[Sequence[str]] = [
         EVENT_USER_INDEX,
     ),
     POSTGRES_MIGRATION,  # SQLite's _migrate_health_retention (broker/store/upkeep.py)
+    HOSTED_CONNECT_MIGRATION,  # SQLite's _migrate_hosted_connect: /start reference, browser binding
 ]
 
 

@@ -7,6 +7,7 @@ change to the store contract's semantics is made in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -38,6 +39,13 @@ EVENT_COLUMNS = (
     "last_error text, at double precision NOT NULL"
 )
 EVENT_USER_INDEX = "CREATE INDEX connection_events_user ON connection_events (user_id, seq)"
+# Hosted connect (broker/connect/): a flow's one-time /start reference and the browser that
+# opened it, both as SHA-256 hashes; the reference is looked up by its hash.
+HOSTED_CONNECT_MIGRATION = (
+    "ALTER TABLE pending_flows ADD COLUMN start_hash text",
+    "ALTER TABLE pending_flows ADD COLUMN browser_hash text",
+    "CREATE UNIQUE INDEX pending_flows_start ON pending_flows (start_hash)",
+)
 REFRESH_SCHEDULE_INDEXES = (
     f"CREATE INDEX credentials_refresh_due ON credentials (upstream_key, {REFRESH_DUE}) WHERE {_SCHEDULED}",
     f"CREATE INDEX credentials_keep_alive ON credentials (upstream_key, last_refresh_at) WHERE {_KEPT_ALIVE}",
@@ -302,7 +310,7 @@ class SharedQueries:
                 if int(count) >= max_total:
                     return False
             conn.execute(
-                self._q(f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                self._q(f"INSERT INTO pending_flows ({FLOW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                 (
                     row.state_hash,
                     row.user_id,
@@ -311,6 +319,8 @@ class SharedQueries:
                     row.expires_at,
                     row.kek_id,
                     row.sealed,
+                    row.start_hash,
+                    row.browser_hash,
                 ),
             )
             conn.execute(
@@ -332,6 +342,55 @@ class SharedQueries:
             (user_id, upstream_key, now),
         )
         return flow_from_row(rows[0]) if rows else None
+
+    # -- hosted connect (broker/connect/) --------------------------------------------------
+
+    def get_pending_flow(self, state_hash: str) -> PendingFlowRow | None:
+        rows = self._read(
+            self._q(f"SELECT {self.FLOW_READ} FROM pending_flows WHERE state_hash = ?"), (state_hash,)
+        )
+        return flow_from_row(rows[0]) if rows else None
+
+    def bind_pending_flow(self, start_hash: str, browser_hash: str, now: float) -> PendingFlowRow | None:
+        # PostgreSQL: a concurrent binder waits for the row lock, then re-checks the UPDATE's WHERE
+        # on the committed row (browser_hash is set) and matches nothing. SQLite: BEGIN IMMEDIATE.
+        with self._write() as conn:
+            found = conn.execute(
+                self._q(
+                    f"SELECT {self.FLOW_READ} FROM pending_flows WHERE start_hash = ? "
+                    "AND browser_hash IS NULL AND expires_at > ?"
+                ),
+                (start_hash, now),
+            ).fetchone()
+            if found is None:
+                return None
+            row = flow_from_row(found)
+            cursor = conn.execute(
+                self._q(
+                    "UPDATE pending_flows SET browser_hash = ?, start_hash = NULL "
+                    "WHERE state_hash = ? AND start_hash = ? AND browser_hash IS NULL"
+                ),
+                (browser_hash, row.state_hash, start_hash),
+            )
+            if cursor.rowcount != 1:
+                return None
+        return dataclasses.replace(row, start_hash=None, browser_hash=browser_hash)
+
+    def take_bound_flow(self, state_hash: str, browser_hash: str) -> PendingFlowRow | None:
+        with self._write() as conn:
+            found = conn.execute(
+                self._q(
+                    f"SELECT {self.FLOW_READ} FROM pending_flows WHERE state_hash = ? AND browser_hash = ?"
+                ),
+                (state_hash, browser_hash),
+            ).fetchone()
+            if found is None:
+                return None
+            cursor = conn.execute(
+                self._q("DELETE FROM pending_flows WHERE state_hash = ? AND browser_hash = ?"),
+                (state_hash, browser_hash),
+            )
+            return flow_from_row(found) if cursor.rowcount == 1 else None
 
     def purge_expired_flows(self, now: float, batch_size: int = 1000) -> int:
         # In batches, so no one transaction holds the write lock for long.

@@ -29,10 +29,15 @@ from broker.store.base import (
     PendingFlowRow,
     flow_from_row,
 )
-from broker.store.sql import EVENT_COLUMNS, EVENT_USER_INDEX, REFRESH_SCHEDULE_INDEXES
+from broker.store.sql import (
+    EVENT_COLUMNS,
+    EVENT_USER_INDEX,
+    HOSTED_CONNECT_MIGRATION,
+    REFRESH_SCHEDULE_INDEXES,
+)
 from broker.store.upkeep import SQLITE_MIGRATION, UpkeepQueries
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -117,6 +122,13 @@ def _migrate_health_retention(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def _migrate_hosted_connect(db: sqlite_utils.Database) -> None:
+    """Hosted connect (broker/connect/): the hashes of a flow's /start reference and of the
+    cookie secret of the browser that opened it."""
+    for statement in HOSTED_CONNECT_MIGRATION:
+        db.execute(statement)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -124,6 +136,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migrate_refresh_schedule,
     _migrate_events,
     _migrate_health_retention,
+    _migrate_hosted_connect,
 ]
 
 

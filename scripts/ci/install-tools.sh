@@ -2,7 +2,8 @@
 # Install the Go-built tools the ecosystem checks need, at pinned versions:
 #   grpcurl, buf, protoc-gen-go, protoc-gen-go-grpc, and kustomize (renders deploy/kubernetes
 #   for the manifest tests where kubectl is not installed), and helm (lint/template of
-#   deploy/helm in tests/deploy); plus the cert-manager Go module, whose CRDs
+#   deploy/helm in tests/deploy), and local-kms (the AWS KMS API on loopback for the wrapped
+#   keyring tests, tests/test_wrapped_keyring.py); plus the cert-manager Go module, whose CRDs
 #   (deploy/crds) the chart tests validate cert-manager objects against
 # Everything is built from source with `go install` through the Go module proxy
 # (no release-binary downloads). Idempotent: a tool already in GOBIN at the
@@ -19,6 +20,7 @@ PROTOC_GEN_GO_VERSION="${PROTOC_GEN_GO_VERSION:-v1.36.12}"
 PROTOC_GEN_GO_GRPC_VERSION="${PROTOC_GEN_GO_GRPC_VERSION:-v1.6.2}"
 KUSTOMIZE_VERSION="${KUSTOMIZE_VERSION:-v5.5.0}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+LOCAL_KMS_VERSION="${LOCAL_KMS_VERSION:-v0.0.0-20260228092603-2a5e92d09ab6}"
 CERT_MANAGER_VERSION="${CERT_MANAGER_VERSION:-v1.16.2}"
 
 if ! command -v go >/dev/null 2>&1; then
@@ -68,6 +70,7 @@ if ! command -v kubectl >/dev/null 2>&1; then
   install_one kustomize sigs.k8s.io/kustomize/kustomize/v5 "$KUSTOMIZE_VERSION"
 fi
 install_one helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+install_one local-kms github.com/nsmithuk/local-kms "$LOCAL_KMS_VERSION"
 
 # Only the module source (its CRDs), into the module cache; nothing is built.
 cm_start="$(date +%s)"
