@@ -311,6 +311,8 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
                 who.may_use if who else lambda _: True,
             )
             _audit(self._audit, "WatchConnections", request, "success", "", None)
+            # Headers now, not with the first event: a client cache learns its stream is live.
+            await context.send_initial_metadata(())
             async for event in stream:
                 yield pb.WatchConnectionsResponse(event=_event(event))
         except Exception as exc:

@@ -146,12 +146,11 @@ def _build_java(out: Path) -> BuiltClient:
 
 def _build_python(out: Path) -> BuiltClient:
     src = CLIENTS / "python"
-    gen = out / "gen"
-    gen.mkdir()
-    code = "import sys, pathlib, client; client.generate_stubs(pathlib.Path(sys.argv[1]))"
-    check(run([sys.executable, "-c", code, str(gen)], cwd=src), "python stub generation")
-    if not (gen / "credentialbroker" / "v1" / "broker_pb2_grpc.py").is_file():
-        pytest.fail("grpcio-tools generated no broker_pb2_grpc.py")
+    # The client is built on the SDK (clients/python, installed by .ci/run): it must import.
+    check(
+        run([sys.executable, "-c", "import client, credential_broker_client"], cwd=src),
+        "python client import",
+    )
     return BuiltClient("python", [sys.executable, str(src / "client.py")])
 
 

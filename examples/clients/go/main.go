@@ -1,32 +1,26 @@
-// Command cbclient is a minimal CredentialBroker client.
+// Command cbclient is a minimal CredentialBroker client, built on the Go SDK (clients/go).
 //
 //	cbclient resolve --user U --upstream NAME [--target T]
 //
 // The target comes from --target, else $CREDENTIAL_BROKER_SOCKET
 // (e.g. unix:///run/credential-broker/broker.sock), else 127.0.0.1:50051.
+// The SDK sends the request header, reads the ErrorInfo and retries UNAVAILABLE
+// within the call's deadline.
 //
-// Exit codes: 0 credential printed, 3 user not connected, 1 any other gRPC
-// error, 2 usage error. The access token itself is never printed.
+// Exit codes: 0 credential printed, 3 user not connected, 1 any other error,
+// 2 usage error. The access token itself is never printed.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"time"
 
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
-
-	cbv1 "cbclient/internal/gen/credentialbroker/v1"
+	"credentialbroker"
 )
-
-const defaultTarget = "127.0.0.1:50051"
 
 func main() {
 	os.Exit(run(os.Args[1:]))
@@ -40,7 +34,7 @@ func run(args []string) int {
 	fs := flag.NewFlagSet("resolve", flag.ContinueOnError)
 	user := fs.String("user", "", "user id")
 	upstream := fs.String("upstream", "", "upstream name")
-	target := fs.String("target", "", "broker address (default $CREDENTIAL_BROKER_SOCKET or "+defaultTarget+")")
+	target := fs.String("target", "", "broker address (default $CREDENTIAL_BROKER_SOCKET or "+credentialbroker.DefaultTarget+")")
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
@@ -48,67 +42,48 @@ func run(args []string) int {
 		fmt.Fprintln(os.Stderr, "resolve: --user and --upstream are required")
 		return 2
 	}
-	if *target == "" {
-		*target = os.Getenv("CREDENTIAL_BROKER_SOCKET")
-	}
-	if *target == "" {
-		*target = defaultTarget
-	}
 
-	conn, err := grpc.NewClient(*target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	client, err := credentialbroker.New(*target)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "resolve:", err)
 		return 1
 	}
-	defer conn.Close()
+	defer client.Close()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	// The broker's SSRF guard requires this header from TCP callers; send it always.
-	ctx = metadata.AppendToOutgoingContext(ctx, "x-credential-broker-request", "true")
-
-	resp, err := cbv1.NewCredentialBrokerClient(conn).Resolve(ctx, &cbv1.ResolveRequest{
-		UserId:   *user,
-		Upstream: *upstream,
-	})
+	cred, err := client.Resolve(ctx, *user, *upstream)
 	if err != nil {
 		return report(err)
 	}
 	expires := "none"
-	if resp.GetExpiresAt() != nil {
-		expires = resp.GetExpiresAt().AsTime().UTC().Format(time.RFC3339)
+	if !cred.ExpiresAt.IsZero() {
+		expires = cred.ExpiresAt.UTC().Format(time.RFC3339)
 	}
-	fmt.Printf("OK %s %s %s token_len=%d\n", resp.GetHeaderName(), resp.GetTokenType(), expires, len(resp.GetAccessToken()))
+	fmt.Printf("OK %s %s %s token_len=%d\n", cred.HeaderName, cred.TokenType, expires, len(cred.AccessToken))
 	return 0
 }
 
 // report prints a failed call: NOT_CONNECTED plus the URL that connects the
 // user (exit 3), or the status code name (exit 1).
 func report(err error) int {
-	st, _ := status.FromError(err)
-	if st.Code() == codes.FailedPrecondition {
-		for _, detail := range st.Details() {
-			info, ok := detail.(*errdetails.ErrorInfo)
-			if ok && info.GetDomain() == "credentialbroker" && info.GetReason() == "NOT_CONNECTED" {
-				fmt.Printf("NOT_CONNECTED %s\n", info.GetMetadata()["authorization_url"])
-				return 3
-			}
-		}
+	var notConnected *credentialbroker.NotConnectedError
+	if errors.As(err, &notConnected) {
+		fmt.Printf("NOT_CONNECTED %s\n", notConnected.AuthorizationURL)
+		return 3
 	}
-	fmt.Println(codeName(st.Code()))
-	fmt.Fprintln(os.Stderr, st.Message())
+	var be *credentialbroker.BrokerError
+	if errors.As(err, &be) {
+		fmt.Println(codeName(be))
+		fmt.Fprintln(os.Stderr, be.Message)
+		return 1
+	}
+	fmt.Println("UNKNOWN")
+	fmt.Fprintln(os.Stderr, err)
 	return 1
 }
 
-// codeName returns the canonical gRPC name (FAILED_PRECONDITION), which
-// codes.Code.String() spells differently (FailedPrecondition).
-func codeName(c codes.Code) string {
-	names := [...]string{"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
-		"NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
-		"FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
-		"UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
-	if int(c) < len(names) {
-		return names[c]
-	}
-	return fmt.Sprintf("CODE_%d", uint32(c))
+// codeName is the gRPC status code's canonical name (UNAVAILABLE, FAILED_PRECONDITION...).
+func codeName(be *credentialbroker.BrokerError) string {
+	return credentialbroker.CodeName(be.Code)
 }

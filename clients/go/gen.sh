@@ -7,18 +7,19 @@
 #            to check that the committed code is up to date)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-proto_root="$(cd "$here/../../../proto" && pwd)"
+proto_root="$(cd "$here/../../proto" && pwd)"
 python="${PYTHON:-python3}"
 gobin="${GOBIN:-$(go env GOPATH)/bin}"
 out="${OUT:-$here}"
-pkg="cbclient/internal/gen/credentialbroker/v1;credentialbrokerv1"
+module="credentialbroker"
+pkg="$module/internal/gen/credentialbroker/v1;credentialbrokerv1"
 mkdir -p "$out"
 "$python" -m grpc_tools.protoc \
   --plugin=protoc-gen-go="$gobin/protoc-gen-go" \
   --plugin=protoc-gen-go-grpc="$gobin/protoc-gen-go-grpc" \
   -I "$proto_root" \
-  --go_out="$out" --go_opt=module=cbclient \
+  --go_out="$out" --go_opt=module="$module" \
   --go_opt="Mcredentialbroker/v1/broker.proto=$pkg" \
-  --go-grpc_out="$out" --go-grpc_opt=module=cbclient \
+  --go-grpc_out="$out" --go-grpc_opt=module="$module" \
   --go-grpc_opt="Mcredentialbroker/v1/broker.proto=$pkg" \
   credentialbroker/v1/broker.proto

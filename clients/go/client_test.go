@@ -1,0 +1,497 @@
+package credentialbroker
+
+// These tests need a real broker and authorization server: tests/sdk/test_go_client.py starts
+// them and runs `go test` with CB_TEST_* set. Without that environment they skip.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+type env struct {
+	targetA, targetB, targetC string
+	configC, python, logDir   string
+	upstream, revokedUser     string
+}
+
+func testEnv(t *testing.T) env {
+	t.Helper()
+	e := env{
+		targetA: os.Getenv("CB_TEST_TARGET_A"), targetB: os.Getenv("CB_TEST_TARGET_B"),
+		targetC: os.Getenv("CB_TEST_TARGET_C"), configC: os.Getenv("CB_TEST_CONFIG_C"),
+		python: os.Getenv("CB_TEST_PYTHON"), logDir: os.Getenv("CB_TEST_LOG_DIR"),
+		upstream: os.Getenv("CB_TEST_UPSTREAM"), revokedUser: os.Getenv("CB_TEST_REVOKED_USER"),
+	}
+	if e.targetA == "" {
+		t.Skip("run through tests/sdk/test_go_client.py (needs a live broker)")
+	}
+	return e
+}
+
+func newClient(t *testing.T, target string, opts ...Option) *Client {
+	t.Helper()
+	c, err := New(target, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func uniqueUser(prefix string) string { return fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano()) }
+
+// authorize plays the user agent at the test authorization server: the callback's query.
+func authorize(t *testing.T, authURL, user string, deny bool) url.Values {
+	t.Helper()
+	u, err := url.Parse(authURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := u.Query()
+	q.Set("login_hint_user", user)
+	if deny {
+		q.Set("test_deny", "1")
+	}
+	u.RawQuery = q.Encode()
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := noRedirect.Get(u.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusFound {
+		t.Fatalf("authorize: HTTP %d", resp.StatusCode)
+	}
+	loc, err := url.Parse(resp.Header.Get("Location"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return loc.Query()
+}
+
+func connect(t *testing.T, c *Client, user, upstream string) *CredentialInfo {
+	t.Helper()
+	started, err := c.BuildAuthorizationURL(ctx(t), user, upstream, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb := authorize(t, started.AuthorizationURL, user, false)
+	info, err := c.Complete(ctx(t), CompleteRequest{State: cb.Get("state"), Code: cb.Get("code"), UserID: user})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info
+}
+
+func eventually(t *testing.T, what string, timeout time.Duration, check func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !check() {
+		if time.Since(start) > timeout {
+			t.Fatalf("%s: not within %s", what, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func TestEveryRPC(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-every")
+	info := connect(t, c, user, e.upstream)
+	if info.UserID != user || info.Upstream != e.upstream {
+		t.Fatalf("complete: %+v", info)
+	}
+	cred, err := c.Resolve(ctx(t), user, e.upstream, MinValid(120))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cred.HeaderName != "Authorization" || cred.HeaderValue != "Bearer "+cred.AccessToken || cred.ExpiresAt.IsZero() {
+		t.Fatalf("resolve: %v", cred)
+	}
+	if strings.Contains(fmt.Sprintf("%v %+v %#v %s", cred, cred, cred, cred), cred.AccessToken) {
+		t.Fatal("a credential prints its token")
+	}
+	if _, err := c.Refresh(ctx(t), user, e.upstream); err != nil {
+		t.Fatal(err)
+	}
+	again, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil || again.AccessToken == cred.AccessToken {
+		t.Fatalf("resolve after refresh: same token or %v", err)
+	}
+	conns, err := c.ListConnections(ctx(t), user)
+	if err != nil || len(conns) != 1 || conns[0].Status != "connected" || conns[0].Mode != "oauth_connect" {
+		t.Fatalf("list: %+v %v", conns, err)
+	}
+	started, err := c.BuildAuthorizationURL(ctx(t), user+"-b", e.upstream, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	denied := authorize(t, started.AuthorizationURL, user+"-b", true)
+	if err := c.Deny(ctx(t), denied.Get("state"), denied.Get("error"), ""); err != nil {
+		t.Fatal(err)
+	}
+	var gone *FlowNotFoundError
+	if _, err := c.Complete(ctx(t), CompleteRequest{State: started.State, Code: "x", UserID: user + "-b"}); !errors.As(err, &gone) {
+		t.Fatalf("complete after deny: %v", err)
+	}
+	d, err := c.Disconnect(ctx(t), user, e.upstream)
+	if err != nil || !d.Deleted {
+		t.Fatalf("disconnect: %+v %v", d, err)
+	}
+	zero := uint64(0)
+	var kinds []string
+	for ev, err := range c.Watch(ctx(t), WatchRequest{UserID: user, AfterSequence: &zero}) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		kinds = append(kinds, ev.Kind)
+		if len(kinds) == 3 {
+			break
+		}
+	}
+	if strings.Join(kinds, ",") != "CONNECTED,REFRESHED,DISCONNECTED" {
+		t.Fatalf("watch: %v", kinds)
+	}
+}
+
+func TestDisconnectAll(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-all")
+	connect(t, c, user, e.upstream)
+	results, err := c.DisconnectAll(ctx(t), user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(results) != 1 || results[0].Upstream != e.upstream || !results[0].Deleted {
+		t.Fatalf("disconnect all: %+v", results)
+	}
+	var nc *NotConnectedError
+	if _, err := c.Resolve(ctx(t), user, e.upstream); !errors.As(err, &nc) {
+		t.Fatalf("after disconnect all: %v", err)
+	}
+}
+
+func TestConnectRequiredErrorsCarryTheAuthorizationURL(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	_, err := c.Resolve(ctx(t), uniqueUser("go-new"), e.upstream)
+	var nc *NotConnectedError
+	if !errors.As(err, &nc) || !strings.HasPrefix(nc.AuthorizationURL, "http://127.0.0.1:") || nc.Upstream != e.upstream {
+		t.Fatalf("want *NotConnectedError with a URL, got %v", err)
+	}
+	var base *BrokerError
+	if !errors.As(err, &base) || base.Reason != "NOT_CONNECTED" || base.Metadata["authorization_url"] != nc.AuthorizationURL {
+		t.Fatalf("want the BrokerError underneath: %v", err)
+	}
+	_, err = c.Refresh(ctx(t), e.revokedUser, e.upstream)
+	var rr *ReconnectRequiredError
+	if !errors.As(err, &rr) || !strings.HasPrefix(rr.AuthorizationURL, "http://127.0.0.1:") {
+		t.Fatalf("want *ReconnectRequiredError with a URL, got %v", err)
+	}
+}
+
+func TestInsufficientScope(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-scope")
+	connect(t, c, user, e.upstream)
+	if _, err := c.Resolve(ctx(t), user, e.upstream, RequiredScopes("repo")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := c.Resolve(ctx(t), user, e.upstream, RequiredScopes("repo", "admin:org"))
+	var is *InsufficientScopeError
+	if !errors.As(err, &is) || strings.Join(is.MissingScopes, " ") != "admin:org" || !strings.HasPrefix(is.AuthorizationURL, "http://127.0.0.1:") {
+		t.Fatalf("want *InsufficientScopeError missing admin:org, got %v", err)
+	}
+}
+
+func TestOtherErrorsAreTyped(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	var unknown *UnknownUpstreamError
+	if _, err := c.Resolve(ctx(t), "alice", "nope"); !errors.As(err, &unknown) {
+		t.Fatalf("want *UnknownUpstreamError, got %v", err)
+	}
+	var invalid *InvalidArgumentError
+	if _, err := c.Resolve(ctx(t), "alice", "bad upstream!"); !errors.As(err, &invalid) {
+		t.Fatalf("want *InvalidArgumentError, got %v", err)
+	}
+	started, err := c.BuildAuthorizationURL(ctx(t), "go-victim", e.upstream, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb := authorize(t, started.AuthorizationURL, "go-victim", false)
+	var denied *PermissionDeniedError
+	if _, err := c.Complete(ctx(t), CompleteRequest{State: cb.Get("state"), Code: cb.Get("code"), UserID: "mallory"}); !errors.As(err, &denied) {
+		t.Fatalf("want *PermissionDeniedError, got %v", err)
+	}
+}
+
+func TestOnlyUnavailableIsRetried(t *testing.T) {
+	e := testEnv(t)
+	closed := httptest.NewServer(http.NotFoundHandler())
+	addr := strings.TrimPrefix(closed.URL, "http://")
+	closed.Close() // nothing listens there now
+	c := newClient(t, addr)
+	cctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := c.Resolve(cctx, "alice", e.upstream)
+	var un *UnavailableError
+	if !errors.As(err, &un) {
+		t.Fatalf("want *UnavailableError, got %v", err)
+	}
+	if took := time.Since(start); took < 300*time.Millisecond || took > 3*time.Second {
+		t.Fatalf("retried for %s; want until about the 1.5 s deadline", took)
+	}
+	a := newClient(t, e.targetA)
+	start = time.Now()
+	var nc *NotConnectedError
+	if _, err := a.Resolve(ctx(t), uniqueUser("go-once"), e.upstream); !errors.As(err, &nc) {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Fatalf("a refusal took %s: retried?", took)
+	}
+}
+
+type brokerProc struct {
+	cmd *exec.Cmd
+	log *os.File
+}
+
+func startBroker(t *testing.T, e env, name string) *brokerProc {
+	t.Helper()
+	log, err := os.Create(filepath.Join(e.logDir, name+".log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(e.python, "-m", "broker", "serve", "--config", e.configC)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &brokerProc{cmd, log}
+	t.Cleanup(p.stop)
+	probe := newClient(t, e.targetC)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := probe.ListConnections(ctx(t), "probe"); err == nil {
+			return p
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("broker %s did not start", name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (p *brokerProc) stop() {
+	if p.cmd.ProcessState == nil {
+		_ = p.cmd.Process.Kill()
+		_ = p.cmd.Wait()
+	}
+	_ = p.log.Close()
+}
+
+func TestUnavailableIsRetriedWhileTheBrokerRestarts(t *testing.T) {
+	e := testEnv(t)
+	first := startBroker(t, e, "restart-1")
+	c := newClient(t, e.targetC)
+	user := uniqueUser("go-restart")
+	connect(t, c, user, e.upstream)
+	before, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.stop()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		time.Sleep(time.Second)
+		startBroker(t, e, "restart-2")
+	}()
+	start := time.Now()
+	cctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	after, err := c.Resolve(cctx, user, e.upstream)
+	wg.Wait()
+	if err != nil {
+		t.Fatalf("resolve across the restart: %v", err)
+	}
+	if time.Since(start) < 900*time.Millisecond || after.AccessToken != before.AccessToken {
+		t.Fatal("the answer did not come from the restarted broker")
+	}
+}
+
+func TestCacheHitsAndInvalidationFromAnotherReplica(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA, WithCache(0))
+	other := newClient(t, e.targetB)
+	eventually(t, "cache live", 10*time.Second, func() bool { return c.CacheStats().Live })
+	user := uniqueUser("go-cache")
+	connect(t, other, user, e.upstream)
+	eventually(t, "CONNECTED seen", 5*time.Second, func() bool { _, ok := c.LastSequence(); return ok })
+	first, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		hit, err := c.Resolve(ctx(t), user, e.upstream, MinValid(60))
+		if err != nil || hit != first {
+			t.Fatalf("not served from the cache: %v", err)
+		}
+	}
+	if c.CacheStats().Hits != 20 {
+		t.Fatalf("hits %d", c.CacheStats().Hits)
+	}
+	if _, err := other.Refresh(ctx(t), user, e.upstream); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "refresh honoured", 5*time.Second, func() bool {
+		got, err := c.Resolve(ctx(t), user, e.upstream)
+		return err == nil && got.AccessToken != first.AccessToken
+	})
+	if _, err := other.Disconnect(ctx(t), user, e.upstream); err != nil {
+		t.Fatal(err)
+	}
+	took := eventually(t, "disconnect honoured", 2*time.Second, func() bool {
+		_, err := c.Resolve(ctx(t), user, e.upstream)
+		var nc *NotConnectedError
+		return errors.As(err, &nc)
+	})
+	t.Logf("disconnect honoured from the cache after %s", took)
+}
+
+func TestCacheDroppedWhenTheStreamBreaksAndResumed(t *testing.T) {
+	e := testEnv(t)
+	first := startBroker(t, e, "stream-1")
+	c := newClient(t, e.targetC, WithCache(0))
+	other := newClient(t, e.targetA)
+	eventually(t, "cache live", 10*time.Second, func() bool { return c.CacheStats().Live })
+	user := uniqueUser("go-stream")
+	connect(t, other, user, e.upstream)
+	eventually(t, "CONNECTED seen", 5*time.Second, func() bool { _, ok := c.LastSequence(); return ok })
+	seen, _ := c.LastSequence()
+	cached, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil || c.CacheStats().Entries != 1 {
+		t.Fatalf("not cached: %v", err)
+	}
+	first.stop()
+	eventually(t, "cache dropped", 5*time.Second, func() bool { s := c.CacheStats(); return !s.Live && s.Entries == 0 })
+	if _, err := other.Refresh(ctx(t), user, e.upstream); err != nil { // while nobody listens
+		t.Fatal(err)
+	}
+	startBroker(t, e, "stream-2")
+	eventually(t, "resubscribed", 20*time.Second, func() bool { return c.CacheStats().Live })
+	eventually(t, "missed REFRESHED replayed", 5*time.Second, func() bool { s, _ := c.LastSequence(); return s > seen })
+	fresh, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil || fresh.AccessToken == cached.AccessToken {
+		t.Fatalf("stale after the stream came back: %v", err)
+	}
+}
+
+// upstreamAPI refuses the first token it sees (or every token) with 401.
+type upstreamAPI struct {
+	mu        sync.Mutex
+	seen      []string
+	bodies    []string
+	refused   string
+	refuseAll bool
+}
+
+func (a *upstreamAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	auth := r.Header.Get("Authorization")
+	a.seen = append(a.seen, auth)
+	a.bodies = append(a.bodies, string(body))
+	if a.refused == "" {
+		a.refused = auth
+	}
+	if a.refuseAll || auth == "" || auth == a.refused {
+		w.WriteHeader(http.StatusUnauthorized)
+		return
+	}
+	_, _ = w.Write([]byte(`{"ok":true}`))
+}
+
+func TestRoundTripperRetriesOne401WithARefreshedToken(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA, WithCache(0))
+	user := uniqueUser("go-401")
+	connect(t, c, user, e.upstream)
+	api := &upstreamAPI{}
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	hc := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream}}
+	resp, err := hc.Post(srv.URL, "text/plain", strings.NewReader("payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || len(api.seen) != 2 || api.seen[0] == api.seen[1] {
+		t.Fatalf("status %d after %d requests (a new token on the retry: %v)", resp.StatusCode, len(api.seen), len(api.seen) == 2 && api.seen[0] != api.seen[1])
+	}
+	if api.bodies[0] != "payload" || api.bodies[1] != "payload" {
+		t.Fatal("the body was not replayed")
+	}
+}
+
+func TestRoundTripperReturnsASecond401(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-401x")
+	connect(t, c, user, e.upstream)
+	api := &upstreamAPI{refuseAll: true}
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	hc := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream}}
+	resp, err := hc.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized || len(api.seen) != 2 {
+		t.Fatalf("status %d after %d requests; want 401 after exactly 2", resp.StatusCode, len(api.seen))
+	}
+	// The refused token never shows in an error: an unknown upstream's error text.
+	_, err = hc.Get(srv.URL + "/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: "nope"}}
+	_, err = bad.Get(srv.URL)
+	var unknown *UnknownUpstreamError
+	if !errors.As(err, &unknown) {
+		t.Fatalf("want *UnknownUpstreamError through the transport, got %v", err)
+	}
+	for _, sent := range api.seen {
+		if token := strings.TrimPrefix(sent, "Bearer "); token != "" && strings.Contains(err.Error(), token) {
+			t.Fatal("a token in an error")
+		}
+	}
+}

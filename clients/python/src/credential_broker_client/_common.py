@@ -1,0 +1,99 @@
+"""What the sync and async clients share: the target, the request metadata, request building,
+the retry rule and its jittered backoff. No I/O here."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Collection, Mapping
+
+from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
+from credential_broker_client.errors import BrokerError, Unavailable
+
+TARGET_ENV = "CREDENTIAL_BROKER_SOCKET"
+DEFAULT_TARGET = "127.0.0.1:50051"
+REQUEST_HEADER = "x-credential-broker-request"
+CALLER_TOKEN_HEADER = "x-credential-broker-caller-token"
+DEFAULT_TIMEOUT = 10.0
+LOGGER_NAME = "credential_broker_client"
+
+# Reconnect quickly after the broker restarts (gRPC's default first backoff is a full second).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+BACKOFF_BASE = 0.05
+BACKOFF_CAP = 1.0
+WATCH_BACKOFF_CAP = 5.0
+
+# RPCs that consume a one-time state: retried only when the broker never answered.
+ONE_SHOT = frozenset({"Complete", "Deny"})
+
+
+def resolve_target(target: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """``target``, else $CREDENTIAL_BROKER_SOCKET, else 127.0.0.1:50051. A bare absolute path
+    is a unix socket."""
+    env = os.environ if environ is None else environ
+    chosen = target or env.get(TARGET_ENV) or DEFAULT_TARGET
+    if chosen.startswith("/"):
+        return "unix://" + chosen
+    return chosen
+
+
+def call_metadata(caller_token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: the SSRF-guard header and the caller token, if any."""
+    md = [(REQUEST_HEADER, "true")]
+    if caller_token:
+        md.append((CALLER_TOKEN_HEADER, caller_token))
+    return tuple(md)
+
+
+def backoff(attempt: int, rng: random.Random | None = None) -> float:
+    """Jittered exponential backoff: uniform in [c/4, c], c = min(cap, base * 2**attempt)."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2**attempt))
+    return (rng or random).uniform(ceiling / 4, ceiling)
+
+
+def retryable(method: str, error: BrokerError) -> bool:
+    """UNAVAILABLE is retried; nothing else. Complete and Deny only when the broker never
+    answered (no ErrorInfo): a broker-side failure may already have used the flow."""
+    if not isinstance(error, Unavailable):
+        return False
+    return method not in ONE_SHOT or type(error) is Unavailable
+
+
+def resolve_request(
+    user_id: str,
+    upstream: str,
+    min_valid_seconds: int,
+    required_scopes: Collection[str],
+    subject_token: str | None,
+    rejected_access_token: str | None,
+) -> pb.ResolveRequest:
+    return pb.ResolveRequest(
+        user_id=user_id,
+        upstream=upstream,
+        min_valid_seconds=min_valid_seconds,
+        required_scopes=list(required_scopes),
+        subject_token=subject_token or "",
+        rejected_access_token=rejected_access_token or "",
+    )
+
+
+def watch_request(
+    user_id: str | None, upstreams: Collection[str], after_sequence: int | None
+) -> pb.WatchConnectionsRequest:
+    request = pb.WatchConnectionsRequest(user_id=user_id or "", upstreams=list(upstreams))
+    if after_sequence is not None:
+        request.after_sequence = after_sequence
+    return request
+
+
+def complete_request(
+    state: str, code: str, user_id: str, iss: str, callback_params: Mapping[str, str] | None
+) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        state=state, code=code, user_id=user_id, iss=iss, callback_params=dict(callback_params or {})
+    )

@@ -1,0 +1,268 @@
+"""``AsyncBrokerClient``: the asyncio client (grpc.aio), the same surface as BrokerClient."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from credential_broker_client import _common, models
+from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
+from credential_broker_client._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from credential_broker_client.cache import DEFAULT_MAX_ENTRIES, CredentialCache
+from credential_broker_client.errors import DeadlineExceeded, from_rpc_error
+
+log = logging.getLogger(_common.LOGGER_NAME)
+
+
+class AsyncBrokerClient:
+    """The asyncio twin of :class:`~credential_broker_client.BrokerClient`. Create it inside a
+    running event loop; with ``cache=True`` the watch stream starts with the first call (or
+    ``async with``). Close with :meth:`close` or ``async with``."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        caller_token: str | None = None,
+        cache: bool = False,
+        cache_max_entries: int = DEFAULT_MAX_ENTRIES,
+        timeout: float = _common.DEFAULT_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.target = _common.resolve_target(target)
+        self._metadata = _common.call_metadata(caller_token)
+        self._timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.target, options=_common.CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CredentialBrokerStub(self._channel)
+        self._cache = CredentialCache(cache_max_entries, clock) if cache else None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_sequence: int | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncBrokerClient(target={self.target!r}, cache={self._cache is not None})"
+
+    async def __aenter__(self) -> AsyncBrokerClient:
+        self._start_watch()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        await self._channel.close()
+
+    @property
+    def cache(self) -> CredentialCache | None:
+        return self._cache
+
+    async def wait_cache_live(self, timeout: float = 10.0) -> bool:
+        """Wait until the cache's watch stream is established (the cache serves only then)."""
+        self._start_watch()
+        deadline = time.monotonic() + timeout
+        while self._cache is not None and not self._cache.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self._cache is not None and self._cache.live
+
+    async def resolve(
+        self,
+        user_id: str,
+        upstream: str,
+        *,
+        min_valid_seconds: int = 0,
+        required_scopes: Collection[str] = (),
+        subject_token: str | None = None,
+        rejected_access_token: str | None = None,
+        timeout: float | None = None,
+    ) -> models.Credential:
+        """See :meth:`BrokerClient.resolve`."""
+        key = (user_id, upstream)
+        cache = self._cache
+        if cache is not None:
+            if self._watch_task is None:
+                self._start_watch()
+            if subject_token is None and rejected_access_token is None:
+                hit = cache.get(key, min_valid_seconds, required_scopes)
+                if hit is not None:
+                    return hit
+            elif rejected_access_token is not None:
+                cache.invalidate(key)
+            ticket = cache.ticket(key)
+        request = _common.resolve_request(
+            user_id, upstream, min_valid_seconds, required_scopes, subject_token, rejected_access_token
+        )
+        answer = models.credential(await self._call("Resolve", self._stub.Resolve, request, timeout))
+        if cache is not None and subject_token is None:
+            cache.put(key, answer, ticket)
+        return answer
+
+    async def build_authorization_url(
+        self,
+        user_id: str,
+        upstream: str,
+        *,
+        connection_params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> models.AuthorizationRequest:
+        request = pb.BuildAuthorizationURLRequest(
+            user_id=user_id, upstream=upstream, connection_params=dict(connection_params or {})
+        )
+        return models.authorization_request(
+            await self._call("BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout)
+        )
+
+    async def complete(
+        self,
+        state: str,
+        code: str,
+        user_id: str,
+        *,
+        iss: str = "",
+        callback_params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> models.CredentialInfo:
+        request = _common.complete_request(state, code, user_id, iss, callback_params)
+        answer = await self._call("Complete", self._stub.Complete, request, timeout)
+        info = models.credential_info(answer.credential)
+        self._forget(info.user_id, info.upstream)
+        return info
+
+    async def deny(
+        self,
+        state: str,
+        error: str = "access_denied",
+        error_description: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        request = pb.DenyRequest(state=state, error=error, error_description=error_description)
+        await self._call("Deny", self._stub.Deny, request, timeout)
+
+    async def refresh(
+        self, user_id: str, upstream: str, *, timeout: float | None = None
+    ) -> models.CredentialInfo:
+        self._forget(user_id, upstream)
+        request = pb.RefreshRequest(user_id=user_id, upstream=upstream)
+        answer = await self._call("Refresh", self._stub.Refresh, request, timeout)
+        self._forget(user_id, upstream)
+        return models.credential_info(answer.credential)
+
+    async def list_connections(
+        self, user_id: str, *, timeout: float | None = None
+    ) -> tuple[models.Connection, ...]:
+        request = pb.ListConnectionsRequest(user_id=user_id)
+        answer = await self._call("ListConnections", self._stub.ListConnections, request, timeout)
+        return tuple(models.connection(c) for c in answer.connections)
+
+    async def disconnect(
+        self, user_id: str, upstream: str, *, timeout: float | None = None
+    ) -> models.Disconnection:
+        self._forget(user_id, upstream)
+        request = pb.DisconnectRequest(user_id=user_id, upstream=upstream)
+        answer = await self._call("Disconnect", self._stub.Disconnect, request, timeout)
+        self._forget(user_id, upstream)
+        return models.disconnection(answer)
+
+    async def disconnect_all(
+        self, user_id: str, *, timeout: float | None = None
+    ) -> tuple[models.UpstreamDisconnection, ...]:
+        request = pb.DisconnectAllRequest(user_id=user_id)
+        answer = models.upstream_disconnections(
+            await self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout)
+        )
+        for result in answer:
+            self._forget(user_id, result.upstream)
+        return answer
+
+    async def watch(
+        self,
+        user_id: str | None = None,
+        upstreams: Collection[str] = (),
+        *,
+        after_sequence: int | None = None,
+    ) -> AsyncIterator[models.ConnectionEvent]:
+        """Connection events as they are committed; see :meth:`BrokerClient.watch`."""
+        call = self._stub.WatchConnections(
+            _common.watch_request(user_id, upstreams, after_sequence), metadata=self._metadata
+        )
+        try:
+            async for response in call:
+                yield models.event(response.event)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def _forget(self, user_id: str, upstream: str) -> None:
+        if self._cache is not None:
+            self._cache.invalidate((user_id, upstream))
+
+    async def _call(
+        self, method: str, rpc: Callable[..., Awaitable[Any]], request: Any, timeout: float | None
+    ) -> Any:
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
+            try:
+                return await rpc(request, metadata=self._metadata, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+            if not _common.retryable(method, error):
+                raise error
+            pause = _common.backoff(attempt)
+            attempt += 1
+            if time.monotonic() + pause >= deadline:
+                raise error
+            log.debug("%s: %s, retry %d in %.3f s", method, error.reason, attempt, pause)
+            await asyncio.sleep(pause)
+
+    def _start_watch(self) -> None:
+        if self._cache is not None and self._watch_task is None and not self._closed:
+            self._watch_task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        cache = self._cache
+        assert cache is not None
+        attempt = 0
+        while not self._closed:
+            request = _common.watch_request(None, (), self.last_sequence)
+            call = self._stub.WatchConnections(request, metadata=self._metadata)
+            try:
+                await call.initial_metadata()  # the broker sends it once the watcher is registered
+                if call.done():
+                    reason = f"the stream ended ({(await call.code()).name})"
+                else:
+                    cache.set_live(True)
+                    attempt = 0
+                    async for response in call:
+                        event = models.event(response.event)
+                        self.last_sequence = event.sequence
+                        cache.apply(event)
+                    reason = "the stream ended"
+            except grpc.aio.AioRpcError as exc:
+                reason = from_rpc_error(exc).reason
+                if reason == "WATCH_RESYNC_REQUIRED":
+                    self.last_sequence = None  # the cache is dropped anyway: watch from now on
+            finally:
+                cache.set_live(False)
+                call.cancel()
+            if self._closed:
+                break
+            log.info("credential cache dropped: watch stream broke (%s); resubscribing", reason)
+            await asyncio.sleep(min(_common.WATCH_BACKOFF_CAP, _common.backoff(attempt)))
+            attempt += 1

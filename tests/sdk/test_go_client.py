@@ -1,0 +1,114 @@
+"""The Go SDK (clients/go): go vet, and its own tests (client_test.go) pass
+against real ``broker serve`` processes on one store and the loopback authorization server.
+Each Go test is run by its own pytest test, so a failure names it. That its generated stubs
+are current is tests/ecosystem/test_clients.py::test_go_generated_code_is_current."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from credential_broker_client import BrokerClient
+
+from broker.crypto import generate_keyring_file
+from tests import leakcheck
+from tests.authserver import AuthServer
+from tests.brokerproc import write_config
+from tests.conftest import REDIRECT_URI, UPSTREAM, upstream_doc
+from tests.ecosystem.conftest import check, client_env, require_tool, run
+from tests.live import free_port
+
+from .conftest import PatientServerProcess, connect
+
+GO_SDK = Path(__file__).resolve().parents[2] / "clients" / "go"
+GO_TESTS = [
+    "TestEveryRPC",
+    "TestDisconnectAll",
+    "TestConnectRequiredErrorsCarryTheAuthorizationURL",
+    "TestInsufficientScope",
+    "TestOtherErrorsAreTyped",
+    "TestOnlyUnavailableIsRetried",
+    "TestUnavailableIsRetriedWhileTheBrokerRestarts",
+    "TestCacheHitsAndInvalidationFromAnotherReplica",
+    "TestCacheDroppedWhenTheStreamBreaksAndResumed",
+    "TestRoundTripperRetriesOne401WithARefreshedToken",
+    "TestRoundTripperReturnsASecond401",
+]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class GoEnv:
+    env: dict[str, str]
+    auth: AuthServer
+    log_dir: Path
+
+
+@pytest.fixture(scope="module")
+def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
+    """Brokers A and B (processes, one SQLite store), a config for C (started by the Go tests
+    themselves), and a user whose grant the authorization server revoked."""
+    tmp = tmp_path_factory.mktemp("go-sdk")
+    auth = AuthServer().start()
+    client = auth.new_client(redirect_uri=REDIRECT_URI)
+    generate_keyring_file(tmp / "keyring.json")
+    document = {
+        "store": {"path": str(tmp / "data" / "broker.db")},
+        "keyring": {"file": str(tmp / "keyring.json")},
+        "upstreams": [upstream_doc(auth, client)],
+        "background_refresh": {"enabled": False},
+        # The 401 test reports a token minutes after connecting, not the default 30 s.
+        "min_refresh_interval_seconds": 0,
+    }
+    port_c = free_port()
+    config_c = write_config(document, tmp / "c.yaml", listen=[f"127.0.0.1:{port_c}"])
+    servers = [
+        PatientServerProcess(write_config(document, tmp / f"{n}.yaml"), tmp / f"{n}.log") for n in "ab"
+    ]
+    try:
+        with BrokerClient(servers[0].address) as sdk:
+            connect(sdk, auth, "go-revoked")
+        auth.revoke_user("go-revoked")
+        env = client_env(
+            CB_TEST_TARGET_A=servers[0].address,
+            CB_TEST_TARGET_B=servers[1].address,
+            CB_TEST_TARGET_C=f"127.0.0.1:{port_c}",
+            CB_TEST_CONFIG_C=str(config_c),
+            CB_TEST_PYTHON=sys.executable,
+            CB_TEST_LOG_DIR=str(tmp),
+            CB_TEST_UPSTREAM=UPSTREAM,
+            CB_TEST_REVOKED_USER="go-revoked",
+            GOFLAGS="-mod=mod",
+        )
+        yield GoEnv(env, auth, tmp)
+    finally:
+        for server in servers:
+            server.stop()
+        for log in tmp.glob("*.log"):
+            leakcheck.observe_text(log.read_text(errors="replace"), "broker log")
+        auth.stop()
+
+
+def test_go_vet() -> None:
+    go = require_tool("go")
+    check(run([go, "vet", "./..."], cwd=GO_SDK, env=client_env(GOFLAGS="-mod=mod"), timeout=600), "go vet")
+
+
+@pytest.mark.parametrize("name", GO_TESTS)
+def test_go_sdk(go_env: GoEnv, name: str) -> None:
+    go = require_tool("go")
+    done = run(
+        [go, "test", "-count=1", "-v", "-timeout", "240s", "-run", f"^{name}$", "."],
+        cwd=GO_SDK,
+        env=go_env.env,
+        timeout=280,
+    )
+    leakcheck.observe_text(done.stdout + done.stderr, "go test output")
+    for secret in go_env.auth.issued:
+        assert secret not in done.stdout + done.stderr, "a secret in the Go SDK's output"
+    check(done, f"go test -run {name}")
+    assert f"--- PASS: {name}" in done.stdout, done.stdout
