@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import grpc
 import httpx
@@ -19,6 +20,8 @@ from broker.connect.server import ConnectServer
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, KeySource
 from broker.crypto.keysource import key_source_for
+from broker.crypto.sources.base import RootKey
+from broker.crypto.wrapped import WrappedKeyringFile
 from broker.errors import ConfigError
 from broker.events import EVENT_FALLBACK_POLL_SECONDS, EVENT_POLL_SECONDS, EventHub
 from broker.exchange import TokenExchanger
@@ -149,6 +152,8 @@ def build_app(
         audit_sinks = [configured] if configured is not None else []
     auditor = Auditor([*audit_sinks, metrics], now=clock.now)
     source = key_source or key_source_for(config.keyring, os.environ)
+    if isinstance(source, WrappedKeyringFile) and spans.enabled:
+        source.root = TracedRootKey(source.root, spans)
     keyring = source.load()
     # Follow `keys add` / `keys promote` without a restart (see broker/keys.py).
     cipher = EnvelopeCipher(keyring, reload=KeyringFollower(source, keyring, logger))
@@ -294,3 +299,34 @@ def pb_methods() -> list[str]:
     from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 
     return [m.name for m in pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rpartition(".")[2]].methods]
+
+
+class TracedRootKey:
+    """A root key whose every wrap and unwrap is a ``kms`` client span (tracing on): the source's
+    type and host, never a key id, a blob or key material."""
+
+    def __init__(self, root: RootKey, spans: Spans) -> None:
+        self._root = root
+        self._spans = spans
+        self.kind = root.kind
+        endpoint = getattr(root, "endpoint_url", None)  # aws_kms; a PKCS#11 module has no host
+        region = getattr(root, "region", None)
+        if endpoint:
+            self._host = urlsplit(endpoint).hostname or ""
+        else:
+            self._host = f"kms.{region}.amazonaws.com" if region else ""
+
+    def describe(self) -> str:
+        return self._root.describe()
+
+    def wrap(self, kek_id: str, material: bytes) -> bytes:
+        with self._spans.client("kms", server_address=self._host, key_source=self.kind):
+            return self._root.wrap(kek_id, material)
+
+    def unwrap(self, kek_id: str, blob: bytes, *, any_version: bool = False) -> bytes:
+        with self._spans.client("kms", server_address=self._host, key_source=self.kind):
+            return self._root.unwrap(kek_id, blob, any_version=any_version)
+
+    def rewrap(self, kek_id: str, blob: bytes) -> bytes:
+        with self._spans.client("kms", server_address=self._host, key_source=self.kind):
+            return self._root.rewrap(kek_id, blob)

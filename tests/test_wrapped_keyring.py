@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -28,6 +29,8 @@ from tests.authserver import AuthServer
 from tests.brokerproc import ServerProcess, run_cli
 from tests.conftest import REDIRECT_URI, UPSTREAM, SyncRequestHeader, upstream_doc
 from tests.rootkeys import LocalKms, RootServer, SoftHsmRoot, unwrapped_materials
+from tests.test_tracing import Receiver, _observe, attributes
+from tests.test_tracing import receiver as receiver  # a fixture
 
 # Each test starts several broker and CLI processes: slow on a loaded machine, bounded all the same.
 pytestmark = pytest.mark.timeout(240)
@@ -370,3 +373,31 @@ def test_kms_stopped_before_start_is_a_clear_error_after_the_timeout(setup: Setu
     client.close()
     setup.stop_all()
     setup.assert_no_kek_in_files()
+
+
+def test_the_root_key_calls_at_start_are_client_spans(setup: Setup, receiver: tuple[Receiver, str]) -> None:
+    """With tracing on, each unwrap at start-up is a ``kms`` client span naming the source, and
+    no span carries key material (the receiver's text goes through the leak check)."""
+    collector, endpoint = receiver
+    run_cli("keys", "wrap", "--config", str(setup.wrapped))
+    setup.learn_wrapped_keys()
+    setup.base["tracing"] = {"enabled": True, "endpoint": endpoint}
+    traced = setup.config("traced.yaml", setup.root.wrapped_by())
+    server = setup.serve(traced)
+    client = Client(server, setup.auth)
+    client.connect("alice")
+    client.close()
+    server.stop()  # flushes the exporter
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not [s for s in collector.spans if s.name == "kms"]:
+        time.sleep(0.2)
+    kms = [s for s in collector.spans if s.name == "kms"]
+    _observe(collector.spans)
+    assert kms, [s.name for s in collector.spans]
+    for span in kms:
+        found = attributes(span)
+        assert span.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+        assert found["credential_broker.call"] == "kms"
+        assert found["credential_broker.key_source"] == setup.root.kind
+        # local-kms on loopback; a PKCS#11 module has no host
+        assert found["server.address"] == ("127.0.0.1" if setup.root.kind == "aws_kms" else "")

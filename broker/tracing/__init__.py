@@ -78,9 +78,16 @@ class Spans:
         return _NO_SPAN
 
     def client(
-        self, call: str, *, server_address: str = "", server_port: int | None = None, upstream: str = ""
+        self,
+        call: str,
+        *,
+        server_address: str = "",
+        server_port: int | None = None,
+        upstream: str = "",
+        key_source: str = "",
     ) -> AbstractContextManager[CallRecord]:
-        """A client span for one outbound call of another kind (for example ``kms``)."""
+        """A client span for one outbound call of another kind (``kms``: a root key source's wrap
+        or unwrap, with ``key_source`` its type)."""
         return _NO_SPAN
 
     def store(self, store: StoreT) -> StoreT:

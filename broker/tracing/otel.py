@@ -135,11 +135,19 @@ class OtelSpans(Spans):
         return self._client_span(f"{method} {call}", name, attributes, "http.response.status_code")
 
     def client(
-        self, call: str, *, server_address: str = "", server_port: int | None = None, upstream: str = ""
+        self,
+        call: str,
+        *,
+        server_address: str = "",
+        server_port: int | None = None,
+        upstream: str = "",
+        key_source: str = "",
     ) -> AbstractContextManager[CallRecord]:
         attributes: dict[str, str | int] = {"credential_broker.call": call, "server.address": server_address}
         if server_port is not None:
             attributes["server.port"] = server_port
+        if key_source:
+            attributes["credential_broker.key_source"] = key_source
         return self._client_span(call, upstream, attributes, "credential_broker.status_code")
 
     @contextmanager
