@@ -76,6 +76,10 @@ class Credential:
             return False
         return self.expires_at is None or self.expires_at - now > seconds
 
+    def refreshed_within(self, now: float, seconds: float) -> bool:
+        """True when the credential was refreshed (or connected) less than ``seconds`` ago."""
+        return self.last_refresh_at is not None and now - self.last_refresh_at < seconds
+
 
 @dataclass(frozen=True, slots=True)
 class CredentialInfo:

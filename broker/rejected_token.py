@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from broker.models import Credential
-
 
 def is_stored_token(reported: str, stored: str) -> bool:
     """True when ``reported`` is exactly the stored access token. Both sides are hashed first,
@@ -20,12 +18,6 @@ def is_stored_token(reported: str, stored: str) -> bool:
     if not reported or not stored:
         return False
     return hmac.compare_digest(_digest(reported), _digest(stored))
-
-
-def may_refresh(credential: Credential, now: float, min_interval_seconds: float) -> bool:
-    """False when the credential was refreshed or connected less than the interval ago."""
-    last = credential.last_refresh_at
-    return last is None or now - last >= min_interval_seconds
 
 
 def _digest(value: str) -> bytes:

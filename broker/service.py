@@ -464,12 +464,9 @@ class BrokerService:
         connected) less than ``min_refresh_interval_seconds`` ago and still covers the broker's
         own refresh window, so only a caller's larger ``min_valid_seconds`` is unmet, and a new
         token would not meet it either. The caller gets this one, with its true expires_at."""
-        last = credential.last_refresh_at
-        return (
-            last is not None
-            and now - last < self._config.min_refresh_interval_seconds
-            and credential.valid_for(now, self._config.refresh_window_seconds)
-        )
+        return credential.refreshed_within(
+            now, self._config.min_refresh_interval_seconds
+        ) and credential.valid_for(now, self._config.refresh_window_seconds)
 
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
@@ -499,7 +496,7 @@ class BrokerService:
         (re-read under the refresh lease) no longer holds that token."""
         interval = self._config.min_refresh_interval_seconds
         now = self._clock.now()
-        if not rejected_token.may_refresh(credential, now, interval):
+        if credential.refreshed_within(now, interval):
             return credential
         if credential.next_attempt_at is not None and now < credential.next_attempt_at:
             raise UpstreamUnavailable(
@@ -509,7 +506,7 @@ class BrokerService:
         def due(stored: Credential, at: float) -> bool:
             return rejected_token.is_stored_token(
                 rejected, stored.secrets.access_token
-            ) and rejected_token.may_refresh(stored, at, interval)
+            ) and not stored.refreshed_within(at, interval)
 
         return await self._flights.run(
             (user, upstream.key), lambda: self._audited_refresh(user, upstream, None, due)
