@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -218,6 +219,11 @@ class AuthBrokerConfig(_Strict):
     # require_pushed_authorization_requests, else off).
     pushed_authorization_requests: bool | None = None
     pushed_authorization_request_endpoint: str | None = None
+    # A refresh token's fixed lifetime from issue, for providers that document one but do not
+    # send it (Box: 60 days): dates each new refresh token in ListConnections when the answer
+    # carries no lifetime of its own (broker/service.py refresh_token_expiry). Not an idle limit:
+    # that is the upstream's refresh_token_idle_seconds.
+    refresh_token_lifetime_seconds: StrictInt | None = Field(default=None, gt=0, le=10 * 365 * 86400)
 
     @field_validator(
         "token_endpoint",

@@ -833,7 +833,9 @@ class BrokerService:
             expires_at=None if token.expires_in is None else now + token.expires_in,
             obtained_via=obtained_via,
             updated_at=now,
-            refresh_token_expires_at=refresh_token_expiry(token, previous, now),
+            refresh_token_expires_at=refresh_token_expiry(
+                token, previous, now, upstream.auth_broker.refresh_token_lifetime_seconds
+            ),
         )
 
     @staticmethod
@@ -864,14 +866,21 @@ class BrokerService:
         )
 
 
-def refresh_token_expiry(token: TokenResponse, previous: Credential | None, now: float) -> float | None:
+def refresh_token_expiry(
+    token: TokenResponse, previous: Credential | None, now: float, lifetime: int | None = None
+) -> float | None:
     """When the stored refresh token stops working: from the answer's refresh_token_expires_in
     when it sent one; the previous expiry when the answer kept the old refresh token (RFC 6749
-    section 6); unknown for a new refresh token without a lifetime."""
+    section 6: none sent, or the same one repeated); for a new refresh token without a lifetime,
+    the upstream's fixed ``lifetime`` from now (refresh_token_lifetime_seconds), else unknown."""
     if token.refresh_token_expires_in is not None:
         return now + token.refresh_token_expires_in
-    if not token.refresh_token and previous is not None:
+    if previous is not None and (
+        not token.refresh_token or token.refresh_token == previous.secrets.refresh_token
+    ):
         return previous.refresh_token_expires_at
+    if token.refresh_token and lifetime is not None:
+        return now + lifetime
     return None
 
 
