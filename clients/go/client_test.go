@@ -24,6 +24,8 @@ type env struct {
 	targetA, targetB, targetC string
 	configC, python, logDir   string
 	upstream, revokedUser     string
+	// D (started by a test) and E share a store that keeps one connection event.
+	targetD, configD, targetE string
 }
 
 func testEnv(t *testing.T) env {
@@ -33,6 +35,8 @@ func testEnv(t *testing.T) env {
 		targetC: os.Getenv("CB_TEST_TARGET_C"), configC: os.Getenv("CB_TEST_CONFIG_C"),
 		python: os.Getenv("CB_TEST_PYTHON"), logDir: os.Getenv("CB_TEST_LOG_DIR"),
 		upstream: os.Getenv("CB_TEST_UPSTREAM"), revokedUser: os.Getenv("CB_TEST_REVOKED_USER"),
+		targetD: os.Getenv("CB_TEST_TARGET_D"), configD: os.Getenv("CB_TEST_CONFIG_D"),
+		targetE: os.Getenv("CB_TEST_TARGET_E"),
 	}
 	if e.targetA == "" {
 		t.Skip("run through tests/sdk/test_go_client.py (needs a live broker)")
@@ -283,18 +287,24 @@ type brokerProc struct {
 
 func startBroker(t *testing.T, e env, name string) *brokerProc {
 	t.Helper()
+	return startBrokerFrom(t, e, name, e.configC, e.targetC)
+}
+
+// startBrokerFrom starts `broker serve --config config` and waits until target answers.
+func startBrokerFrom(t *testing.T, e env, name, config, target string) *brokerProc {
+	t.Helper()
 	log, err := os.Create(filepath.Join(e.logDir, name+".log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(e.python, "-m", "broker", "serve", "--config", e.configC)
+	cmd := exec.Command(e.python, "-m", "broker", "serve", "--config", config)
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	p := &brokerProc{cmd, log}
 	t.Cleanup(p.stop)
-	probe := newClient(t, e.targetC)
+	probe := newClient(t, target)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := probe.ListConnections(ctx(t), "probe"); err == nil {
@@ -410,6 +420,77 @@ func TestCacheDroppedWhenTheStreamBreaksAndResumed(t *testing.T) {
 	fresh, err := c.Resolve(ctx(t), user, e.upstream)
 	if err != nil || fresh.AccessToken == cached.AccessToken {
 		t.Fatalf("stale after the stream came back: %v", err)
+	}
+}
+
+// The store behind D and E keeps one connection event (events.max_events 1, reaped every
+// 0.2 s). The cached client's broker D dies; meanwhile E replaces the user's token and newer
+// events push the client's resume point out of the store. Back up, D refuses the client's
+// after_sequence with WATCH_RESYNC_REQUIRED (OUT_OF_RANGE): the client forgets it, watches
+// from now on, serves nothing it held before (no stale token) and caches and invalidates again.
+func TestCacheResyncsWhenTheBrokerNoLongerKeepsItsResumePoint(t *testing.T) {
+	e := testEnv(t)
+	if e.targetD == "" || e.targetE == "" {
+		t.Fatal("CB_TEST_TARGET_D / CB_TEST_TARGET_E not set")
+	}
+	first := startBrokerFrom(t, e, "resync-1", e.configD, e.targetD)
+	c := newClient(t, e.targetD, WithCache(0))
+	other := newClient(t, e.targetE)
+	eventually(t, "cache live", 10*time.Second, func() bool { return c.CacheStats().Live })
+	user := uniqueUser("go-resync")
+	connect(t, other, user, e.upstream)
+	eventually(t, "CONNECTED seen", 5*time.Second, func() bool { _, ok := c.LastSequence(); return ok })
+	old, _ := c.LastSequence()
+	cached, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil || c.CacheStats().Entries != 1 {
+		t.Fatalf("not cached: %v", err)
+	}
+
+	first.stop()
+	eventually(t, "stream down", 5*time.Second, func() bool { return !c.CacheStats().Live })
+	if _, err := other.Refresh(ctx(t), user, e.upstream); err != nil { // while nobody listens
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		connect(t, other, uniqueUser("go-resync-more"), e.upstream)
+	}
+	// The resume point is really gone: a watch from it is refused, typed.
+	eventually(t, "resume point reaped", 10*time.Second, func() bool {
+		wctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		for _, err := range other.Watch(wctx, WatchRequest{AfterSequence: &old}) {
+			var resync *ResyncRequiredError
+			return errors.As(err, &resync) && resync.Reason == "WATCH_RESYNC_REQUIRED"
+		}
+		return false
+	})
+
+	startBrokerFrom(t, e, "resync-2", e.configD, e.targetD)
+	eventually(t, "resubscribed from now on", 20*time.Second, func() bool {
+		_, resuming := c.LastSequence()
+		return !resuming && c.CacheStats().Live
+	})
+	if s := c.CacheStats(); s.Entries != 0 {
+		t.Fatalf("%d entries survived the resync", s.Entries)
+	}
+	fresh, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil || fresh.AccessToken == cached.AccessToken {
+		t.Fatalf("stale token after the resync: %v", err)
+	}
+	hits := c.CacheStats().Hits
+	if hit, err := c.Resolve(ctx(t), user, e.upstream); err != nil || hit != fresh || c.CacheStats().Hits != hits+1 {
+		t.Fatalf("not served from the cache after the resync: %v", err)
+	}
+	// Events flow on the new subscription and still invalidate.
+	if _, err := other.Refresh(ctx(t), user, e.upstream); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "refresh after the resync honoured", 5*time.Second, func() bool {
+		got, err := c.Resolve(ctx(t), user, e.upstream)
+		return err == nil && got.AccessToken != fresh.AccessToken
+	})
+	if seq, ok := c.LastSequence(); !ok || seq <= old {
+		t.Fatalf("no event after the resync (last %d, %v; before %d)", seq, ok, old)
 	}
 }
 

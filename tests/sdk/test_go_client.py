@@ -34,6 +34,7 @@ GO_TESTS = [
     "TestUnavailableIsRetriedWhileTheBrokerRestarts",
     "TestCacheHitsAndInvalidationFromAnotherReplica",
     "TestCacheDroppedWhenTheStreamBreaksAndResumed",
+    "TestCacheResyncsWhenTheBrokerNoLongerKeepsItsResumePoint",
     "TestRoundTripperRetriesOne401WithARefreshedToken",
     "TestRoundTripperReturnsASecond401",
 ]
@@ -51,7 +52,9 @@ class GoEnv:
 @pytest.fixture(scope="module")
 def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
     """Brokers A and B (processes, one SQLite store), a config for C (started by the Go tests
-    themselves), and a user whose grant the authorization server revoked."""
+    themselves), and a user whose grant the authorization server revoked. Also, on a second
+    store that keeps one connection event (reaped every 0.2 s): broker E, and a config for D
+    (started by the resync test)."""
     tmp = tmp_path_factory.mktemp("go-sdk")
     auth = AuthServer().start()
     client = auth.new_client(redirect_uri=REDIRECT_URI)
@@ -69,6 +72,15 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
     servers = [
         PatientServerProcess(write_config(document, tmp / f"{n}.yaml"), tmp / f"{n}.log") for n in "ab"
     ]
+    trimmed = {
+        **document,
+        "store": {"path": str(tmp / "trimmed" / "broker.db")},
+        "events": {"max_events": 1},
+        "retention": {"interval_seconds": 0.2},
+    }
+    port_d = free_port()
+    config_d = write_config(trimmed, tmp / "d.yaml", listen=[f"127.0.0.1:{port_d}"])
+    servers.append(PatientServerProcess(write_config(trimmed, tmp / "e.yaml"), tmp / "e.log"))
     try:
         with BrokerClient(servers[0].address) as sdk:
             connect(sdk, auth, "go-revoked")
@@ -78,6 +90,9 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
             CB_TEST_TARGET_B=servers[1].address,
             CB_TEST_TARGET_C=f"127.0.0.1:{port_c}",
             CB_TEST_CONFIG_C=str(config_c),
+            CB_TEST_TARGET_D=f"127.0.0.1:{port_d}",
+            CB_TEST_CONFIG_D=str(config_d),
+            CB_TEST_TARGET_E=servers[2].address,
             CB_TEST_PYTHON=sys.executable,
             CB_TEST_LOG_DIR=str(tmp),
             CB_TEST_UPSTREAM=UPSTREAM,
