@@ -112,6 +112,20 @@ async def test_a_lifetime_the_provider_sends_wins_over_the_configured_one(
     assert await _expiry(broker) == pytest.approx(rotated_at + SIXTY_DAYS, abs=0.01)
 
 
+async def test_the_box_preset_lifetime_reaches_list_connections(
+    make_broker: BrokerFactory, auth_server: AuthServer
+) -> None:
+    client = auth_server.new_client(
+        auth_method="client_secret_post", redirect_uri="https://app.example/callback"
+    )
+    upstream = upstream_doc(auth_server, client, provider="box")  # our server's endpoints over Box's
+    del upstream["auth_broker"]["mode"], upstream["auth_broker"]["token_endpoint_auth_method"]
+    broker = await make_broker(upstreams=[upstream], client=client)
+    connected_at = broker.clock.now()
+    await broker.connect("alice")
+    assert await _expiry(broker) == pytest.approx(connected_at + SIXTY_DAYS, abs=0.01)
+
+
 async def test_without_a_configured_lifetime_a_new_refresh_token_has_no_known_expiry(
     make_broker: BrokerFactory,
 ) -> None:
