@@ -19,6 +19,7 @@ from broker.connect.flows import HostedConnect
 from broker.connect.server import ConnectServer
 from broker.connections import ConnectionManager
 from broker.crypto import EnvelopeCipher, KeySource
+from broker.crypto.keyring import Keyring
 from broker.crypto.keysource import key_source_for
 from broker.crypto.sources.base import RootKey
 from broker.crypto.wrapped import WrappedKeyringFile
@@ -38,6 +39,7 @@ from broker.oauth.rfc8414 import MetadataCache, apply_discovery
 from broker.offboarding import Offboarding
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
+from broker.refresh_process import RefresherProcess
 from broker.refresher import BackgroundRefresher
 from broker.retention import Reaper
 from broker.rpc.interceptors import CallerInterceptor
@@ -67,7 +69,8 @@ class App:
     #: The bound metrics address once started (None when metrics are off).
     metrics_address: str | None = None
     flow_purger: FlowPurger | None = None
-    refresher: BackgroundRefresher | None = None
+    #: In this process, or in a child process (``background_refresh.separate_process``).
+    refresher: BackgroundRefresher | RefresherProcess | None = None
     events: EventHub | None = None
     tracing: Spans = NO_SPANS
     reaper: Reaper | None = None
@@ -124,25 +127,43 @@ class App:
         await self.tracing.shutdown()
 
 
-def build_app(
+@dataclass
+class Core:
+    """What serving and the background refresh process (broker/refresh_worker.py) both need: the
+    store, the vault, the token client and the service, with their metrics, audit and tracing."""
+
+    config: BrokerConfig
+    spans: Spans
+    metrics: BrokerMetrics
+    auditor: Auditor
+    source: KeySource
+    keyring: Keyring
+    store: CredentialStore
+    #: ``store`` as seen through tracing (store spans inside traced calls)
+    traced: CredentialStore
+    vault: CredentialVault
+    tokens: MeteredTokenClient
+    exchanger: TokenExchanger
+    service: BrokerService
+
+
+def build_core(
     config: BrokerConfig,
     *,
-    clock: Clock | None = None,
+    clock: Clock,
+    logger: logging.Logger,
     key_source: KeySource | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
-    extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
-    logger: logging.Logger | None = None,
-    reuse_port: bool = False,
     audit_sinks: Sequence[AuditSink] | None = None,
-) -> App:
-    """Build every part from the config. Raises ConfigError, KeyringError, StoreError or OSError.
+    discover: bool = True,
+) -> Core:
+    """Build the shared parts from the config. Raises ConfigError, KeyringError, StoreError or
+    OSError; nothing is left open when it raises.
 
     Upstreams that name an ``issuer`` get their missing endpoints from its RFC 8414 metadata
-    here, once, before anything else is built. ``audit_sinks`` replaces the configured sink."""
-    logger = logger or get_logger()
-    clock = clock or SystemClock()
+    here, once (unless ``discover`` is off: a config that already went through it)."""
     spans = start_tracing(config.tracing, store_system=config.store.backend)
-    if any(u.auth_broker.issuer for u in config.upstreams):
+    if discover and any(u.auth_broker.issuer for u in config.upstreams):
         config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds, spans=spans))
     load_client_keys(config)  # each private_key_file, once, before anything else is opened
     spans.name_endpoints(_endpoint_names(config))
@@ -163,10 +184,6 @@ def build_app(
         vault = CredentialVault(
             timed_store(traced, metrics), cipher, read_cache_seconds=config.read_cache_seconds
         )
-        # A wrong keyring is refused; damaged records are not its concern (broker/key_checks.py).
-        where = config.store.path if config.store.backend == "sqlite" else "postgres"
-        name = getattr(source, "path", None) or getattr(source, "variable", None) or config.keyring.file
-        StoreKeyCheck(store, str(name), str(where), now=clock.now(), logger=logger).verify(keyring)
         endpoints: dict[str, str] = {}
         for upstream in config.upstreams:
             if upstream.auth_broker.token_endpoint is not None:
@@ -183,6 +200,46 @@ def build_app(
         exchanger = TokenExchanger(vault, tokens, clock, logger, auditor)
         policy = PolicyEnforcer(build_policy(config.policy), logger)
         service = BrokerService(config, vault, tokens, clock, logger, exchanger, policy, auditor)
+    except BaseException:
+        store.close()
+        raise
+    return Core(
+        config, spans, metrics, auditor, source, keyring, store, traced, vault, tokens, exchanger, service
+    )
+
+
+def build_app(
+    config: BrokerConfig,
+    *,
+    clock: Clock | None = None,
+    key_source: KeySource | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    logger: logging.Logger | None = None,
+    reuse_port: bool = False,
+    audit_sinks: Sequence[AuditSink] | None = None,
+) -> App:
+    """Build every part from the config. Raises ConfigError, KeyringError, StoreError or OSError.
+
+    ``audit_sinks`` replaces the configured sink (see build_core for the rest)."""
+    logger = logger or get_logger()
+    clock = clock or SystemClock()
+    core = build_core(
+        config,
+        clock=clock,
+        logger=logger,
+        key_source=key_source,
+        transport=transport,
+        audit_sinks=audit_sinks,
+    )
+    config, spans, metrics, auditor, source = core.config, core.spans, core.metrics, core.auditor, core.source
+    store, traced, vault, tokens, service = core.store, core.traced, core.vault, core.tokens, core.service
+    exchanger = core.exchanger
+    try:
+        # A wrong keyring is refused; damaged records are not its concern (broker/key_checks.py).
+        where = config.store.path if config.store.backend == "sqlite" else "postgres"
+        name = getattr(source, "path", None) or getattr(source, "variable", None) or config.keyring.file
+        StoreKeyCheck(store, str(name), str(where), now=clock.now(), logger=logger).verify(core.keyring)
         identity = None
         if config.identity is not None:
             identity = IdentityVerifier(
@@ -209,9 +266,12 @@ def build_app(
             auditor,
             logger,
         )
-        refresher = None
-        if config.background_refresh.enabled:
+        refresher: BackgroundRefresher | RefresherProcess | None = None
+        if config.background_refresh.enabled and config.background_refresh.separate_process:
+            refresher = RefresherProcess(config, logger)
+        elif config.background_refresh.enabled:
             refresher = BackgroundRefresher(config, timed_store(traced, metrics), service, clock, logger)
+        if refresher is not None:
             stats = refresher.stats
             metrics.watch_background_refresh(lambda: dict(stats.outcomes), lambda: stats.lag_seconds)
         events = EventHub(

@@ -556,12 +556,20 @@ class BackgroundRefreshConfig(_Strict):
     wait on a provider. ``max_concurrent``: background refreshes in flight per upstream per
     process, further capped at half of ``http.max_concurrent_requests`` so Resolve always
     keeps request slots. ``interval_seconds``: how often each process looks for due
-    credentials (one bounded, indexed query per tick)."""
+    credentials (one bounded, indexed query per tick).
+
+    ``separate_process``: ``broker serve`` runs the refresher in a child process of its own
+    (broker/refresh_process.py), so refresh work (HTTP, JSON, sealing, store writes) never holds
+    the event loop or the interpreter lock that Resolve is answered on; ``process_nice`` lowers
+    that child's CPU priority (``nice``), so on busy cores Resolve comes first. Off: the
+    refresher runs as a task in the serving process."""
 
     enabled: bool = True
     ahead_seconds: int = Field(default=300, ge=1, le=86400)
     max_concurrent: int = Field(default=4, ge=1, le=1000)
     interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    separate_process: bool = True
+    process_nice: int = Field(default=10, ge=0, le=19)
 
 
 class RetentionConfig(_Strict):

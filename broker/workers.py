@@ -62,6 +62,10 @@ def worker_configs(config: BrokerConfig, tcp: list[ListenerConfig]) -> list[Brok
     # health_listen and metrics.listen are single endpoints: worker 0 serves them.
     metrics = config.metrics.model_copy(update={"listen": None})
     rest = config.model_copy(update={"listen": tuple(tcp), "health_listen": None, "metrics": metrics})
+    if config.background_refresh.separate_process:
+        # One refresh process for the sidecar (worker 0's child), whose counts worker 0 exports.
+        refresh = config.background_refresh.model_copy(update={"enabled": False})
+        rest = rest.model_copy(update={"background_refresh": refresh})
     configs = [first] + [rest] * (config.workers - 1)
     if config.audit.output == "file" and config.audit.path is not None:
         # Each worker rotates its own audit file: worker N > 0 appends to "<path>.w<N>".

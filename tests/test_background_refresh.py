@@ -20,7 +20,13 @@ from tests.authserver import AuthServer
 from tests.brokerproc import ServerProcess, write_config
 from tests.conftest import UPSTREAM, Broker, BrokerFactory, RequestHeader, upstream_doc
 
-FAST = {"enabled": True, "ahead_seconds": 300, "max_concurrent": 4, "interval_seconds": 0.05}
+FAST = {
+    "enabled": True,
+    "ahead_seconds": 300,
+    "max_concurrent": 4,
+    "interval_seconds": 0.05,
+    "separate_process": False,  # the refresher in this process: the test drives and reads it
+}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

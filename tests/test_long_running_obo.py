@@ -20,7 +20,13 @@ from tests.authserver import GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN, GRANT_TOKEN_
 from tests.conftest import BrokerFactory, error_info
 from tests.test_token_exchange import EXCHANGE, OBO, exchange_doc, obo_doc
 
-FAST = {"enabled": True, "ahead_seconds": 300, "max_concurrent": 4, "interval_seconds": 0.05}
+FAST = {
+    "enabled": True,
+    "ahead_seconds": 300,
+    "max_concurrent": 4,
+    "interval_seconds": 0.05,
+    "separate_process": False,  # the refresher in this process: the test drives and reads it
+}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

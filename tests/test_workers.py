@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,29 @@ def test_each_worker_gets_its_own_audit_file(tmp_path: Path) -> None:
     paths = [c.audit.path for c in worker_configs(config, list(config.listeners()))]
     base = tmp_path / "audit" / "audit.jsonl"
     assert paths == [base, base.with_name("audit.jsonl.w1"), base.with_name("audit.jsonl.w2")]
+
+
+def test_workers_share_one_refresh_process(tmp_path: Path, auth_server: AuthServer) -> None:
+    live = start_live_broker(
+        tmp_path, auth_server, workers=2, background_refresh={"enabled": True, "interval_seconds": 0.2}
+    )
+    try:
+        workers = _children(live.process.pid)
+        assert len(workers) == 2
+        deadline = time.monotonic() + 15
+        while True:
+            refreshers = [
+                child
+                for worker in workers
+                for child in _children(worker)
+                if b"broker.refresh_worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+            ]
+            if refreshers or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(refreshers) == 1  # worker 0's; the other worker starts none
+        time.sleep(1.0)  # several ticks later, still one
+        assert sum(len(_children(worker)) for worker in workers) == 1
+    finally:
+        assert live.stop(signal.SIGTERM) == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in [*workers, *refreshers])

@@ -1,0 +1,104 @@
+"""The child side of broker/refresh_process.py: ``python -m broker.refresh_worker --stats-fd N``.
+
+Reads the broker's config (pickled) from stdin, lowers its own CPU priority, builds the store,
+vault, token client and service (broker/app.py ``build_core``) and runs the BackgroundRefresher
+until stdin closes (the parent asked it to stop, or died) or SIGTERM. Its audit records go to
+the configured sink; a file sink gets a file of its own, ``<path>.refresher``, since each
+process rotates its own file. Twice a second it writes its counts to fd N (one JSON line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import sys
+
+from broker.app import build_core
+from broker.clock import SystemClock
+from broker.config import BrokerConfig
+from broker.errors import BrokerError
+from broker.logs import configure, fields
+from broker.metrics import timed_store
+from broker.refresh_process import stats_line
+from broker.refresher import BackgroundRefresher
+
+REPORT_SECONDS = 0.5
+
+
+def _own_audit_file(config: BrokerConfig) -> BrokerConfig:
+    if config.audit.output != "file" or config.audit.path is None:
+        return config
+    path = config.audit.path.with_name(f"{config.audit.path.name}.refresher")
+    return config.model_copy(update={"audit": config.audit.model_copy(update={"path": path})})
+
+
+async def _run(config: BrokerConfig, stats_fd: int) -> None:
+    logger = configure(config.log.format, config.log.level)
+    clock = SystemClock()
+    core = build_core(_own_audit_file(config), clock=clock, logger=logger, discover=False)
+    refresher = BackgroundRefresher(
+        core.config, timed_store(core.traced, core.metrics), core.service, clock, logger
+    )
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, done.set)
+    # stdin stays open while the parent wants us: its end (EOF) is the cue to stop.
+    stdin = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+
+    async def watch_stdin() -> None:
+        with contextlib.suppress(Exception):
+            while await stdin.read(4096):
+                pass
+        done.set()
+
+    watcher = loop.create_task(watch_stdin())
+    out = os.fdopen(stats_fd, "wb", buffering=0)
+    logger.info("background refresh process started", extra=fields(pid=os.getpid()))
+    refresher.start()
+    try:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), REPORT_SECONDS)
+            with contextlib.suppress(OSError):
+                out.write(stats_line(refresher.stats))
+    finally:
+        await refresher.stop()
+        with contextlib.suppress(OSError):
+            out.write(stats_line(refresher.stats))
+        out.close()
+        watcher.cancel()
+        transport.close()
+        await core.tokens.aclose()
+        core.store.close()
+        await core.spans.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="broker.refresh_worker")
+    parser.add_argument("--stats-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    config = pickle.load(sys.stdin.buffer)  # noqa: S301 - our parent's own config, on a private pipe
+    if not isinstance(config, BrokerConfig):
+        print("credential-broker: background refresh process: no config on stdin", file=sys.stderr)
+        return 2
+    with contextlib.suppress(OSError):
+        os.nice(config.background_refresh.process_nice)
+    try:
+        asyncio.run(_run(config, args.stats_fd))
+    except BrokerError as exc:
+        print(f"credential-broker: background refresh process: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"credential-broker: background refresh process: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""The background refresher in a child process (broker/refresh_process.py, the default).
+
+Real processes throughout: the child is ``python -m broker.refresh_worker`` started by a real
+app (or a real ``broker serve``), refreshing against the loopback authorization server, on both
+stores. Why it exists (Resolve is not slowed by a refresh herd) is measured, not asserted:
+benchmarks/background_refresh.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from broker.refresh_process import RefresherProcess
+from tests.authserver import AuthServer
+from tests.brokerproc import ServerProcess, write_config
+from tests.conftest import Broker, BrokerFactory
+
+CHILD = {"enabled": True, "ahead_seconds": 60, "interval_seconds": 0.1}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def _refreshes(auth: AuthServer) -> int:
+    return len(auth.token_requests("refresh_token"))
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name, or None when the process is gone (or a
+    zombie waiting to be reaped: it has exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else fields
+
+
+def _children(parent: int) -> list[int]:
+    """Live ``broker.refresh_worker`` processes whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(int(entry.name))
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat is not None and int(stat[1]) == parent and b"broker.refresh_worker" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def _child_of(broker: Broker) -> RefresherProcess:
+    refresher = broker.app.refresher
+    assert isinstance(refresher, RefresherProcess)
+    return refresher
+
+
+async def test_serve_refreshes_in_a_child_process_at_a_lower_cpu_priority(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(background_refresh=CHILD)
+    refresher = _child_of(broker)
+    await _until(lambda: refresher.pid is not None and _stat(refresher.pid) is not None)
+    assert refresher.pid is not None and refresher.pid != os.getpid()
+    pid, ours = refresher.pid, os.getpriority(os.PRIO_PROCESS, 0)
+    assert int((_stat(pid) or ["", "0"])[1]) == os.getpid()  # our child
+    # It lowers its own priority once it has read its config: nice 10 relative to ours.
+    await _until(lambda: int((_stat(pid) or [""] * 17)[16] or 0) - ours == 10, timeout=10)
+    broker.auth.access_ttl = 4  # due 2 s after connecting
+    old = (await broker.connect("alice")).credential
+    broker.auth.access_ttl = 3600
+    assert _refreshes(broker.auth) == 0
+    await _until(lambda: _refreshes(broker.auth) == 1)
+    await _until(lambda: refresher.stats.count("done") == 1)  # mirrored from the child
+    await asyncio.sleep(1.1)  # the serving process's read cache (read_cache_seconds) lets go
+    answer = await broker.resolve("alice")
+    assert answer.expires_at.seconds > old.expires_at.seconds + 3000
+    assert _refreshes(broker.auth) == 1  # the Resolve was answered, not refreshed again
+
+
+async def test_a_child_that_dies_is_started_again_and_its_counts_carry_on(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(background_refresh=CHILD)
+    refresher = _child_of(broker)
+    broker.auth.access_ttl = 4
+    await broker.connect("alice")
+    broker.auth.access_ttl = 3600  # refreshed tokens are not due again
+    await _until(lambda: refresher.stats.count("done") == 1)
+    first = refresher.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await _until(lambda: refresher.starts == 2 and refresher.pid != first, timeout=10)
+    assert refresher.stats.count("done") == 1  # the metric never goes back
+    broker.auth.access_ttl = 4
+    await broker.connect("bob")  # due in 2 s: the new child refreshes it
+    broker.auth.access_ttl = 3600
+    await _until(lambda: refresher.stats.count("done") == 2)
+    assert _refreshes(broker.auth) == 2
+    assert await broker.resolve("bob")
+
+
+async def test_stopping_the_broker_stops_the_child(make_broker: BrokerFactory) -> None:
+    broker = await make_broker(background_refresh=CHILD)
+    refresher = _child_of(broker)
+    await _until(lambda: refresher.pid is not None)
+    pid = refresher.pid
+    assert pid is not None and _stat(pid) is not None
+    await broker.app.stop(grace=0)
+    assert _stat(pid) is None  # it exited before stop returned
+    assert not _children(os.getpid())
+
+
+async def test_the_child_of_a_killed_broker_exits_on_its_own(broker: Broker, tmp_path: Path) -> None:
+    config = write_config(broker.document, tmp_path / "serve.yaml", background_refresh=CHILD)
+    server = await asyncio.to_thread(ServerProcess, config, tmp_path / "serve.log")
+    try:
+        await _until(lambda: len(_children(server.proc.pid)) == 1, timeout=15)
+        [child] = _children(server.proc.pid)
+        server.kill()  # SIGKILL: the parent's shutdown code never runs
+        await _until(lambda: _stat(child) is None, timeout=10)  # it saw its stdin close
+    finally:
+        server.stop()
+
+
+async def test_the_childs_audit_records_go_to_a_file_of_its_own(broker: Broker, tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    own = audit.with_name("audit.jsonl.refresher")
+    broker.auth.access_ttl = 4  # due 2 s after connecting
+    await broker.connect("alice")
+    broker.auth.access_ttl = 3600
+    config = write_config(
+        broker.document,
+        tmp_path / "serve.yaml",
+        background_refresh=CHILD,
+        audit={"output": "file", "path": str(audit)},
+    )
+    server = await asyncio.to_thread(ServerProcess, config, tmp_path / "serve.log")
+    try:
+        await _until(lambda: own.exists() and '"action":"refresh","outcome":"success"' in own.read_text())
+    finally:
+        server.stop()
+    assert _refreshes(broker.auth) == 1
+    assert '"action":"refresh"' not in (audit.read_text() if audit.exists() else "")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"process_nice": 20}, "background_refresh.process_nice"),
+        ({"process_nice": -1}, "background_refresh.process_nice"),
+        ({"separate_process": "sometimes"}, "background_refresh.separate_process"),
+    ],
+)
+def test_bad_process_settings_are_refused_by_name(
+    tmp_path: Path, settings: dict[str, object], message: str
+) -> None:
+    from broker.config import load_config
+    from broker.errors import ConfigError
+
+    document = {"keyring": {"file": "k.json"}, "background_refresh": settings}
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(document, environ={}, base_dir=tmp_path)
+
+
+def test_the_refresher_runs_in_a_child_process_unless_turned_off(tmp_path: Path) -> None:
+    from broker.config import load_config
+
+    default = load_config({"keyring": {"file": "k.json"}}, environ={}, base_dir=tmp_path)
+    assert default.background_refresh.separate_process is True
+    assert default.background_refresh.process_nice == 10
+    inline = load_config(
+        {"keyring": {"file": "k.json"}, "background_refresh": {"separate_process": False}},
+        environ={},
+        base_dir=tmp_path,
+    )
+    assert inline.background_refresh.separate_process is False
