@@ -2,14 +2,20 @@
 measured in the same run. Figures are printed, never asserted.
 
 ``throughput`` (SQLite and PostgreSQL): one ``broker serve`` process (default settings of
-``background_refresh``) against the test authorization server (tests/authserver.py, in its own
+``background_refresh``, so the refresher runs in its child process; ``--mode both``, the
+default, runs everything again with ``separate_process: false``, the refresher as a task of the
+serving process) against the test authorization server (tests/authserver.py, in its own
 process; it rotates refresh tokens). ``--due`` credentials whose tokens the server really issued
 are written to the store at once, all due; the script follows the server's count of refresh
 grants and prints the rate the background refresher sustained, against the rate at which a
 plain HTTP client sends the same kind of refresh grants straight to the server with the same
-concurrency (the refresher's per-upstream slots). Then Resolve on cached credentials: p50/p99
-with the refresher idle, and while it refreshes a second ``--due`` batch (target: p50 within
-1.3x of idle).
+concurrency (the refresher's per-upstream slots). Then Resolve on cached credentials from
+4 callers: p50/p99 with the refresher idle, and while it refreshes a second ``--due`` batch
+(target: p50 within 1.3x of idle), twice: "paced", the callers offering ``--resolve-rate``
+calls/s together (200: a busy sidecar; what a caller waits), and "flat out", each caller
+calling again as soon as answered (the broker saturated: every core is busy with the load
+generator, the authorization server and the broker, so whatever the refresher uses is taken
+from Resolve's throughput, and the p50 ratio is about the throughput ratio).
 
 ``watch`` (PostgreSQL): two ``broker serve`` replicas on one store. Changes (Disconnect) are
 made through replica A, paced, and ``--watchers`` WatchConnections streams are open on replica
@@ -17,7 +23,8 @@ B; the latency of each delivery is its arrival time minus the event's ``at`` (th
 on A, just before its commit). p50/p99 with ``--watchers`` streams against one stream.
 
     .venv/bin/python benchmarks/background_refresh.py [throughput] [watch]
-        [--due 10000] [--backend sqlite|postgres|both] [--watchers 1000] [--changes 100]
+        [--due 10000] [--backend sqlite|postgres|both] [--mode process|inline|both]
+        [--resolve-rate 200] [--watchers 1000] [--changes 100]
 """
 
 from __future__ import annotations
@@ -113,14 +120,16 @@ class AuthProcess:
 # -- brokers ------------------------------------------------------------------------------
 
 
-def _document(tmp: Path, store: dict[str, Any], endpoints: dict[str, str], refresh: bool) -> dict[str, Any]:
+def _document(
+    tmp: Path, store: dict[str, Any], endpoints: dict[str, str], refresh: bool, separate: bool = True
+) -> dict[str, Any]:
     return {
         "listen": ["127.0.0.1:0"],
         "store": store,
         "keyring": {"file": str(tmp / "keyring.json")},
         "log": {"level": "info"},
         "audit": {"output": "file", "path": str(tmp / "audit.jsonl")},
-        "background_refresh": {"enabled": refresh},
+        "background_refresh": {"enabled": refresh, "separate_process": separate},
         "upstreams": [
             {
                 "name": UPSTREAM,
@@ -212,8 +221,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _resolve_latencies(
-    address: str, users: int, seconds: float, stop: asyncio.Event | None = None
+    address: str, users: int, seconds: float, rate: float | None = None
 ) -> list[float]:
+    """Latencies of Resolve calls by RESOLVE_CALLERS callers for ``seconds``: back to back
+    (``rate`` None: as fast as the broker answers), or each caller paced so that all together
+    offer ``rate`` calls/s (a start every RESOLVE_CALLERS/rate s; a late call starts at once)."""
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.CredentialBrokerStub(channel)
@@ -223,7 +235,12 @@ async def _resolve_latencies(
 
         async def caller(offset: int) -> None:
             n = offset
-            while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
+            gap = RESOLVE_CALLERS / rate if rate else 0.0
+            next_at = time.perf_counter() + gap * offset / RESOLVE_CALLERS
+            while time.perf_counter() < deadline:
+                if gap:
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                    next_at += gap
                 request = pb.ResolveRequest(user_id=f"cached-{n % users}", upstream=UPSTREAM)
                 t0 = time.perf_counter()
                 await stub.Resolve(request, metadata=HEADER)
@@ -272,7 +289,9 @@ def _follow(auth: AuthProcess, target: int, timeout: float) -> tuple[float, floa
         time.sleep(0.2)
 
 
-async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess) -> None:
+async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, separate: bool) -> None:
+    mode = "child process" if separate else "in-process"
+    label = f"{backend:<9} {'process' if separate else 'inline':<7}"
     with tempfile.TemporaryDirectory(prefix="cb-bench-refresh-") as name, contextlib.ExitStack() as stack:
         tmp = Path(name)
         generate_keyring_file(tmp / "keyring.json")
@@ -283,7 +302,7 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess) 
             }
         else:
             store = {"path": str(tmp / "broker.db")}
-        document = _document(tmp, store, auth.endpoints, refresh=True)
+        document = _document(tmp, store, auth.endpoints, refresh=True, separate=separate)
         seeder = Seeder(document, tmp)
         stack.callback(seeder.close)
         seeder.write([(f"cached-{n}", f"cached-access-{n}", None) for n in range(args.cached)], 86400, 0)
@@ -298,38 +317,44 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess) 
         assert done - base >= min(args.due, 2000)
 
         # Throughput: a batch all due at once; nothing else runs.
-        grants = auth.call("grants", f"due-a-{backend}-", args.due)
+        grants = auth.call("grants", f"due-a-{backend}-{separate}-", args.due)
         loaded = seeder.write(grants, 30, 3600)
         rate, seconds = _follow(auth, done + args.due, timeout=args.due / 2 + 120)
         print(
-            f"{backend:<9} refresh: {args.due} due (written in {loaded:.1f} s), all refreshed in "
+            f"{label} refresh ({mode}): {args.due} due (written in {loaded:.1f} s), all refreshed in "
             f"{seconds:.1f} s: {rate:.0f}/s by the background refresher vs {direct:.0f}/s sent "
             f"directly with {slots} in flight = {rate / direct:.2f}x"
         )
 
-        # Resolve: idle, then while a second batch is refreshed.
-        idle = await _resolve_latencies(address, args.cached, args.seconds)
+        # Resolve, idle then while a second batch is refreshed: offered at a steady rate (the
+        # latency a caller sees), and back to back (as many as the broker answers).
+        loads = (("paced", args.resolve_rate), ("flat out", None))
+        idle = {load: await _resolve_latencies(address, args.cached, args.seconds, r) for load, r in loads}
         target = auth.call("refreshes") + args.due
-        grants = auth.call("grants", f"due-b-{backend}-", args.due)
+        grants = auth.call("grants", f"due-b-{backend}-{separate}-", args.due)
         seeder.write(grants, 30, 3600)
         while auth.call("refreshes") < target - args.due + min(50, args.due):
             await asyncio.sleep(0.05)  # the refresher has started on the batch
-        before, t0 = auth.call("refreshes"), time.perf_counter()
-        busy = await _resolve_latencies(address, args.cached, args.seconds)
-        during, elapsed = auth.call("refreshes") - before, time.perf_counter() - t0
-        still = during > 0 and auth.call("refreshes") < target
+        busy, rates = {}, {}
+        for load, r in loads:
+            before, t0 = auth.call("refreshes"), time.perf_counter()
+            busy[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
+            during = auth.call("refreshes") - before
+            still = during > 0 and auth.call("refreshes") < target
+            rates[load] = f"{during / (time.perf_counter() - t0):.0f}/s" + ("" if still else " (batch done)")
         _follow(auth, target, timeout=args.due / 2 + 120)
-        for label, values in (("idle", idle), ("refreshing", busy)):
+        for load, offered in loads:
+            for when, values in (("idle", idle[load]), ("refreshing", busy[load])):
+                print(
+                    f"{label} resolve {load:<8} {when:<10} p50 {_pct(values, 0.5) * 1e6:8.0f} us  "
+                    f"p99 {_pct(values, 0.99) * 1e6:8.0f} us  calls {len(values)}"
+                )
+            offer = f"{offered:.0f}/s offered" if offered else f"{RESOLVE_CALLERS} callers back to back"
             print(
-                f"{backend:<9} resolve {label:<10} p50 {_pct(values, 0.5) * 1e6:8.0f} us  "
-                f"p99 {_pct(values, 0.99) * 1e6:8.0f} us  calls {len(values)}"
+                f"{label} resolve {load} ({offer}) while the refresher ({mode}) refreshes at "
+                f"{rates[load]}: p50 {_pct(busy[load], 0.5) / _pct(idle[load], 0.5):.2f}x idle "
+                f"(target <= 1.3x), p99 {_pct(busy[load], 0.99) / _pct(idle[load], 0.99):.2f}x"
             )
-        p50 = _pct(busy, 0.5) / _pct(idle, 0.5)
-        print(
-            f"{backend:<9} resolve while refreshing at {during / elapsed:.0f}/s"
-            f"{'' if still else ' (the batch finished within the window)'}: p50 {p50:.2f}x idle "
-            f"(target <= 1.3x), p99 {_pct(busy, 0.99) / _pct(idle, 0.99):.2f}x"
-        )
 
 
 # -- watch fan-out ---------------------------------------------------------------------------
@@ -416,6 +441,15 @@ async def main() -> None:
     parser.add_argument("--due", type=int, default=10_000)
     parser.add_argument("--cached", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0, help="each Resolve window")
+    parser.add_argument(
+        "--resolve-rate", type=float, default=200.0, help="Resolve calls/s offered in the paced windows"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["process", "inline", "both"],
+        default="both",
+        help="the refresher in its own process (the default config), in the serving one, or each",
+    )
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--rate", type=float, default=5.0, help="changes per second")
@@ -428,7 +462,8 @@ async def main() -> None:
     try:
         if "throughput" in parts:
             for backend in ["sqlite", "postgres"] if args.backend == "both" else [args.backend]:
-                await throughput(backend, args, auth)
+                for separate in {"process": [True], "inline": [False], "both": [True, False]}[args.mode]:
+                    await throughput(backend, args, auth, separate)
         if "watch" in parts:
             await watch(args, auth)
     finally:

@@ -129,7 +129,13 @@ def test_background_refresh_benchmark_runs_at_a_tiny_size() -> None:
         "50",
     )
     assert "by the background refresher vs" in out and "/s sent directly" in out
-    assert "resolve idle" in out and "resolve refreshing" in out and "p50" in out
+    for mode in ("process", "inline"):  # the refresher in its own process, and in the serving one
+        for load in ("paced", "flat out"):
+            assert (
+                f"{mode:<7} resolve {load:<8} idle" in out
+                and f"{mode:<7} resolve {load:<8} refreshing" in out
+            )
+            assert f"{mode:<7} resolve {load} (" in out
     assert "watch fan-out: 4 changes on replica A" in out
     deliveries = [line for line in out.splitlines() if "watch 5 watchers" in line]
     assert deliveries and deliveries[0].endswith("deliveries 20"), out
