@@ -121,7 +121,12 @@ class AuthProcess:
 
 
 def _document(
-    tmp: Path, store: dict[str, Any], endpoints: dict[str, str], refresh: bool, separate: bool = True
+    tmp: Path,
+    store: dict[str, Any],
+    endpoints: dict[str, str],
+    refresh: bool,
+    separate: bool = True,
+    interval: float = BackgroundRefreshConfig().interval_seconds,
 ) -> dict[str, Any]:
     return {
         "listen": ["127.0.0.1:0"],
@@ -129,7 +134,11 @@ def _document(
         "keyring": {"file": str(tmp / "keyring.json")},
         "log": {"level": "info"},
         "audit": {"output": "file", "path": str(tmp / "audit.jsonl")},
-        "background_refresh": {"enabled": refresh, "separate_process": separate},
+        "background_refresh": {
+            "enabled": refresh,
+            "separate_process": separate,
+            "interval_seconds": interval,
+        },
         "upstreams": [
             {
                 "name": UPSTREAM,
@@ -302,7 +311,7 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
             }
         else:
             store = {"path": str(tmp / "broker.db")}
-        document = _document(tmp, store, auth.endpoints, refresh=True, separate=separate)
+        document = _document(tmp, store, auth.endpoints, True, separate, args.interval)
         seeder = Seeder(document, tmp)
         stack.callback(seeder.close)
         seeder.write([(f"cached-{n}", f"cached-access-{n}", None) for n in range(args.cached)], 86400, 0)
@@ -441,6 +450,12 @@ async def main() -> None:
     parser.add_argument("--due", type=int, default=10_000)
     parser.add_argument("--cached", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0, help="each Resolve window")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=BackgroundRefreshConfig().interval_seconds,
+        help="background_refresh.interval_seconds (default: the config's default)",
+    )
     parser.add_argument(
         "--resolve-rate", type=float, default=200.0, help="Resolve calls/s offered in the paced windows"
     )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from broker.refresh_process import RefresherProcess
 from tests.authserver import AuthServer
@@ -90,6 +91,9 @@ async def test_serve_refreshes_in_a_child_process_at_a_lower_cpu_priority(
     assert _refreshes(broker.auth) == 0
     await _until(lambda: _refreshes(broker.auth) == 1)
     await _until(lambda: refresher.stats.count("done") == 1)  # mirrored from the child
+    assert broker.app.metrics is not None
+    exposed = generate_latest(broker.app.metrics.registry).decode()
+    assert 'credential_broker_background_refreshes_total{outcome="done",upstream="gh"} 1.0' in exposed
     await asyncio.sleep(1.1)  # the serving process's read cache (read_cache_seconds) lets go
     answer = await broker.resolve("alice")
     assert answer.expires_at.seconds > old.expires_at.seconds + 3000
