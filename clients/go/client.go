@@ -415,13 +415,17 @@ func (c *Client) watchOnce(ctx context.Context, attempt *int) {
 		return
 	}
 	c.cache.setLive(true)
-	*attempt = 0
+	up := time.Now()
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
 			c.resyncIfAsked(err)
+			if time.Since(up) >= time.Second {
+				*attempt = 0 // a stream that stayed up: the next break starts the backoff over
+			}
 			return
 		}
+		*attempt = 0 // a stream that delivers is healthy
 		event := eventFrom(resp.GetEvent())
 		c.seqMu.Lock()
 		c.lastSequence, c.haveSequence = event.Sequence, true

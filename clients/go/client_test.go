@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -18,6 +19,12 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	cbv1 "credentialbroker/internal/gen/credentialbroker/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 type env struct {
@@ -574,5 +581,44 @@ func TestRoundTripperReturnsASecond401(t *testing.T) {
 		if token := strings.TrimPrefix(sent, "Bearer "); token != "" && strings.Contains(err.Error(), token) {
 			t.Fatal("a token in an error")
 		}
+	}
+}
+
+// refusingBroker accepts every WatchConnections stream, sends its headers and then refuses it.
+type refusingBroker struct {
+	cbv1.UnimplementedCredentialBrokerServer
+	mu       sync.Mutex
+	attempts int
+}
+
+func (b *refusingBroker) WatchConnections(_ *cbv1.WatchConnectionsRequest, stream grpc.ServerStreamingServer[cbv1.WatchConnectionsResponse]) error {
+	b.mu.Lock()
+	b.attempts++
+	b.mu.Unlock()
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
+	return status.Error(codes.PermissionDenied, "refused after the headers")
+}
+
+func TestAWatchRefusedRightAfterItsHeadersBacksOff(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	broker := &refusingBroker{}
+	cbv1.RegisterCredentialBrokerServer(server, broker)
+	go func() { _ = server.Serve(lis) }()
+	t.Cleanup(server.Stop)
+	newClient(t, lis.Addr().String(), WithCache(0))
+	time.Sleep(3 * time.Second)
+	broker.mu.Lock()
+	attempts := broker.attempts
+	broker.mu.Unlock()
+	// Backing off (12-50 ms, then doubling to 1 s) gives about 8 attempts in 3 s; resetting the
+	// backoff on every refused stream gives 60 or more.
+	if attempts < 2 || attempts > 15 {
+		t.Fatalf("%d watch attempts in 3 s; want a backoff (2-15)", attempts)
 	}
 }

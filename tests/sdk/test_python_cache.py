@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 from credential_broker_client import AsyncBrokerClient, BrokerClient, BrokerError, NotConnected
 
@@ -226,3 +229,57 @@ async def test_a_resume_point_the_broker_no_longer_keeps_is_dropped(broker: Brok
         await asyncio.to_thread(other.close)
         for server in (a, b, *restarted):
             server.stop()
+
+
+class _RefusingBroker:
+    """A real gRPC server on loopback whose WatchConnections sends its headers, then refuses."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def _watch(self, request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        self.attempts += 1
+        await context.send_initial_metadata(())
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused after the headers")
+        yield  # pragma: no cover - a generator: abort raises
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        from broker._proto.credentialbroker.v1 import broker_pb2 as pb
+
+        handler = grpc.unary_stream_rpc_method_handler(
+            self._watch,
+            request_deserializer=pb.WatchConnectionsRequest.FromString,
+            response_serializer=pb.WatchConnectionsResponse.SerializeToString,
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "credentialbroker.v1.CredentialBroker", {"WatchConnections": handler}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            await server.stop(0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_watch_refused_right_after_its_headers_backs_off(kind: str) -> None:
+    refusing = _RefusingBroker()
+    async with refusing.serving() as address:
+        if kind == "sync":
+            client = BrokerClient(address, cache=True)
+            await asyncio.sleep(3.0)  # the server runs on this loop: the sync client's thread calls it
+            client.close()
+        else:
+            aclient = AsyncBrokerClient(address, cache=True)
+            await aclient.wait_cache_live(timeout=3.0)  # starts the watch; never live here
+            await aclient.close()
+    # Backing off (12-50 ms, doubling to 1 s) gives about 8 attempts in 3 s; starting the
+    # backoff over after every refused stream gives dozens.
+    assert 2 <= refusing.attempts <= 15, refusing.attempts

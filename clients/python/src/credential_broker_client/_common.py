@@ -27,6 +27,9 @@ CHANNEL_OPTIONS = (
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 1.0
 WATCH_BACKOFF_CAP = 5.0
+# A watch stream that stayed up this long was healthy: its break starts the backoff over (one
+# refused right after registering keeps backing off instead of resubscribing at once).
+WATCH_HEALTHY_SECONDS = 1.0
 
 # RPCs that consume a one-time state: retried only when the broker never answered.
 ONE_SHOT = frozenset({"Complete", "Deny"})

@@ -242,14 +242,16 @@ class AsyncBrokerClient:
         while not self._closed:
             request = _common.watch_request(None, (), self.last_sequence)
             call = self._stub.WatchConnections(request, metadata=self._metadata)
+            up: float | None = None  # when the stream was registered (its headers came)
             try:
                 await call.initial_metadata()  # the broker sends it once the watcher is registered
                 if call.done():
                     reason = f"the stream ended ({(await call.code()).name})"
                 else:
                     cache.set_live(True)
-                    attempt = 0
+                    up = time.monotonic()
                     async for response in call:
+                        attempt = 0  # a stream that delivers is healthy
                         event = models.event(response.event)
                         self.last_sequence = event.sequence
                         cache.apply(event)
@@ -261,6 +263,8 @@ class AsyncBrokerClient:
             finally:
                 cache.set_live(False)
                 call.cancel()
+            if up is not None and time.monotonic() - up >= _common.WATCH_HEALTHY_SECONDS:
+                attempt = 0  # it stayed up: the next break starts the backoff over
             if self._closed:
                 break
             log.info("credential cache dropped: watch stream broke (%s); resubscribing", reason)

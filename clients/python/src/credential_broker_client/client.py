@@ -265,6 +265,7 @@ class BrokerClient:
             request = _common.watch_request(None, (), self.last_sequence)
             call = self._stub.WatchConnections(request, metadata=self._metadata)
             self._watch_call = call
+            up: float | None = None  # when the stream was registered (its headers came)
             if self._closed.is_set():
                 call.cancel()
                 break
@@ -273,8 +274,9 @@ class BrokerClient:
                 if call.done():
                     raise _Ended(call.code())
                 self._cache.set_live(True)
-                attempt = 0
+                up = time.monotonic()
                 for response in call:
+                    attempt = 0  # a stream that delivers is healthy
                     event = models.event(response.event)
                     self.last_sequence = event.sequence
                     self._cache.apply(event)
@@ -287,6 +289,8 @@ class BrokerClient:
                     self.last_sequence = None  # the cache is dropped anyway: watch from now on
             finally:
                 self._cache.set_live(False)
+            if up is not None and time.monotonic() - up >= _common.WATCH_HEALTHY_SECONDS:
+                attempt = 0  # it stayed up: the next break starts the backoff over
             if self._closed.is_set():
                 break
             log.info("credential cache dropped: watch stream broke (%s); resubscribing", reason)
