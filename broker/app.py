@@ -268,7 +268,7 @@ def build_app(
         )
         refresher: BackgroundRefresher | RefresherProcess | None = None
         if config.background_refresh.enabled and config.background_refresh.separate_process:
-            refresher = RefresherProcess(config, logger)
+            refresher = RefresherProcess(config, logger, metrics.count_refresh_failures)
         elif config.background_refresh.enabled:
             refresher = BackgroundRefresher(config, timed_store(traced, metrics), service, clock, logger)
         if refresher is not None:

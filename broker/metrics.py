@@ -69,6 +69,10 @@ class BrokerMetrics:
         if event.action == "refresh" and event.outcome == "failure":
             self.refresh_failures.labels(event.upstream, event.reason or "unknown").inc()
 
+    def count_refresh_failures(self, upstream: str, reason: str, count: int) -> None:
+        """Refresh failures another process made (the background refresh process) and reported."""
+        self.refresh_failures.labels(upstream, reason).inc(count)
+
     def watch_single_flight(self, coalesced: Callable[[], int]) -> None:
         self.registry.register(_Coalesced(coalesced))
 

@@ -29,7 +29,9 @@ import os
 import pickle
 import sys
 from collections import Counter
+from collections.abc import Callable
 
+from broker.audit import AuditEvent
 from broker.config import BrokerConfig
 from broker.logs import fields, get_logger
 from broker.refresher import RefreshStats
@@ -44,9 +46,17 @@ class RefresherProcess:
     """Starts, watches and stops the refresher's child process; same surface as the in-process
     BackgroundRefresher for the app (start, stop, stats)."""
 
-    def __init__(self, config: BrokerConfig, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        logger: logging.Logger | None = None,
+        on_failures: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        """``on_failures(upstream, reason, count)`` is told of the child's failed refreshes as
+        they are reported (the metrics' refresh failures by reason)."""
         self._config = config
         self._log = logger or get_logger()
+        self._on_failures = on_failures
         self.stats = RefreshStats()
         #: Times the child was started (1 after a normal start; more after restarts).
         self.starts = 0
@@ -133,6 +143,7 @@ class RefresherProcess:
     async def _read_stats(self, fd: int) -> None:
         """Mirror the child's stats lines until it closes the pipe."""
         loop = asyncio.get_running_loop()
+        reported: Counter[tuple[str, str]] = Counter()  # this child's failures told so far
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
@@ -146,15 +157,36 @@ class RefresherProcess:
                     )
                     self.stats.lag_seconds = float(snapshot["lag_seconds"])
                     self.stats.ticks = int(snapshot["ticks"])
+                    failures = Counter(
+                        {(upstream, reason): int(n) for upstream, reason, n in snapshot["failures"]}
+                    )
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn line at a crash: the next one replaces it
+                for key, count in (failures - reported).items():
+                    if self._on_failures is not None:
+                        self._on_failures(*key, count)
+                reported |= failures
         finally:
             transport.close()
 
 
-def stats_line(stats: RefreshStats) -> bytes:
+class FailureCounter:
+    """An audit sink (in the child) counting failed refreshes by upstream and reason."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def emit(self, event: AuditEvent) -> None:
+        if event.action == "refresh" and event.outcome == "failure":
+            self.counts[(event.upstream, event.reason or "unknown")] += 1
+
+
+def stats_line(stats: RefreshStats, failures: FailureCounter) -> bytes:
     """One stats snapshot as the child sends it (counts, never a user or a token)."""
-    outcomes = [[upstream, outcome, n] for (upstream, outcome), n in stats.outcomes.items()]
-    return (
-        json.dumps({"outcomes": outcomes, "lag_seconds": stats.lag_seconds, "ticks": stats.ticks}) + "\n"
-    ).encode()
+    snapshot = {
+        "outcomes": [[upstream, outcome, n] for (upstream, outcome), n in stats.outcomes.items()],
+        "failures": [[upstream, reason, n] for (upstream, reason), n in failures.counts.items()],
+        "lag_seconds": stats.lag_seconds,
+        "ticks": stats.ticks,
+    }
+    return (json.dumps(snapshot) + "\n").encode()

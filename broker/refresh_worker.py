@@ -18,12 +18,13 @@ import signal
 import sys
 
 from broker.app import build_core
+from broker.audit import AuditSink, sink_from_config
 from broker.clock import SystemClock
 from broker.config import BrokerConfig
 from broker.errors import BrokerError
 from broker.logs import configure, fields
 from broker.metrics import timed_store
-from broker.refresh_process import stats_line
+from broker.refresh_process import FailureCounter, stats_line
 from broker.refresher import BackgroundRefresher
 
 REPORT_SECONDS = 0.5
@@ -39,7 +40,11 @@ def _own_audit_file(config: BrokerConfig) -> BrokerConfig:
 async def _run(config: BrokerConfig, stats_fd: int) -> None:
     logger = configure(config.log.format, config.log.level)
     clock = SystemClock()
-    core = build_core(_own_audit_file(config), clock=clock, logger=logger, discover=False)
+    config = _own_audit_file(config)
+    configured = sink_from_config(config.audit)
+    failures = FailureCounter()
+    sinks: list[AuditSink] = [failures] if configured is None else [configured, failures]
+    core = build_core(config, clock=clock, logger=logger, audit_sinks=sinks, discover=False)
     refresher = BackgroundRefresher(
         core.config, timed_store(core.traced, core.metrics), core.service, clock, logger
     )
@@ -65,11 +70,11 @@ async def _run(config: BrokerConfig, stats_fd: int) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), REPORT_SECONDS)
             with contextlib.suppress(OSError):
-                out.write(stats_line(refresher.stats))
+                out.write(stats_line(refresher.stats, failures))
     finally:
         await refresher.stop()
         with contextlib.suppress(OSError):
-            out.write(stats_line(refresher.stats))
+            out.write(stats_line(refresher.stats, failures))
         out.close()
         watcher.cancel()
         transport.close()

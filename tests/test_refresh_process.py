@@ -197,3 +197,29 @@ def test_the_refresher_runs_in_a_child_process_unless_turned_off(tmp_path: Path)
         base_dir=tmp_path,
     )
     assert inline.background_refresh.separate_process is False
+
+
+async def test_the_childs_failed_refreshes_are_counted_by_error_in_the_servers_metrics(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(background_refresh=CHILD)
+    refresher = _child_of(broker)
+    broker.auth.access_ttl = 4
+    await broker.connect("alice")
+    broker.auth.access_ttl = 3600
+    broker.auth.fail_next("503")  # the child's refresh meets an outage
+    await _until(lambda: refresher.stats.count("failed") == 1)
+    assert broker.app.metrics is not None
+
+    def failures() -> list[str]:
+        assert broker.app.metrics is not None
+        text = generate_latest(broker.app.metrics.registry).decode()
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith("credential_broker_refresh_failures_total{") and 'upstream="gh"' in line
+        ]
+
+    await _until(lambda: len(failures()) == 1)
+    [line] = failures()
+    assert line.endswith(" 1.0") and 'error="UPSTREAM_UNAVAILABLE"' in line
