@@ -1,0 +1,17 @@
+"""The broker's use cases: connect flow, refresh and resolve. No gRPC, no SQL here.
+
+Store writes run in worker threads (``asyncio.to_thread``); the single-row read that a cached
+Resolve needs runs inline because it takes microseconds and a thread hop would cost more.
+
+- base.py: the constructor, shared state (single flights, refresh lease owner) and upstream lookups
+- connect_flow.py: start, reuse, complete and deny connect flows; ``check_iss`` (RFC 9207)
+- refresh.py: refresh on demand, for Resolve and in the background; lease; ``refresh_token_expiry``
+- resolve.py: Resolve: the stored (or exchanged) token, refreshed when due, or how to connect
+- composed.py: ``BrokerService``, the use cases combined
+"""
+
+from broker.service.composed import BrokerService
+from broker.service.connect_flow import check_iss
+from broker.service.refresh import refresh_token_expiry
+
+__all__ = ["BrokerService", "check_iss", "refresh_token_expiry"]
