@@ -221,7 +221,7 @@ class AuthBrokerConfig(_Strict):
     pushed_authorization_request_endpoint: str | None = None
     # A refresh token's fixed lifetime from issue, for providers that document one but do not
     # send it (Box: 60 days): dates each new refresh token in ListConnections when the answer
-    # carries no lifetime of its own (broker/service.py refresh_token_expiry). Not an idle limit:
+    # carries no lifetime of its own (broker/service/refresh.py refresh_token_expiry). Not an idle limit:
     # that is the upstream's refresh_token_idle_seconds.
     refresh_token_lifetime_seconds: StrictInt | None = Field(default=None, gt=0, le=10 * 365 * 86400)
 
