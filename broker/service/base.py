@@ -26,11 +26,7 @@ from broker.errors import (
 )
 from broker.exchange import TokenExchanger
 from broker.logs import get_logger
-from broker.models import (
-    AuthorizationRequest,
-    Credential,
-    CredentialInfo,
-)
+from broker.models import AuthorizationRequest, Credential, CredentialInfo
 from broker.oauth import client_auth, rfc9126
 from broker.oauth.client import ClientCredentials, TokenEndpointClient
 from broker.oauth.rfc6749 import TokenResponse

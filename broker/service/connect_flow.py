@@ -20,14 +20,7 @@ from broker.errors import (
     TooManyPendingFlows,
 )
 from broker.logs import fields
-from broker.models import (
-    AuthorizationRequest,
-    Credential,
-    CredentialInfo,
-    ObtainedVia,
-    PendingFlow,
-    Secrets,
-)
+from broker.models import AuthorizationRequest, Credential, CredentialInfo, ObtainedVia, PendingFlow, Secrets
 from broker.oauth import rfc6749, rfc7636, rfc9126
 from broker.oauth.rfc6749 import TokenResponse
 from broker.providers import shaping

@@ -20,11 +20,7 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.logs import fields
-from broker.models import (
-    Credential,
-    CredentialInfo,
-    CredentialStatus,
-)
+from broker.models import Credential, CredentialInfo, CredentialStatus
 from broker.oauth.rfc6749 import TokenResponse
 from broker.providers import shaping
 from broker.service.base import ServiceBase

@@ -21,12 +21,7 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.logs import fields
-from broker.models import (
-    Credential,
-    CredentialStatus,
-    ResolvedCredential,
-    Secrets,
-)
+from broker.models import Credential, CredentialStatus, ResolvedCredential, Secrets
 from broker.policy import PolicyRequest
 from broker.service.base import ServiceBase
 
