@@ -158,6 +158,10 @@ class EventHub:
         self._task: asyncio.Task[None] | None = None
         self._listener: threading.Thread | None = None
         self.position = 0
+        # With no watcher, events are not read at all (a change on another process would
+        # otherwise cost this one a store read); the first watcher brings ``position`` up to date.
+        self._behind = False
+        self._catch_up_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -211,6 +215,10 @@ class EventHub:
                 self._log.error("reading connection events failed", extra=fields(error=type(exc).__name__))
 
     async def _follow(self) -> None:
+        if not self._watchers:
+            self._behind = True  # nobody to hand events to: none is read
+            return
+        await self._catch_up()
         while True:
             rows = await asyncio.to_thread(self._store.events_after, self.position, PAGE)
             for row in rows:
@@ -244,6 +252,7 @@ class EventHub:
         watcher = _Watcher(user_id, frozenset(upstream_keys))
         self._watchers.add(watcher)  # before reading the backlog: nothing falls between the two
         try:
+            await self._catch_up()
             last = self.position if after_sequence is None else after_sequence
             if after_sequence is not None:
                 while True:
@@ -270,6 +279,17 @@ class EventHub:
                 yield self._event(row)
         finally:
             self._watchers.discard(watcher)
+
+    async def _catch_up(self) -> None:
+        """After a time without watchers: skip the events committed meanwhile (nobody watched
+        them) by moving ``position`` to the newest one."""
+        if not self._behind:
+            return
+        async with self._catch_up_lock:
+            if self._behind:
+                newest = await asyncio.to_thread(self._store.last_event_sequence)
+                self.position = max(self.position, newest)
+                self._behind = False
 
     async def _check_retained(self, last: int) -> None:
         """Raise WatchResyncRequired when retention deleted events after ``last``."""

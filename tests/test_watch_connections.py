@@ -208,3 +208,33 @@ async def test_a_watcher_that_falls_behind_is_cut_off(
     assert 2 <= len(delivered) < 4  # the bounded queue, then cut off (not every event)
     assert [e.user_id for e in delivered] == ["u1", "u2", "u3"][: len(delivered)]
     assert hub.watchers == 0
+
+
+def _event_reads(broker: Broker) -> float:
+    """How many times this broker read connection events from the store (its store metrics)."""
+    assert broker.app.metrics is not None
+    value = broker.app.metrics.registry.get_sample_value(
+        "credential_broker_store_operation_seconds_count", {"operation": "events_after"}
+    )
+    return value or 0.0
+
+
+async def test_without_watchers_no_event_is_read_and_a_new_watcher_sees_only_new_ones(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker()
+    hub = broker.app.events
+    assert hub is not None
+    for user in ("u1", "u2", "u3"):
+        await broker.connect(user)  # events written (and the hub woken) with nobody watching
+    await asyncio.sleep(0.5)  # several polls of the event table
+    assert _event_reads(broker) == 0
+    key = broker.app.config.upstreams[0].key
+    watch: AsyncIterator[events.ConnectionEvent] = hub.watch(None, {key}, None)
+    first = asyncio.ensure_future(anext(watch))
+    await _until_watching(broker)
+    await broker.connect("u4")
+    event = await asyncio.wait_for(first, 5)
+    assert (event.user_id, event.kind) == ("u4", events.EventKind.CONNECTED)  # not u1..u3's
+    assert _event_reads(broker) > 0
+    await watch.aclose()
