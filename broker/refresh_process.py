@@ -63,7 +63,6 @@ class RefresherProcess:
         self.pid: int | None = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._proc: asyncio.subprocess.Process | None = None
         # Counts of children that exited: a restarted child counts from zero, the metrics never go back.
         self._base: Counter[tuple[str, str]] = Counter()
 
@@ -113,7 +112,7 @@ class RefresherProcess:
             return None
         finally:
             os.close(write_fd)
-        self._proc, self.pid = proc, proc.pid
+        self.pid = proc.pid
         self.starts += 1
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(self._config))
@@ -137,7 +136,6 @@ class RefresherProcess:
             stopping.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(reader, 1.0)
-            self._proc = None
             self._base = Counter(self.stats.outcomes)
 
     async def _read_stats(self, fd: int) -> None:
