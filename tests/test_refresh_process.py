@@ -68,6 +68,14 @@ def _children(parent: int) -> list[int]:
     return found
 
 
+async def _connect_due(broker: Broker, user: str) -> None:
+    """Connect ``user`` with a token due for background refresh 2 s later; its refreshed token
+    is not due again."""
+    broker.auth.access_ttl = 4
+    await broker.connect(user)
+    broker.auth.access_ttl = 3600
+
+
 def _child_of(broker: Broker) -> RefresherProcess:
     refresher = broker.app.refresher
     assert isinstance(refresher, RefresherProcess)
@@ -105,18 +113,14 @@ async def test_a_child_that_dies_is_started_again_and_its_counts_carry_on(
 ) -> None:
     broker = await make_broker(background_refresh=CHILD)
     refresher = _child_of(broker)
-    broker.auth.access_ttl = 4
-    await broker.connect("alice")
-    broker.auth.access_ttl = 3600  # refreshed tokens are not due again
+    await _connect_due(broker, "alice")
     await _until(lambda: refresher.stats.count("done") == 1)
     first = refresher.pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
     await _until(lambda: refresher.starts == 2 and refresher.pid != first, timeout=10)
     assert refresher.stats.count("done") == 1  # the metric never goes back
-    broker.auth.access_ttl = 4
-    await broker.connect("bob")  # due in 2 s: the new child refreshes it
-    broker.auth.access_ttl = 3600
+    await _connect_due(broker, "bob")
     await _until(lambda: refresher.stats.count("done") == 2)
     assert _refreshes(broker.auth) == 2
     assert await broker.resolve("bob")
@@ -148,9 +152,7 @@ async def test_the_child_of_a_killed_broker_exits_on_its_own(broker: Broker, tmp
 async def test_the_childs_audit_records_go_to_a_file_of_its_own(broker: Broker, tmp_path: Path) -> None:
     audit = tmp_path / "audit.jsonl"
     own = audit.with_name("audit.jsonl.refresher")
-    broker.auth.access_ttl = 4  # due 2 s after connecting
-    await broker.connect("alice")
-    broker.auth.access_ttl = 3600
+    await _connect_due(broker, "alice")
     config = write_config(
         broker.document,
         tmp_path / "serve.yaml",
@@ -204,9 +206,7 @@ async def test_the_childs_failed_refreshes_are_counted_by_error_in_the_servers_m
 ) -> None:
     broker = await make_broker(background_refresh=CHILD)
     refresher = _child_of(broker)
-    broker.auth.access_ttl = 4
-    await broker.connect("alice")
-    broker.auth.access_ttl = 3600
+    await _connect_due(broker, "alice")
     broker.auth.fail_next("503")  # the child's refresh meets an outage
     await _until(lambda: refresher.stats.count("failed") == 1)
     assert broker.app.metrics is not None
