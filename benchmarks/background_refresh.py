@@ -34,6 +34,8 @@ import asyncio
 import contextlib
 import dataclasses
 import multiprocessing
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,25 @@ class AuthProcess:
 # -- brokers ------------------------------------------------------------------------------
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` (Linux /proc), its own threads only."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _store_reads(metrics: str) -> float:
+    """The broker's credential reads so far (its /metrics): Resolves not answered from memory."""
+    text = httpx.get(f"http://{metrics}/metrics").text
+    name = 'credential_broker_store_operation_seconds_count{operation="get_credential"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 def _document(
     tmp: Path,
     store: dict[str, Any],
@@ -158,8 +179,8 @@ def _document(
 
 
 @contextlib.contextmanager
-def serve(document: dict[str, Any], tmp: Path, name: str) -> Iterator[str]:
-    """A ``broker serve`` process; yields its TCP address."""
+def serve(document: dict[str, Any], tmp: Path, name: str) -> Iterator[tuple[str, int]]:
+    """A ``broker serve`` process; yields its TCP address and process id."""
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(document))
     log = tmp / f"{name}.log"
@@ -172,7 +193,7 @@ def serve(document: dict[str, Any], tmp: Path, name: str) -> Iterator[str]:
         while True:
             text = log.read_text(errors="replace")
             if "serving" in text and "addresses=" in text:
-                yield text.split("addresses=")[1].split()[0].split(",")[0]
+                yield text.split("addresses=")[1].split()[0].split(",")[0], proc.pid
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"broker {name} did not start: {text[-1000:]}")
@@ -312,10 +333,12 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
         else:
             store = {"path": str(tmp / "broker.db")}
         document = _document(tmp, store, auth.endpoints, True, separate, args.interval)
+        metrics = f"127.0.0.1:{_free_port()}"
+        document["metrics"] = {"listen": metrics}
         seeder = Seeder(document, tmp)
         stack.callback(seeder.close)
         seeder.write([(f"cached-{n}", f"cached-access-{n}", None) for n in range(args.cached)], 86400, 0)
-        address = stack.enter_context(serve(document, tmp, "broker"))
+        address, pid = stack.enter_context(serve(document, tmp, "broker"))
         slots = min(
             BackgroundRefreshConfig().max_concurrent, max(1, HttpConfig().max_concurrent_requests // 2)
         )
@@ -338,7 +361,13 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
         # Resolve, idle then while a second batch is refreshed: offered at a steady rate (the
         # latency a caller sees), and back to back (as many as the broker answers).
         loads = (("paced", args.resolve_rate), ("flat out", None))
-        idle = {load: await _resolve_latencies(address, args.cached, args.seconds, r) for load, r in loads}
+        idle, reads, cpus = {}, {}, {}
+        for load, r in loads:
+            before, cpu = _store_reads(metrics), _cpu_seconds(pid)
+            idle[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
+            calls = len(idle[load]) + args.cached
+            reads[load, "idle"] = (_store_reads(metrics) - before) / calls
+            cpus[load, "idle"] = (_cpu_seconds(pid) - cpu) / calls
         target = auth.call("refreshes") + args.due
         grants = auth.call("grants", f"due-b-{backend}-{separate}-", args.due)
         seeder.write(grants, 30, 3600)
@@ -346,9 +375,17 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
             await asyncio.sleep(0.05)  # the refresher has started on the batch
         busy, rates = {}, {}
         for load, r in loads:
-            before, t0 = auth.call("refreshes"), time.perf_counter()
+            before, t0, read, cpu = (
+                auth.call("refreshes"),
+                time.perf_counter(),
+                _store_reads(metrics),
+                _cpu_seconds(pid),
+            )
             busy[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
             during = auth.call("refreshes") - before
+            calls = len(busy[load]) + args.cached
+            reads[load, "refreshing"] = (_store_reads(metrics) - read) / calls
+            cpus[load, "refreshing"] = (_cpu_seconds(pid) - cpu) / calls
             still = during > 0 and auth.call("refreshes") < target
             rates[load] = f"{during / (time.perf_counter() - t0):.0f}/s" + ("" if still else " (batch done)")
         _follow(auth, target, timeout=args.due / 2 + 120)
@@ -356,7 +393,9 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
             for when, values in (("idle", idle[load]), ("refreshing", busy[load])):
                 print(
                     f"{label} resolve {load:<8} {when:<10} p50 {_pct(values, 0.5) * 1e6:8.0f} us  "
-                    f"p99 {_pct(values, 0.99) * 1e6:8.0f} us  calls {len(values)}"
+                    f"p99 {_pct(values, 0.99) * 1e6:8.0f} us  calls {len(values)}  "
+                    f"store reads per call {reads[load, when]:.2f}  "
+                    f"serving process CPU per call {cpus[load, when] * 1e6:.0f} us"
                 )
             offer = f"{offered:.0f}/s offered" if offered else f"{RESOLVE_CALLERS} callers back to back"
             print(
@@ -427,8 +466,8 @@ async def watch(args: argparse.Namespace, auth: AuthProcess) -> None:
         stack.callback(seeder.close)
         users = [f"w-{n}" for n in range(2 * args.changes)]
         seeder.write([(u, f"access-{u}", None) for u in users], 86400, 0)
-        a = stack.enter_context(serve(document, tmp, "replica-a"))
-        b = stack.enter_context(serve(document, tmp, "replica-b"))
+        a, _ = stack.enter_context(serve(document, tmp, "replica-a"))
+        b, _ = stack.enter_context(serve(document, tmp, "replica-b"))
         one = await _watch_latencies(b, 1, users[: args.changes], a, args.rate)
         many = await _watch_latencies(b, args.watchers, users[args.changes :], a, args.rate)
         for label, values in (("1 watcher", one), (f"{args.watchers} watchers", many)):

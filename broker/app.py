@@ -280,6 +280,7 @@ def build_app(
             EVENT_POLL_SECONDS if config.store.backend == "sqlite" else EVENT_FALLBACK_POLL_SECONDS,
             listen=getattr(store, "listen_events", None),
             logger=logger,
+            read_cache=vault,
         )
         connect_server = None
         if config.connect is not None:

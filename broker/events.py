@@ -13,6 +13,11 @@ it has seen (one indexed read per wake-up) and fans new events out to its watche
 by PostgreSQL's NOTIFY (sent in the writing transaction, delivered on commit to every replica's
 LISTEN connection) and otherwise polls: every ``poll_seconds`` on SQLite (a primary-key range
 read that finds nothing costs microseconds), and every few seconds on PostgreSQL as a fallback.
+The hub also keeps this process's Resolve read cache honest (broker/vault.py): each event read
+drops that credential's remembered read, so another process's change is seen within a poll or a
+notification, not a cache window. While there is a read cache the hub reads even with no
+watcher, at least twice per cache window; with no watcher waiting, at most once per
+``EVENT_READ_GAP_SECONDS`` (a refresh herd's notifications are then read in batches).
 A watcher that names ``after_sequence`` first reads what it missed from the table, then follows
 the hub; events are delivered once each, in sequence order. Retention (broker/retention.py)
 deletes old events and keeps a mark of the highest sequence it deleted: a watcher resuming
@@ -28,9 +33,11 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from broker import validation
 from broker.errors import (
@@ -53,6 +60,20 @@ WATCHER_QUEUE = 1024
 # PostgreSQL as a fallback to NOTIFY (a lost listen connection).
 EVENT_POLL_SECONDS = 0.1
 EVENT_FALLBACK_POLL_SECONDS = 2.0
+# With a read cache to keep honest and no watcher waiting: the least time between two reads of
+# the event table (at most a quarter of the cache's window).
+EVENT_READ_GAP_SECONDS = 0.1
+
+
+class ReadCache(Protocol):
+    """What the hub tells Resolve's read cache (broker/vault.py's CredentialVault)."""
+
+    @property
+    def read_cache_seconds(self) -> float: ...
+
+    def changed(self, user_id: str, upstream_key: str) -> None: ...
+
+    def followed_through(self, started: float) -> None: ...
 
 
 class EventKind(StrEnum):
@@ -142,13 +163,24 @@ class EventHub:
         poll_seconds: float,
         listen: Callable[[Callable[[], None], threading.Event], None] | None = None,
         logger: logging.Logger | None = None,
+        read_cache: ReadCache | None = None,
     ) -> None:
         """``names``: upstream key -> name, for the configured upstreams (others are not sent).
         ``listen(wake, stop)``: run in a thread, calls ``wake()`` whenever another process may
-        have committed events (PostgreSQL LISTEN), until ``stop`` is set."""
+        have committed events (PostgreSQL LISTEN), until ``stop`` is set. ``read_cache``: told
+        of every event (when it caches at all)."""
         self._store = store
         self._names = names
         self._poll = poll_seconds
+        self._read_cache = read_cache if read_cache is not None and read_cache.read_cache_seconds > 0 else None
+        self._gap = 0.0
+        if self._read_cache is not None:
+            # A read at least every half window: the cache may then keep what it read.
+            self._gap = min(EVENT_READ_GAP_SECONDS, self._read_cache.read_cache_seconds / 4)
+            self._poll = min(poll_seconds, self._read_cache.read_cache_seconds / 4)
+        # A wake-up is on its way to the loop (set by the listen thread, cleared by the hub when
+        # it reads): notifications in between cost no loop wake-up each.
+        self._wake_pending = False
         self._listen = listen
         self._log = logger or get_logger()
         self._watchers: set[_Watcher] = set()
@@ -174,7 +206,9 @@ class EventHub:
             listen = self._listen
 
             def wake() -> None:
-                loop.call_soon_threadsafe(self._wake.set)
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    loop.call_soon_threadsafe(self._wake.set)
 
             self._stop_listening.clear()
             self._listener = threading.Thread(
@@ -204,6 +238,7 @@ class EventHub:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
+            self._wake_pending = False
             self._wake.clear()
             if self._stopping.is_set():
                 return
@@ -213,16 +248,22 @@ class EventHub:
                 self._log.warning("reading connection events failed", extra=fields(error=exc.code))
             except Exception as exc:  # a bug must not end the hub for the life of the process
                 self._log.error("reading connection events failed", extra=fields(error=type(exc).__name__))
+            if self._gap and not self._watchers:
+                await asyncio.sleep(self._gap)
 
     async def _follow(self) -> None:
-        if not self._watchers:
+        cache = self._read_cache
+        if not self._watchers and cache is None:
             self._behind = True  # nobody to hand events to: none is read
             return
         await self._catch_up()
+        started = time.monotonic()
         while True:
             rows = await asyncio.to_thread(self._store.events_after, self.position, PAGE)
             for row in rows:
                 self.position = row.sequence
+                if cache is not None:
+                    cache.changed(row.user_id, row.upstream_key)
                 for watcher in list(self._watchers):
                     if watcher.overflowed or not watcher.wants(row):
                         continue
@@ -234,6 +275,8 @@ class EventHub:
                         watcher.overflowed = True
                         self._watchers.discard(watcher)
             if len(rows) < PAGE:
+                if cache is not None:
+                    cache.followed_through(started)
                 return
 
     # -- watching ------------------------------------------------------------------------

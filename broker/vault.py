@@ -126,12 +126,25 @@ class _WriteTracking:
         return write
 
 
+# While connection events are followed (:meth:`CredentialVault.followed_through`), a
+# remembered read stays usable up to this long: a change another process announces with an event
+# drops it as soon as the event is read, and only bookkeeping carries no event (a refresh lease, a
+# backoff, a key rewrap, another process's newly exchanged token).
+FOLLOWED_READ_SECONDS = 30.0
+
+
 class CredentialVault:
     """Sealed persistence of credentials and pending flows.
 
     ``read_cache_seconds`` > 0 lets :meth:`get` with ``recent=True`` (the Resolve fast path)
     answer from memory for that long after a store read, unless this process wrote to the store
-    since; a write by another process is seen at the latest that much later."""
+    since; a write by another process is seen at the latest that much later.
+
+    While this process follows the connection events (broker/events.py calls :meth:`changed`
+    for each event and :meth:`followed_through` after each complete read), a change another
+    process made is seen once its event is read, so a remembered read is kept past that window,
+    up to ``FOLLOWED_READ_SECONDS``. The bound stays: once the events have not been read for
+    ``read_cache_seconds`` (a lost connection), the window applies again."""
 
     def __init__(
         self,
@@ -155,6 +168,8 @@ class CredentialVault:
             OrderedDict()
         )
         self._cache_size = cache_size
+        # time.monotonic() when the last complete read of the connection events began.
+        self._followed = float("-inf")
         #: Records that failed to open (tampered, corrupt, unknown key), since start.
         self.decryption_failures = 0
 
@@ -174,22 +189,36 @@ class CredentialVault:
                 self._dirty[key] = self._epoch
                 self._recent.pop(key, None)
 
+    @property
+    def read_cache_seconds(self) -> float:
+        return self._read_ttl
+
+    def changed(self, user_id: str, upstream_key: str) -> None:
+        """A connection event says the credential changed (in any process): drop its
+        remembered read, and any read racing this call."""
+        self._wrote((user_id, upstream_key))
+
+    def followed_through(self, started: float) -> None:
+        """Every event committed before ``started`` (time.monotonic()) went to :meth:`changed`."""
+        self._followed = max(self._followed, started)
+
     def get(
         self, user_id: str, upstream_key: str, *, recent: bool = False
     ) -> tuple[Credential, CredentialRow] | None:
         """The stored credential, decrypted. Raises DecryptionError for a record that won't open.
 
-        ``recent``: an answer read within ``read_cache_seconds`` will do (see the class doc)."""
+        ``recent``: an answer read within ``read_cache_seconds`` will do, or a longer-remembered
+        one while events are followed (see the class doc)."""
         key = (user_id, upstream_key)
         if recent and self._read_ttl > 0:
             hit = self._recent.get(key)
-            if (
-                hit is not None
-                and hit[0] >= self._floor
-                and hit[0] >= self._dirty.get(key, 0)
-                and time.monotonic() - hit[1] < self._read_ttl
-            ):
-                return hit[2]
+            if hit is not None and hit[0] >= self._floor and hit[0] >= self._dirty.get(key, 0):
+                now = time.monotonic()
+                age = now - hit[1]
+                if age < self._read_ttl or (
+                    age < FOLLOWED_READ_SECONDS and now - self._followed < self._read_ttl
+                ):
+                    return hit[2]
         epoch, read_at = self._epoch, time.monotonic()  # taken before the read: a write during it wins
         try:
             row = self.store.get_credential(user_id, upstream_key)

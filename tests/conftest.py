@@ -199,6 +199,15 @@ class Broker:
         finally:
             conn.close()
 
+    async def events_read(self) -> None:
+        """Wait until the broker's event hub has read every event so far: a remembered read of
+        a credential is then no longer dropped by the event of a change made before it."""
+        hub = self.app.events
+        assert hub is not None
+        newest = self.app.store.last_event_sequence()
+        while hub.position < newest:
+            await asyncio.sleep(0.01)
+
     def open_store(self) -> Any:
         """A second store on the broker's database (another process or replica would open it)."""
         from broker.store import open_store

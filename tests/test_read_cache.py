@@ -1,14 +1,18 @@
-"""Resolve's read cache: this process's writes are seen at once, another's within the window."""
+"""Resolve's read cache: this process's writes are seen at once, another's within the window;
+and while this process follows the connection events, another's change is seen as soon as its
+event is read, so a cached credential need not be read again every window."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
+from broker import events, vault
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
-from tests.conftest import UPSTREAM, BrokerFactory, error_info
+from tests.conftest import UPSTREAM, Broker, BrokerFactory, error_info
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -21,11 +25,9 @@ async def test_a_write_by_another_process_is_seen_within_the_window(make_broker:
     broker = await make_broker(read_cache_seconds=0.3)
     await broker.connect("alice")
     await broker.resolve("alice")
-    other = broker.open_store()  # another process (or replica) deletes the row
-    try:
-        assert other.delete_credential("alice", broker.app.config.upstreams[0].key)
-    finally:
-        other.close()
+    assert broker.app.events is not None
+    await broker.app.events.stop()  # events not followed (a lost store connection, say)
+    _disconnect_elsewhere(broker, "alice")
     await asyncio.sleep(0.35)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await broker.resolve("alice")
@@ -55,3 +57,75 @@ async def test_a_remembered_read_never_crosses_users(make_broker: BrokerFactory)
         alice, bob = await broker.resolve("alice"), await broker.resolve("bob")
         assert broker.auth.access_token_info(alice.access_token)["user"] == "alice"
         assert broker.auth.access_token_info(bob.access_token)["user"] == "bob"
+
+
+def _disconnect_elsewhere(broker: Broker, user: str, *, announced: bool = True) -> None:
+    """Another process (or replica) deletes the user's credential; ``announced``: with its
+    DISCONNECTED event in the same transaction, as a Disconnect does."""
+    key = broker.app.config.upstreams[0].key
+    other = broker.open_store()
+    try:
+        event = events.disconnected(user, key, time.time()) if announced else None
+        assert other.delete_credential(user, key, event)
+    finally:
+        other.close()
+
+
+def _credential_reads(broker: Broker) -> float:
+    assert broker.app.metrics is not None
+    value = broker.app.metrics.registry.get_sample_value(
+        "credential_broker_store_operation_seconds_count", {"operation": "get_credential"}
+    )
+    return value or 0.0
+
+
+async def _until_not_connected(broker: Broker, user: str, within: float) -> float:
+    """Resolve until the answer is NOT_CONNECTED; the seconds that took."""
+    started = time.monotonic()
+    while True:
+        try:
+            await broker.resolve(user)
+        except grpc.aio.AioRpcError as exc:
+            assert error_info(exc).reason == "NOT_CONNECTED"
+            return time.monotonic() - started
+        assert time.monotonic() - started < within, "another process's change was not seen"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_change_another_process_announces_is_seen_long_before_the_window_ends(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(read_cache_seconds=30)
+    await broker.connect("alice")
+    await broker.resolve("alice")
+    _disconnect_elsewhere(broker, "alice")
+    await _until_not_connected(broker, "alice", within=3)
+
+
+async def test_while_events_are_followed_a_cached_credential_is_not_read_every_window(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(read_cache_seconds=0.2)
+    await broker.connect("alice")
+    await broker.events_read()
+    await broker.resolve("alice")
+    reads = _credential_reads(broker)
+    until = time.monotonic() + 1.0  # five windows
+    while time.monotonic() < until:
+        await broker.resolve("alice")
+        await asyncio.sleep(0.02)
+    assert _credential_reads(broker) == reads
+
+
+async def test_a_change_without_an_event_is_seen_within_the_longest_followed_age(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only bookkeeping writes carry no event (a lease, a backoff, a key rewrap, another
+    # process's exchanged token); a remembered read is still dropped at this age.
+    monkeypatch.setattr(vault, "FOLLOWED_READ_SECONDS", 0.6)
+    broker = await make_broker(read_cache_seconds=0.2)
+    await broker.connect("alice")
+    await broker.events_read()
+    await broker.resolve("alice")
+    _disconnect_elsewhere(broker, "alice", announced=False)
+    assert await _until_not_connected(broker, "alice", within=3) > 0.2

@@ -25,6 +25,7 @@ async def test_writing_one_credential_keeps_the_others_remembered(make_broker: B
     broker = await make_broker(read_cache_seconds=60)
     await broker.connect("alice")
     await broker.connect("bob")
+    await broker.events_read()
     alice = await broker.resolve("alice")
     other = broker.open_store()  # another replica deletes alice's row: unseen for up to 60 s
     try:

@@ -224,7 +224,7 @@ def _event_reads(broker: Broker) -> float:
 async def test_without_watchers_no_event_is_read_and_a_new_watcher_sees_only_new_ones(
     make_broker: BrokerFactory,
 ) -> None:
-    broker = await make_broker()
+    broker = await make_broker(read_cache_seconds=0)  # a read cache follows events (test_read_cache.py)
     hub = broker.app.events
     assert hub is not None
     for user in ("u1", "u2", "u3"):

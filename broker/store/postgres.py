@@ -366,7 +366,7 @@ class PostgresStore(UpkeepQueries):
                     conn.execute(f"LISTEN {EVENT_CHANNEL}")
                     wake()
                     while not stop.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                        for _ in conn.notifies(timeout=0.5):
                             wake()
             except psycopg.Error:
                 stop.wait(1.0)
