@@ -172,7 +172,9 @@ class EventHub:
         self._store = store
         self._names = names
         self._poll = poll_seconds
-        self._read_cache = read_cache if read_cache is not None and read_cache.read_cache_seconds > 0 else None
+        self._read_cache = (
+            read_cache if read_cache is not None and read_cache.read_cache_seconds > 0 else None
+        )
         self._gap = 0.0
         if self._read_cache is not None:
             # A read at least every half window: the cache may then keep what it read.
