@@ -107,7 +107,9 @@ def test_usage_stamp_benchmark_runs_and_prints_ratio() -> None:
     out = _run("benchmarks/resolve_usage_stamp.py", "--users", "50", "--calls", "200", "--rounds", "4")
     assert "ratio on/off: p50" in out
     figures = json.loads(out.splitlines()[-1])
-    assert figures["p50_x"] > 0 and figures["stamps_written"] >= 50  # every credential stamped once
+    # Two rounds of four stamp: each credential at most once per round (the once-a-minute
+    # throttle), and not always every one (at most 16 writes pending: a Resolve never waits).
+    assert figures["p50_x"] > 0 and 0 < figures["stamps_written"] <= 2 * 50
 
 
 def test_background_refresh_benchmark_runs_at_a_tiny_size() -> None:
