@@ -210,3 +210,31 @@ def test_migration_2_keeps_version_1_records_openable(tmp_path: Path) -> None:
         assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         upgraded.close()
+
+
+def _open_at_once(path: str, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    try:
+        SqliteStore(Path(path)).close()
+        results.put("opened")
+    except StoreError as exc:
+        results.put(str(exc))
+
+
+def test_processes_opening_a_new_store_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # Workers, replicas and the refresh process may all open a store the first time together;
+    # switching a new file to WAL answered "database is locked" without waiting (a third of tries).
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for attempt in range(15):
+        path = str(tmp_path / f"new-{attempt}.db")
+        barrier, results = context.Barrier(3), context.Queue()
+        openers = [context.Process(target=_open_at_once, args=(path, barrier, results)) for _ in range(3)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(30)
+        failures += [r for r in (results.get(timeout=5) for _ in openers) if r != "opened"]
+    assert failures == []
