@@ -215,6 +215,9 @@ def main() -> int:
                 args.seconds,
                 args.rounds,
             )
+            deadline = time.monotonic() + 15  # the batch exporter sends every few seconds
+            while spans() == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
             print(
                 f"tracing ({args.transport}, {args.callers} callers): off p50 {row['off_p50_us']:.0f}us "
                 f"{row['off_rps']:.0f}/s {row['off_cpu_us']:.0f}us server CPU/call; on p50 "
