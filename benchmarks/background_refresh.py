@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import multiprocessing
-import os
 import socket
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.resolve_vs_check import cpu_seconds
 from benchmarks.seeding import insert_rows, postgres_dsn
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -126,12 +126,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process ``pid`` (Linux /proc), its own threads only."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _store_reads(metrics: str) -> float:
@@ -363,11 +357,11 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
         loads = (("paced", args.resolve_rate), ("flat out", None))
         idle, reads, cpus = {}, {}, {}
         for load, r in loads:
-            before, cpu = _store_reads(metrics), _cpu_seconds(pid)
+            before, cpu = _store_reads(metrics), cpu_seconds(pid)
             idle[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
             calls = len(idle[load]) + args.cached
             reads[load, "idle"] = (_store_reads(metrics) - before) / calls
-            cpus[load, "idle"] = (_cpu_seconds(pid) - cpu) / calls
+            cpus[load, "idle"] = (cpu_seconds(pid) - cpu) / calls
         target = auth.call("refreshes") + args.due
         grants = auth.call("grants", f"due-b-{backend}-{separate}-", args.due)
         seeder.write(grants, 30, 3600)
@@ -379,13 +373,13 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
                 auth.call("refreshes"),
                 time.perf_counter(),
                 _store_reads(metrics),
-                _cpu_seconds(pid),
+                cpu_seconds(pid),
             )
             busy[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
             during = auth.call("refreshes") - before
             calls = len(busy[load]) + args.cached
             reads[load, "refreshing"] = (_store_reads(metrics) - read) / calls
-            cpus[load, "refreshing"] = (_cpu_seconds(pid) - cpu) / calls
+            cpus[load, "refreshing"] = (cpu_seconds(pid) - cpu) / calls
             still = during > 0 and auth.call("refreshes") < target
             rates[load] = f"{during / (time.perf_counter() - t0):.0f}/s" + ("" if still else " (batch done)")
         _follow(auth, target, timeout=args.due / 2 + 120)
