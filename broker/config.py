@@ -560,9 +560,14 @@ class BackgroundRefreshConfig(_Strict):
 
     ``separate_process``: ``broker serve`` runs the refresher in a child process of its own
     (broker/refresh_process.py), so refresh work (HTTP, JSON, sealing, store writes) never holds
-    the event loop or the interpreter lock that Resolve is answered on; ``process_nice`` lowers
-    that child's CPU priority (``nice``), so on busy cores Resolve comes first. Off: the
-    refresher runs as a task in the serving process."""
+    the event loop or the interpreter lock that Resolve is answered on. Off: the refresher runs
+    as a task in the serving process. ``process_scheduling`` sets that child's CPU priority:
+    ``idle`` (the default) puts it in Linux's idle scheduling class (SCHED_IDLE), so it runs on
+    CPU time that normal-priority work (Resolve, the database) leaves over and a waking Resolve
+    takes the core from it at once; ``nice`` only lowers its nice value by ``process_nice``,
+    which still lets it take a share of a busy core (measured in
+    benchmarks/background_refresh.py). Where SCHED_IDLE is unavailable, ``idle`` falls back
+    to ``nice``, with a warning."""
 
     enabled: bool = True
     ahead_seconds: int = Field(default=300, ge=1, le=86400)
@@ -570,6 +575,7 @@ class BackgroundRefreshConfig(_Strict):
     interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     separate_process: bool = True
     process_nice: int = Field(default=10, ge=0, le=19)
+    process_scheduling: Literal["idle", "nice"] = "idle"
 
 
 class RetentionConfig(_Strict):

@@ -4,7 +4,8 @@ A refresh is CPU work in Python: an HTTP exchange, JSON, sealing, store writes, 
 audit record. Run as a task of the serving process it shares the event loop and the interpreter
 lock with Resolve, and a herd of due credentials then delays every Resolve behind it (measured
 in benchmarks/background_refresh.py). In a child process it has its own interpreter, at a lower
-CPU priority (``process_nice``), so the kernel serves Resolve first when cores are busy.
+CPU priority (``process_scheduling``: the idle scheduling class by default), so the kernel
+serves Resolve first when cores are busy.
 
 The child (``python -m broker.refresh_worker``) gets the parent's config (after discovery)
 pickled on its stdin and keeps stdin open: when the parent closes it, or dies, the child

@@ -1,8 +1,8 @@
 """The child side of broker/refresh_process.py: ``python -m broker.refresh_worker --stats-fd N``.
 
-Reads the broker's config (pickled) from stdin, lowers its own CPU priority, builds the store,
-vault, token client and service (broker/app.py ``build_core``) and runs the BackgroundRefresher
-until stdin closes (the parent asked it to stop, or died) or SIGTERM. Its audit records go to
+Reads the broker's config (pickled) from stdin, lowers its own CPU priority (SCHED_IDLE by
+default), builds the store, vault, token client and service (broker/app.py ``build_core``) and
+runs the BackgroundRefresher until stdin closes (the parent asked it to stop, or died) or SIGTERM. Its audit records go to
 the configured sink; a file sink gets a file of its own, ``<path>.refresher``, since each
 process rotates its own file. Twice a second it writes its counts to fd N (one JSON line).
 """
@@ -37,8 +37,30 @@ def _own_audit_file(config: BrokerConfig) -> BrokerConfig:
     return config.model_copy(update={"audit": config.audit.model_copy(update={"path": path})})
 
 
-async def _run(config: BrokerConfig, stats_fd: int) -> None:
+def _lower_priority(config: BrokerConfig) -> str | None:
+    """Lower this process's CPU priority (``process_scheduling``, ``process_nice``) before any
+    thread starts, so every thread inherits it; a warning to log when SCHED_IDLE is refused."""
+    settings = config.background_refresh
+    with contextlib.suppress(OSError):
+        os.nice(settings.process_nice)
+    if settings.process_scheduling != "idle":
+        return None
+    if not hasattr(os, "SCHED_IDLE"):
+        return "SCHED_IDLE is not available on this system; the background refresher runs at process_nice"
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError as exc:
+        return (
+            f"could not enter the idle scheduling class ({exc.strerror or exc}); "
+            "the background refresher runs at process_nice"
+        )
+    return None
+
+
+async def _run(config: BrokerConfig, stats_fd: int, priority_warning: str | None = None) -> None:
     logger = configure(config.log.format, config.log.level)
+    if priority_warning is not None:
+        logger.warning(priority_warning)
     clock = SystemClock()
     config = _own_audit_file(config)
     configured = sink_from_config(config.audit)
@@ -92,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(config, BrokerConfig):
         print("credential-broker: background refresh process: no config on stdin", file=sys.stderr)
         return 2
-    with contextlib.suppress(OSError):
-        os.nice(config.background_refresh.process_nice)
+    warning = _lower_priority(config)
     try:
-        asyncio.run(_run(config, args.stats_fd))
+        asyncio.run(_run(config, args.stats_fd, warning))
     except BrokerError as exc:
         print(f"credential-broker: background refresh process: {exc.message}", file=sys.stderr)
         return 2

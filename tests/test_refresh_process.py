@@ -9,6 +9,7 @@ benchmarks/background_refresh.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -82,6 +83,15 @@ def _child_of(broker: Broker) -> RefresherProcess:
     return refresher
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of ``pid`` (empty once it is gone)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found.add(os.sched_getscheduler(int(task.name)))
+    return found
+
+
 async def test_serve_refreshes_in_a_child_process_at_a_lower_cpu_priority(
     make_broker: BrokerFactory,
 ) -> None:
@@ -89,10 +99,12 @@ async def test_serve_refreshes_in_a_child_process_at_a_lower_cpu_priority(
     refresher = _child_of(broker)
     await _until(lambda: refresher.pid is not None and _stat(refresher.pid) is not None)
     assert refresher.pid is not None and refresher.pid != os.getpid()
-    pid, ours = refresher.pid, os.getpriority(os.PRIO_PROCESS, 0)
+    pid = refresher.pid
     assert int((_stat(pid) or ["", "0"])[1]) == os.getpid()  # our child
-    # It lowers its own priority once it has read its config: nice 10 relative to ours.
-    await _until(lambda: int((_stat(pid) or [""] * 17)[16] or 0) - ours == 10, timeout=10)
+    assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER
+    # Once it has read its config it enters the idle scheduling class (the default), before it
+    # starts a thread: every thread of it is SCHED_IDLE.
+    await _until(lambda: _policies(pid) == {os.SCHED_IDLE}, timeout=10)
     broker.auth.access_ttl = 4  # due 2 s after connecting
     old = (await broker.connect("alice")).credential
     broker.auth.access_ttl = 3600
@@ -106,6 +118,23 @@ async def test_serve_refreshes_in_a_child_process_at_a_lower_cpu_priority(
     answer = await broker.resolve("alice")
     assert answer.expires_at.seconds > old.expires_at.seconds + 3000
     assert _refreshes(broker.auth) == 1  # the Resolve was answered, not refreshed again
+
+
+    assert _policies(pid) == {os.SCHED_IDLE}  # the threads it started since (store, HTTP) too
+
+
+async def test_with_nice_scheduling_the_child_only_lowers_its_nice_value(
+    make_broker: BrokerFactory,
+) -> None:
+    broker = await make_broker(background_refresh={**CHILD, "process_scheduling": "nice", "process_nice": 7})
+    refresher = _child_of(broker)
+    await _until(lambda: refresher.pid is not None and _stat(refresher.pid) is not None)
+    assert refresher.pid is not None
+    pid, ours = refresher.pid, os.getpriority(os.PRIO_PROCESS, 0)
+    await _until(lambda: int((_stat(pid) or [""] * 17)[16] or 0) - ours == 7, timeout=10)
+    await _connect_due(broker, "alice")
+    await _until(lambda: _refreshes(broker.auth) == 1)
+    assert _policies(pid) == {os.SCHED_OTHER}
 
 
 async def test_a_child_that_dies_is_started_again_and_its_counts_carry_on(
@@ -174,6 +203,7 @@ async def test_the_childs_audit_records_go_to_a_file_of_its_own(broker: Broker, 
         ({"process_nice": 20}, "background_refresh.process_nice"),
         ({"process_nice": -1}, "background_refresh.process_nice"),
         ({"separate_process": "sometimes"}, "background_refresh.separate_process"),
+        ({"process_scheduling": "realtime"}, "background_refresh.process_scheduling"),
     ],
 )
 def test_bad_process_settings_are_refused_by_name(
@@ -193,6 +223,7 @@ def test_the_refresher_runs_in_a_child_process_unless_turned_off(tmp_path: Path)
     default = load_config({"keyring": {"file": "k.json"}}, environ={}, base_dir=tmp_path)
     assert default.background_refresh.separate_process is True
     assert default.background_refresh.process_nice == 10
+    assert default.background_refresh.process_scheduling == "idle"
     inline = load_config(
         {"keyring": {"file": "k.json"}, "background_refresh": {"separate_process": False}},
         environ={},
