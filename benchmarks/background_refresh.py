@@ -2,16 +2,19 @@
 measured in the same run. Figures are printed, never asserted.
 
 ``throughput`` (SQLite and PostgreSQL): one ``broker serve`` process (default settings of
-``background_refresh``, so the refresher runs in its child process; ``--mode both``, the
-default, runs everything again with ``separate_process: false``, the refresher as a task of the
-serving process) against the test authorization server (tests/authserver.py, in its own
+``background_refresh``, so the refresher runs in its child process, in the idle scheduling
+class; ``--scheduling both`` runs it again with ``process_scheduling: nice``; ``--mode both``,
+the default, runs everything again with ``separate_process: false``, the refresher as a task of
+the serving process) against the test authorization server (tests/authserver.py, in its own
 process; it rotates refresh tokens). ``--due`` credentials whose tokens the server really issued
 are written to the store at once, all due; the script follows the server's count of refresh
 grants and prints the rate the background refresher sustained, against the rate at which a
 plain HTTP client sends the same kind of refresh grants straight to the server with the same
 concurrency (the refresher's per-upstream slots). Then Resolve on cached credentials from
-4 callers: p50/p99 with the refresher idle, and while it refreshes a second ``--due`` batch
-(target: p50 within 1.3x of idle), twice: "paced", the callers offering ``--resolve-rate``
+4 callers: p50/p99 with the refresher idle, and while it refreshes a batch of ``--due /
+--rounds`` due credentials, in ``--rounds`` ABBA-paired rounds (idle then refreshing, refreshing
+then idle, ...; the median of the rounds' p50 ratios is the figure, target within 1.3x), each
+window twice: "paced", the callers offering ``--resolve-rate``
 calls/s together (200: a busy sidecar; what a caller waits), and "flat out", each caller
 calling again as soon as answered (the broker saturated: every core is busy with the load
 generator, the authorization server and the broker, so whatever the refresher uses is taken
@@ -24,7 +27,8 @@ on A, just before its commit). p50/p99 with ``--watchers`` streams against one s
 
     .venv/bin/python benchmarks/background_refresh.py [throughput] [watch]
         [--due 10000] [--backend sqlite|postgres|both] [--mode process|inline|both]
-        [--resolve-rate 200] [--watchers 1000] [--changes 100]
+        [--scheduling idle|nice|both]
+        [--rounds 4] [--resolve-rate 200] [--watchers 1000] [--changes 100]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,6 +147,7 @@ def _document(
     refresh: bool,
     separate: bool = True,
     interval: float = BackgroundRefreshConfig().interval_seconds,
+    scheduling: str = BackgroundRefreshConfig().process_scheduling,
 ) -> dict[str, Any]:
     return {
         "listen": ["127.0.0.1:0"],
@@ -153,6 +159,7 @@ def _document(
             "enabled": refresh,
             "separate_process": separate,
             "interval_seconds": interval,
+            "process_scheduling": scheduling,
         },
         "upstreams": [
             {
@@ -313,9 +320,11 @@ def _follow(auth: AuthProcess, target: int, timeout: float) -> tuple[float, floa
         time.sleep(0.2)
 
 
-async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, separate: bool) -> None:
-    mode = "child process" if separate else "in-process"
-    label = f"{backend:<9} {'process' if separate else 'inline':<7}"
+async def throughput(
+    backend: str, args: argparse.Namespace, auth: AuthProcess, separate: bool, scheduling: str
+) -> None:
+    mode = f"child process, {scheduling}" if separate else "in-process"
+    label = f"{backend:<9} {scheduling if separate else 'inline':<7}"
     with tempfile.TemporaryDirectory(prefix="cb-bench-refresh-") as name, contextlib.ExitStack() as stack:
         tmp = Path(name)
         generate_keyring_file(tmp / "keyring.json")
@@ -326,7 +335,7 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
             }
         else:
             store = {"path": str(tmp / "broker.db")}
-        document = _document(tmp, store, auth.endpoints, True, separate, args.interval)
+        document = _document(tmp, store, auth.endpoints, True, separate, args.interval, scheduling)
         metrics = f"127.0.0.1:{_free_port()}"
         document["metrics"] = {"listen": metrics}
         seeder = Seeder(document, tmp)
@@ -352,51 +361,87 @@ async def throughput(backend: str, args: argparse.Namespace, auth: AuthProcess, 
             f"directly with {slots} in flight = {rate / direct:.2f}x"
         )
 
-        # Resolve, idle then while a second batch is refreshed: offered at a steady rate (the
+        # Resolve with the refresher idle and while it refreshes a batch, in ABBA-paired rounds
+        # (idle then refreshing, then refreshing then idle, ...): offered at a steady rate (the
         # latency a caller sees), and back to back (as many as the broker answers).
         loads = (("paced", args.resolve_rate), ("flat out", None))
-        idle, reads, cpus = {}, {}, {}
-        for load, r in loads:
-            before, cpu = _store_reads(metrics), cpu_seconds(pid)
-            idle[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
-            calls = len(idle[load]) + args.cached
-            reads[load, "idle"] = (_store_reads(metrics) - before) / calls
-            cpus[load, "idle"] = (cpu_seconds(pid) - cpu) / calls
-        target = auth.call("refreshes") + args.due
-        grants = auth.call("grants", f"due-b-{backend}-{separate}-", args.due)
-        seeder.write(grants, 30, 3600)
-        while auth.call("refreshes") < target - args.due + min(50, args.due):
-            await asyncio.sleep(0.05)  # the refresher has started on the batch
-        busy, rates = {}, {}
-        for load, r in loads:
-            before, t0, read, cpu = (
-                auth.call("refreshes"),
-                time.perf_counter(),
-                _store_reads(metrics),
-                cpu_seconds(pid),
-            )
-            busy[load] = await _resolve_latencies(address, args.cached, args.seconds, r)
-            during = auth.call("refreshes") - before
-            calls = len(busy[load]) + args.cached
-            reads[load, "refreshing"] = (_store_reads(metrics) - read) / calls
-            cpus[load, "refreshing"] = (cpu_seconds(pid) - cpu) / calls
-            still = during > 0 and auth.call("refreshes") < target
-            rates[load] = f"{during / (time.perf_counter() - t0):.0f}/s" + ("" if still else " (batch done)")
-        _follow(auth, target, timeout=args.due / 2 + 120)
+        per_round = max(1, args.due // args.rounds)
+        windows: dict[tuple[str, str], list[Window]] = {}
+        for n in range(args.rounds):
+            for phase in ("idle", "refreshing") if n % 2 == 0 else ("refreshing", "idle"):
+                target = None
+                if phase == "refreshing":
+                    target = auth.call("refreshes") + per_round
+                    grants = auth.call("grants", f"due-{n}-{backend}-{scheduling}-{separate}-", per_round)
+                    seeder.write(grants, 30, 3600)
+                    while auth.call("refreshes") < target - per_round + min(50, per_round // 4 + 1):
+                        await asyncio.sleep(0.05)  # the refresher has started on the batch
+                for load, r in loads:
+                    window = await _window(auth, address, metrics, pid, args, r, target)
+                    windows.setdefault((load, phase), []).append(window)
+                if target is not None:
+                    _follow(auth, target, timeout=per_round / 2 + 120)
         for load, offered in loads:
-            for when, values in (("idle", idle[load]), ("refreshing", busy[load])):
+            idle, busy = windows[load, "idle"], windows[load, "refreshing"]
+            for when, rounds in (("idle", idle), ("refreshing", busy)):
+                values = [v for w in rounds for v in w.latencies]
                 print(
                     f"{label} resolve {load:<8} {when:<10} p50 {_pct(values, 0.5) * 1e6:8.0f} us  "
                     f"p99 {_pct(values, 0.99) * 1e6:8.0f} us  calls {len(values)}  "
-                    f"store reads per call {reads[load, when]:.2f}  "
-                    f"serving process CPU per call {cpus[load, when] * 1e6:.0f} us"
+                    f"store reads per call {statistics.mean(w.reads for w in rounds):.2f}  "
+                    f"serving process CPU per call {statistics.mean(w.cpu for w in rounds) * 1e6:.0f} us"
                 )
+            p50s = [_pct(b.latencies, 0.5) / _pct(a.latencies, 0.5) for a, b in zip(idle, busy, strict=True)]
+            p99s = [
+                _pct(b.latencies, 0.99) / _pct(a.latencies, 0.99) for a, b in zip(idle, busy, strict=True)
+            ]
+            rates = [w.rate for w in busy]
             offer = f"{offered:.0f}/s offered" if offered else f"{RESOLVE_CALLERS} callers back to back"
             print(
                 f"{label} resolve {load} ({offer}) while the refresher ({mode}) refreshes at "
-                f"{rates[load]}: p50 {_pct(busy[load], 0.5) / _pct(idle[load], 0.5):.2f}x idle "
-                f"(target <= 1.3x), p99 {_pct(busy[load], 0.99) / _pct(idle[load], 0.99):.2f}x"
+                f"{statistics.median(rates):.0f}/s (median of {len(rates)} windows; "
+                f"{sum(w.batch_done for w in busy)} ran out of due credentials): p50 "
+                f"{statistics.median(p50s):.2f}x idle (target <= 1.3x; rounds "
+                f"{' '.join(f'{x:.2f}' for x in p50s)}), p99 {statistics.median(p99s):.2f}x"
             )
+
+
+@dataclasses.dataclass
+class Window:
+    latencies: list[float]
+    reads: float  # store reads per call in the serving process
+    cpu: float  # serving process CPU seconds per call
+    rate: float  # refresh grants/s the server answered meanwhile
+    batch_done: bool  # the refresher ran out of due credentials before the window ended
+
+
+async def _window(
+    auth: AuthProcess,
+    address: str,
+    metrics: str,
+    pid: int,
+    args: argparse.Namespace,
+    rate: float | None,
+    target: int | None,
+) -> Window:
+    """One window of Resolve calls (``_resolve_latencies``) with what the serving process and the
+    refresher did meanwhile; ``target``: the refresh count at which the current batch is done."""
+    before, t0, read, cpu = (
+        auth.call("refreshes"),
+        time.perf_counter(),
+        _store_reads(metrics),
+        cpu_seconds(pid),
+    )
+    latencies = await _resolve_latencies(address, args.cached, args.seconds, rate)
+    elapsed, after = time.perf_counter() - t0, auth.call("refreshes")
+    calls = len(latencies) + args.cached
+    return Window(
+        latencies,
+        (_store_reads(metrics) - read) / calls,
+        (cpu_seconds(pid) - cpu) / calls,
+        (after - before) / elapsed,
+        target is not None and after >= target,
+    )
 
 
 # -- watch fan-out ---------------------------------------------------------------------------
@@ -484,6 +529,9 @@ async def main() -> None:
     parser.add_argument("--cached", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0, help="each Resolve window")
     parser.add_argument(
+        "--rounds", type=int, default=4, help="ABBA rounds of Resolve idle / refreshing (--due / rounds each)"
+    )
+    parser.add_argument(
         "--interval",
         type=float,
         default=BackgroundRefreshConfig().interval_seconds,
@@ -498,6 +546,12 @@ async def main() -> None:
         default="both",
         help="the refresher in its own process (the default config), in the serving one, or each",
     )
+    parser.add_argument(
+        "--scheduling",
+        choices=["idle", "nice", "both"],
+        default=BackgroundRefreshConfig().process_scheduling,
+        help="background_refresh.process_scheduling of the child process (default: the config's)",
+    )
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--rate", type=float, default=5.0, help="changes per second")
@@ -511,7 +565,9 @@ async def main() -> None:
         if "throughput" in parts:
             for backend in ["sqlite", "postgres"] if args.backend == "both" else [args.backend]:
                 for separate in {"process": [True], "inline": [False], "both": [True, False]}[args.mode]:
-                    await throughput(backend, args, auth, separate)
+                    schedulings = ["idle", "nice"] if args.scheduling == "both" else [args.scheduling]
+                    for scheduling in schedulings if separate else schedulings[:1]:
+                        await throughput(backend, args, auth, separate, scheduling)
         if "watch" in parts:
             await watch(args, auth)
     finally:

@@ -133,7 +133,7 @@ def test_background_refresh_benchmark_runs_at_a_tiny_size() -> None:
         "50",
     )
     assert "by the background refresher vs" in out and "/s sent directly" in out
-    for mode in ("process", "inline"):  # the refresher in its own process, and in the serving one
+    for mode in ("idle", "inline"):  # the refresher in its own (idle-class) process, and in the serving one
         for load in ("paced", "flat out"):
             assert (
                 f"{mode:<7} resolve {load:<8} idle" in out

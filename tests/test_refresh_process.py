@@ -119,7 +119,6 @@ async def test_serve_refreshes_in_a_child_process_at_a_lower_cpu_priority(
     assert answer.expires_at.seconds > old.expires_at.seconds + 3000
     assert _refreshes(broker.auth) == 1  # the Resolve was answered, not refreshed again
 
-
     assert _policies(pid) == {os.SCHED_IDLE}  # the threads it started since (store, HTTP) too
 
 
