@@ -123,6 +123,8 @@ def test_background_refresh_benchmark_runs_at_a_tiny_size() -> None:
         "5",
         "--seconds",
         "0.3",
+        "--rounds",
+        "2",
         "--interval",
         "0.2",
         "--watchers",
