@@ -18,6 +18,10 @@ import pytest
 
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.config import ClientAuthMethod
+from broker.errors import UpstreamUnavailable
+from broker.oauth.client import ClientCredentials, TokenEndpointClient
+from tests.authserver import AuthServer
 from tests.brokerproc import ServerProcess, write_config
 from tests.conftest import UPSTREAM, Broker, BrokerFactory, RequestHeader, error_info
 from tests.test_processes import connect_over_grpc
@@ -117,3 +121,29 @@ async def test_two_processes_and_a_dripping_server_present_the_refresh_token_onc
 async def _later(stubs: list[pb_grpc.CredentialBrokerStub], request: pb.ResolveRequest) -> list[Any]:
     await asyncio.sleep(DEADLINE * 0.6)
     return list(await asyncio.gather(*(_timed(stubs[n % 2].Resolve(request), 12.0) for n in range(4))))
+
+
+async def test_a_request_whose_deadline_passed_before_it_was_sent_is_never_sent(
+    auth_server: AuthServer,
+) -> None:
+    """A process the kernel held back between claiming a refresh lease and sending the refresh
+    (a busy host; the background refresher runs in the idle scheduling class) must not send it
+    late: its deadline, fixed before the claim, is what keeps the request inside the lease. The
+    connection to the server is warm, so nothing on the way to the send has to wait."""
+    client = TokenEndpointClient(timeout=DEADLINE, max_bytes=65536)
+    credentials = ClientCredentials("late", None, ClientAuthMethod.NONE)
+    form = [("grant_type", "refresh_token"), ("refresh_token", "rt-late")]
+    loop = asyncio.get_running_loop()
+    try:
+        status, _ = await client.post_form(auth_server.token_endpoint, form, credentials)
+        assert status == 401  # answered (an unknown client): the connection is open
+        sent = len(auth_server.token_requests())
+        for _ in range(20):
+            with pytest.raises(UpstreamUnavailable, match="timed out"):
+                await client.post_form(
+                    auth_server.token_endpoint, form, credentials, deadline=loop.time() - 0.001
+                )
+        await asyncio.sleep(0.3)  # a request that did go out would have been recorded by now
+        assert len(auth_server.token_requests()) == sent
+    finally:
+        await client.aclose()
