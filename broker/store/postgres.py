@@ -230,6 +230,16 @@ class PostgresStore(UpkeepQueries):
             self._failed(exc)
             raise StoreError(f"store write failed: {describe(exc)}") from None
 
+    @contextmanager
+    def _write_statement(self) -> Iterator[psycopg.Connection[Any]]:
+        # The connections are in autocommit mode: the statement is its own transaction.
+        try:
+            with self._connection(_WRITE_WAIT_SECONDS) as conn:
+                yield conn
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            self._failed(exc)
+            raise StoreError(f"store write failed: {describe(exc)}") from None
+
     def _migrate(self) -> None:
         with self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
