@@ -2,9 +2,10 @@
 
 Reads the broker's config (pickled) from stdin, lowers its own CPU priority (SCHED_IDLE by
 default), builds the store, vault, token client and service (broker/app.py ``build_core``) and
-runs the BackgroundRefresher until stdin closes (the parent asked it to stop, or died) or SIGTERM. Its audit records go to
-the configured sink; a file sink gets a file of its own, ``<path>.refresher``, since each
-process rotates its own file. Twice a second it writes its counts to fd N (one JSON line).
+runs the BackgroundRefresher until stdin closes (the parent asked it to stop, or died) or
+SIGTERM. Its audit records go to the configured sink; a file sink gets a file of its own,
+``<path>.refresher``, since each process rotates its own file. Twice a second it writes its
+counts to fd N (one JSON line).
 """
 
 from __future__ import annotations

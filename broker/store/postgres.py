@@ -223,16 +223,13 @@ class PostgresStore(UpkeepQueries):
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Connection[Any]]:
-        try:
-            with self._connection(_WRITE_WAIT_SECONDS) as conn, conn.transaction():
-                yield conn
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            self._failed(exc)
-            raise StoreError(f"store write failed: {describe(exc)}") from None
+        with self._write_statement() as conn, conn.transaction():
+            yield conn
 
     @contextmanager
     def _write_statement(self) -> Iterator[psycopg.Connection[Any]]:
-        # The connections are in autocommit mode: the statement is its own transaction.
+        # The connections are in autocommit mode: outside a transaction block, each statement is
+        # its own transaction.
         try:
             with self._connection(_WRITE_WAIT_SECONDS) as conn:
                 yield conn
