@@ -7,6 +7,8 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -248,18 +250,16 @@ if __name__ == "__main__":
 def test_processes_opening_a_new_store_file_at_once_all_open_it(tmp_path: Path) -> None:
     # Workers, replicas and the refresh process may all open a store the first time together;
     # switching a new file to WAL answered "database is locked" without waiting (a third of tries).
-    import subprocess
-    import sys
-
     script = tmp_path / "open_together.py"
     script.write_text(_OPEN_TOGETHER)
+    root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
         [sys.executable, str(script), str(tmp_path), "40"],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
         check=True,
     ).stdout
     assert out.splitlines() == ["done"]
