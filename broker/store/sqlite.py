@@ -40,6 +40,8 @@ from broker.store.upkeep import SQLITE_MIGRATION, UpkeepQueries
 
 SCHEMA_VERSION = 7
 _BUSY_TIMEOUT_MS = 5000
+#: How long ``reclaim_space`` keeps trying to copy the whole WAL back (see there).
+RECLAIM_CHECKPOINT_SECONDS = 2.0
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
@@ -309,13 +311,24 @@ class SqliteStore(UpkeepQueries):
 
     def reclaim_space(self) -> None:
         """Hand the file's free pages back (incremental vacuum), then checkpoint the WAL so the
-        database file itself is truncated now rather than at the next automatic checkpoint."""
+        database file itself is truncated now rather than at the next automatic checkpoint.
+
+        The file shrinks only when a checkpoint copies the whole WAL. A PASSIVE checkpoint is cut
+        short by another checkpoint in progress (another connection's or process's) or by a
+        reader still on a snapshot from before the vacuum; both last milliseconds, so the
+        checkpoint is tried again for up to ``RECLAIM_CHECKPOINT_SECONDS`` (this runs in a worker
+        thread). If the WAL is still not copied then, the next checkpoint finishes the job."""
         try:
             conn = self._conn()
             # The pragma frees one page per step and its rows have no columns, which Python's
             # execute() stops at after one step; executescript() runs it to the end.
             conn.executescript("PRAGMA incremental_vacuum;")
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            deadline = time.monotonic() + RECLAIM_CHECKPOINT_SECONDS
+            while True:
+                busy, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if (not busy and log == copied) or time.monotonic() >= deadline:
+                    return
+                time.sleep(0.02)
         except sqlite3.Error as exc:
             raise StoreError(f"store vacuum failed: {_describe(exc)}") from exc
 
