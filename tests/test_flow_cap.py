@@ -161,7 +161,9 @@ def test_reclaim_truncates_the_file_even_when_a_reader_holds_an_older_snapshot(t
     store = SqliteStore(path)
     try:
         for i in range(4000):
-            store.add_pending_flow(PendingFlowRow(f"{i:064x}", f"u{i}", "k", 1.0, 2.0, "kid", b"x" * 300), 5, 1.0)
+            store.add_pending_flow(
+                PendingFlowRow(f"{i:064x}", f"u{i}", "k", 1.0, 2.0, "kid", b"x" * 300), 5, 1.0
+            )
         _checkpoint(path)
         full = path.stat().st_size
         assert full > 1_000_000, full
