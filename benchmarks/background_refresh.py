@@ -8,17 +8,17 @@ the default, runs everything again with ``separate_process: false``, the refresh
 the serving process) against the test authorization server (tests/authserver.py, in its own
 process; it rotates refresh tokens). ``--due`` credentials whose tokens the server really issued
 are written to the store at once, all due; the script follows the server's count of refresh
-grants and prints the rate the background refresher sustained, against the rate at which a
-plain HTTP client sends the same kind of refresh grants straight to the server with the same
-concurrency (the refresher's per-upstream slots). Then Resolve on cached credentials from
-4 callers: p50/p99 with the refresher idle, and while it refreshes a batch of ``--due /
---rounds`` due credentials, in ``--rounds`` ABBA-paired rounds (idle then refreshing, refreshing
-then idle, ...; the median of the rounds' p50 ratios is the figure, target within 1.3x), each
-window twice: "paced", the callers offering ``--resolve-rate``
-calls/s together (200: a busy sidecar; what a caller waits), and "flat out", each caller
-calling again as soon as answered (the broker saturated: every core is busy with the load
-generator, the authorization server and the broker, so whatever the refresher uses is taken
-from Resolve's throughput, and the p50 ratio is about the throughput ratio).
+grants and prints the rate the background refresher sustained, against the rate at which a plain
+HTTP client sends the same kind of refresh grants straight to the server with the same
+concurrency (the refresher's per-upstream slots). Then Resolve on cached credentials from 4
+callers: p50/p99 with the refresher idle, and while it refreshes a batch of ``--due / --rounds``
+due credentials, in ``--rounds`` ABBA-paired rounds (idle then refreshing, refreshing then idle,
+...; the median of the rounds' p50 ratios is the figure, target within 1.3x), each window twice:
+"paced", the callers offering ``--resolve-rate`` calls/s together (200: a busy sidecar; what a
+caller waits), and "flat out", each caller calling again as soon as answered (the broker
+saturated: every core is busy with the load generator, the authorization server and the broker,
+so whatever the refresher uses is taken from Resolve's throughput, and the p50 ratio is about
+the throughput ratio).
 
 ``watch`` (PostgreSQL): two ``broker serve`` replicas on one store. Changes (Disconnect) are
 made through replica A, paced, and ``--watchers`` WatchConnections streams are open on replica
@@ -391,10 +391,10 @@ async def throughput(
                     f"store reads per call {statistics.mean(w.reads for w in rounds):.2f}  "
                     f"serving process CPU per call {statistics.mean(w.cpu for w in rounds) * 1e6:.0f} us"
                 )
-            p50s = [_pct(b.latencies, 0.5) / _pct(a.latencies, 0.5) for a, b in zip(idle, busy, strict=True)]
-            p99s = [
-                _pct(b.latencies, 0.99) / _pct(a.latencies, 0.99) for a, b in zip(idle, busy, strict=True)
-            ]
+            pairs = list(zip(idle, busy, strict=True))
+            p50s, p99s = (
+                [_pct(b.latencies, q) / _pct(a.latencies, q) for a, b in pairs] for q in (0.5, 0.99)
+            )
             rates = [w.rate for w in busy]
             offer = f"{offered:.0f}/s offered" if offered else f"{RESOLVE_CALLERS} callers back to back"
             print(
@@ -563,9 +563,9 @@ async def main() -> None:
     auth = AuthProcess()
     try:
         if "throughput" in parts:
+            schedulings = ["idle", "nice"] if args.scheduling == "both" else [args.scheduling]
             for backend in ["sqlite", "postgres"] if args.backend == "both" else [args.backend]:
                 for separate in {"process": [True], "inline": [False], "both": [True, False]}[args.mode]:
-                    schedulings = ["idle", "nice"] if args.scheduling == "both" else [args.scheduling]
                     for scheduling in schedulings if separate else schedulings[:1]:
                         await throughput(backend, args, auth, separate, scheduling)
         if "watch" in parts:
