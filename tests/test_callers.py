@@ -4,6 +4,8 @@ rules, unix socket modes and ownership, and the loopback-unless-TLS rule."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import os
 import secrets
 import socket
@@ -410,3 +412,26 @@ async def test_reflection_needs_no_header_but_a_known_caller(
         answers = [a async for a in stub.ServerReflectionInfo(iter([request]), metadata=known)]
         names = {s.name for s in answers[0].list_services_response.service}
         assert "credentialbroker.v1.CredentialBroker" in names
+
+
+async def test_a_guarded_call_leaves_no_reference_cycle_behind(broker: Broker) -> None:
+    """Each call's task, its context and what they hold go as soon as the call ends: the
+    interceptor's hand-over of the decoded metadata must not tie the task to itself (such a
+    cycle waits for the garbage collector, which then walks every call's objects)."""
+    request = pb.ListConnectionsRequest(user_id="alice")
+    await broker.stub.ListConnections(request, metadata=[HEADER])
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            await broker.stub.ListConnections(request, metadata=[HEADER])
+        gc.collect()
+        left = sorted(
+            {type(o).__name__ for o in gc.garbage if isinstance(o, asyncio.Task | contextvars.Context)}
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []

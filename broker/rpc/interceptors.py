@@ -31,9 +31,12 @@ _SAN = "x509_subject_alternative_name"
 # The call's metadata as gRPC decoded it for intercept_service, passed on to the wrapped handler:
 # asking the servicer context decodes it again, which was a tenth of Resolve's own cost. gRPC
 # runs both in the call's task; the task is stored with it and checked, so metadata can never
-# cross to another call (a mismatch falls back to the context).
+# cross to another call (a mismatch falls back to the context). The hand-over is taken once:
+# left in place, the task would hold itself through its context, and every call's task,
+# coroutine and context would wait for the garbage collector instead of going when it ends.
+_NOTHING: tuple[object, Any] = (None, None)
 _decoded: contextvars.ContextVar[tuple[object, Any]] = contextvars.ContextVar(
-    "credential_broker_metadata", default=(None, None)
+    "credential_broker_metadata", default=_NOTHING
 )
 
 
@@ -162,6 +165,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         """Identify and authorize the caller and set the call context; the status to refuse the
         call with (the refusal audited), or None. Not a coroutine: it runs on every call."""
         decoded = _decoded.get()
+        _decoded.set(_NOTHING)
         pairs = decoded[1] if decoded[0] is asyncio.current_task() else context.invocation_metadata()
         # Text headers are str, binary ("-bin") ones bytes; only text headers are ever read.
         metadata: dict[str, str] = dict(pairs) if pairs else {}
