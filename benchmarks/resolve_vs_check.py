@@ -174,10 +174,11 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=32, help="client threads sharing the channel")
     parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing on/off comparison")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="the server's")
     args = parser.parse_args()
     pool = futures.ThreadPoolExecutor(max_workers=args.callers)
     with contextlib.ExitStack() as stack:
-        plain = stack.enter_context(bench_server())
+        plain = stack.enter_context(bench_server("--event-loop", args.event_loop))
         channel, resolve, check = _calls(plain[args.transport])
         stack.callback(channel.close)
         measure(pool, check, args.callers, 0.5)  # warm up both paths
@@ -203,7 +204,9 @@ def main() -> int:
         )
         if not args.no_tracing:
             endpoint, spans = stack.enter_context(otlp_receiver())
-            traced = stack.enter_context(bench_server("--tracing-endpoint", endpoint))
+            traced = stack.enter_context(
+                bench_server("--event-loop", args.event_loop, "--tracing-endpoint", endpoint)
+            )
             traced_channel, traced_resolve, _ = _calls(traced[args.transport])
             stack.callback(traced_channel.close)
             measure(pool, traced_resolve, args.callers, 0.5)

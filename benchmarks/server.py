@@ -5,7 +5,8 @@ once serving. ``--users N`` bulk-loads N connected users with long-lived credent
 into the store; ``--backend postgres --dsn DSN`` uses PostgreSQL (the DSN's schema must be
 empty or hold a broker schema); ``--token-endpoint URL`` points the upstream at a real
 authorization server (for the coalescing benchmark); ``--tracing-endpoint URL`` turns tracing on,
-exporting every span to that OTLP/gRPC collector (for the tracing cost benchmark).
+exporting every span to that OTLP/gRPC collector (for the tracing cost benchmark);
+``--event-loop asyncio`` runs on the standard library's loop instead of the default uvloop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.seeding import bulk_load
+from broker import event_loop
 from broker.app import build_app
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
@@ -40,14 +42,18 @@ def _empty_handler() -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("bench.Bench", {"Empty": handler})
 
 
-async def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--dsn", help="PostgreSQL DSN (backend postgres)")
     parser.add_argument("--dir", help="folder for the keyring and SQLite file (default: a new temp dir)")
     parser.add_argument("--tracing-endpoint", help="trace every RPC, exporting to this OTLP/gRPC collector")
-    args = parser.parse_args()
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> None:
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cb-bench-"))
     if not (tmp / "keyring.json").exists():
         generate_keyring_file(tmp / "keyring.json")
@@ -59,6 +65,7 @@ async def main() -> None:
         "store": store,
         "keyring": {"file": str(tmp / "keyring.json")},
         "log": {"level": "error"},
+        "event_loop": args.event_loop,
         # Every Resolve writes an audit event, as in production; to a file so stdout stays quiet.
         "audit": {"output": "file", "path": str(tmp / "audit.jsonl")},
         "upstreams": [
@@ -99,4 +106,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    arguments = _args()
+    sys.exit(event_loop.run(main(arguments), arguments.event_loop))

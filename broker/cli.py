@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from broker import event_loop
 from broker.config import (
     BrokerConfig,
     check_listen_address,
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
                 _refuse(listener_problems(config))
                 return serve_workers(config, embedded, _serve)
-            return asyncio.run(_serve(config, embedded))
+            return event_loop.run(_serve(config, embedded), config.event_loop)
         if args.command == "keys" and args.keys_command == "generate":
             keyring = generate_keyring_file(Path(args.output))
             print(f"wrote keyring {args.output} with primary key {keyring.primary_id}")

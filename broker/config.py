@@ -659,6 +659,8 @@ class BrokerConfig(_Strict):
     listen: tuple[str | ListenerConfig, ...] = (DEFAULT_LISTEN,)
     health_listen: str | None = None
     workers: int = Field(default=1, ge=1, le=64)
+    # The asyncio event loop of every broker process (broker/event_loop.py).
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     tls: TlsConfig | None = None
     # The SSRF guard header x-credential-broker-request: true, required on "tcp" listeners
     # (the default), on every listener ("always") or never. Never for the health service.

@@ -18,6 +18,7 @@ import pickle
 import signal
 import sys
 
+from broker import event_loop
 from broker.app import build_core
 from broker.audit import AuditSink, sink_from_config
 from broker.clock import SystemClock
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warning = _lower_priority(config)
     try:
-        asyncio.run(_run(config, args.stats_fd, warning))
+        event_loop.run(_run(config, args.stats_fd, warning), config.event_loop)
     except BrokerError as exc:
         print(f"credential-broker: background refresh process: {exc.message}", file=sys.stderr)
         return 2

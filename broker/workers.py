@@ -15,7 +15,6 @@ and exits non-zero, so the supervisor (kubelet, systemd) restarts the whole side
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -25,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
 
+from broker import event_loop
 from broker.config import BrokerConfig, ListenerConfig
 from broker.crypto import generate_keyring_file
 from broker.errors import BrokerError, ConfigError
@@ -83,7 +83,7 @@ def _run_worker(config: BrokerConfig, embedded: bool, serve: Serve) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     try:
-        return asyncio.run(serve(config, embedded, reuse_port=True))
+        return event_loop.run(serve(config, embedded, reuse_port=True), config.event_loop)
     except BrokerError as exc:
         print(f"credential-broker worker {os.getpid()}: {exc.message}", flush=True)
         return 2

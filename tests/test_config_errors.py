@@ -82,6 +82,7 @@ def test_one_error_is_one_line() -> None:
         ({"workers": 2.5}, "workers: must be a whole number"),
         ({"read_cache_seconds": "x"}, "read_cache_seconds: must be a number"),
         ({"store": {"backend": "mysql"}}, "store.backend: must be one of 'sqlite', 'postgres'"),
+        ({"event_loop": "libev"}, "event_loop: must be one of 'uvloop', 'asyncio'"),
         ({"http": {"timeout_seconds": 0}}, "http.timeout_seconds: must be more than 0"),
         ({"upstreams": [_upstream("a", mode="magic")]}, "upstreams[0].auth_broker.mode: must be one of"),
         (
