@@ -61,9 +61,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def bench_server(backend: str, dsn: str | None, users: int = 1) -> Iterator[dict[str, str]]:
+def bench_server(
+    backend: str, dsn: str | None, users: int = 1, loop: str = "uvloop"
+) -> Iterator[dict[str, str]]:
     """benchmarks/server.py in a subprocess; yields its addresses."""
     command = [sys.executable, str(Path(__file__).with_name("server.py")), "--users", str(users)]
+    command += ["--event-loop", loop]
     command += ["--backend", backend] + (["--dsn", dsn] if dsn else [])
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
@@ -129,6 +132,7 @@ def main() -> int:
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: see above)")
     parser.add_argument("--callers", default="1,32,256", help="comma-separated concurrency levels")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="the server's")
     args = parser.parse_args()
     callers = [int(c) for c in args.callers.split(",")]
     backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
@@ -144,7 +148,7 @@ def main() -> int:
                 from benchmarks.seeding import postgres_dsn
 
                 dsn = stack.enter_context(postgres_dsn(args.dsn))
-            addresses = stack.enter_context(bench_server(backend, dsn))
+            addresses = stack.enter_context(bench_server(backend, dsn, loop=args.event_loop))
             for transport in ("tcp", "unix"):
                 rows = asyncio.run(bench_target(addresses[transport], args.seconds, args.rounds, callers))
                 for row in rows:
