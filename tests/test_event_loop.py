@@ -8,13 +8,16 @@ that a flow completes and Resolve answers through the real server on either loop
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from broker import event_loop
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
+from broker.errors import ConfigError
 from tests.authserver import AuthServer
 from tests.live import REQUEST_HEADER, LiveBroker, start_live_broker
 
@@ -74,3 +77,17 @@ def test_every_process_runs_the_configured_loop(
         assert {pid: _runs_uvloop(pid) for pid in serving} == {pid: uvloop for pid in serving}
     finally:
         assert live.stop(signal.SIGTERM) == 0
+
+
+def test_a_missing_uvloop_is_one_line_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never_run() -> None:
+        raise AssertionError("ran without a loop")
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    main = never_run()
+    with pytest.raises(ConfigError) as info:
+        event_loop.run(main, "uvloop")
+    main.close()
+    assert (
+        str(info.value) == "event_loop: uvloop is not installed here; install it or set event_loop: asyncio"
+    )
