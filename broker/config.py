@@ -30,6 +30,7 @@ from pydantic import (
 from broker import endpoint_templates
 from broker.config_errors import format_errors, validation_problems
 from broker.errors import ConfigError
+from broker.event_loop import Kind as EventLoopKind
 from broker.models import upstream_key
 from broker.tracing.config import TracingConfig, resolve_tracing
 
@@ -660,7 +661,7 @@ class BrokerConfig(_Strict):
     health_listen: str | None = None
     workers: int = Field(default=1, ge=1, le=64)
     # The asyncio event loop of every broker process (broker/event_loop.py).
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    event_loop: EventLoopKind = "uvloop"
     tls: TlsConfig | None = None
     # The SSRF guard header x-credential-broker-request: true, required on "tcp" listeners
     # (the default), on every listener ("always") or never. Never for the health service.

@@ -1,9 +1,10 @@
 """The event loop every broker process runs on (config key ``event_loop``).
 
 ``uvloop`` (the default) is libuv's loop for asyncio. Measured in benchmarks/resolve_vs_check.py
-(32 callers; four server processes per loop, interleaved, two 6-round blocks each): it took about 15% off the server CPU
-of every call, the health Check and Resolve alike, and served about 11% more calls a second on
-two cores. ``asyncio`` is the standard library's loop, for an operator who wants it.
+(32 callers; four server processes per loop, interleaved, two 6-round blocks each): it took
+about 15% off the server CPU of every call, the health Check and Resolve alike, and served about
+11% more calls a second on two cores. ``asyncio`` is the standard library's loop, for an
+operator who wants it.
 """
 
 from __future__ import annotations
