@@ -8,12 +8,16 @@ for user-0, an audit event per Resolve written to a file, as in production), the
    order), and prints the median over rounds of the throughput ratio, of the p50 ratio and of
    the ratio of the server's CPU time per call. Target: Resolve throughput >= 0.9x Check's,
    p50 <= 1.1x.
-2. Unless ``--no-tracing``, Resolve on a second broker with tracing on (every call
+2. With ``--floor``, the same ResolveResponse bytes from a bare handler on the same server
+   (``/bench.Bench/Answer``: no interceptor, no servicer) against Check, in the same way: what
+   gRPC itself charges for a Resolve-sized call, so that Resolve's gap to Check splits into
+   gRPC's part and the broker's own Python work.
+3. Unless ``--no-tracing``, Resolve on a second broker with tracing on (every call
    sampled, exported over OTLP/gRPC to a loopback receiver run here) against the first one,
    tracing off, again in ABBA-paired rounds: the cost of tracing per Resolve.
 
     .venv/bin/python benchmarks/resolve_vs_check.py [--seconds 2] [--rounds 6] [--callers 32]
-        [--transport tcp|unix] [--no-tracing]
+        [--transport tcp|unix] [--no-tracing] [--floor] [--event-loop uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -147,12 +151,19 @@ def paired(
     return out
 
 
-def _calls(target: str) -> tuple[grpc.Channel, Callable[[], object], Callable[[], object]]:
+def _calls(
+    target: str,
+) -> tuple[grpc.Channel, Callable[[], object], Callable[[], object], Callable[[], object]]:
+    """The channel, and a Resolve, a Check and a call of the bare Answer handler on it."""
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.CredentialBrokerStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     request = pb.ResolveRequest(user_id="user-0", upstream="bench")
     check_request = health_pb2.HealthCheckRequest(service="")
+    answer_call = channel.unary_unary(
+        "/bench.Bench/Answer", request_serializer=None, response_deserializer=pb.ResolveResponse.FromString
+    )
+    request_bytes = request.SerializeToString()
 
     def resolve() -> object:
         return stub.Resolve(request, metadata=HEADER)
@@ -160,9 +171,14 @@ def _calls(target: str) -> tuple[grpc.Channel, Callable[[], object], Callable[[]
     def check() -> object:
         return health.Check(check_request, metadata=HEADER)
 
-    assert stub.Resolve(request, metadata=HEADER).access_token == "access-0", "the credential did not resolve"
+    def answer() -> object:
+        return answer_call(request_bytes, metadata=HEADER)
+
+    resolved = stub.Resolve(request, metadata=HEADER)
+    assert resolved.access_token == "access-0", "the credential did not resolve"
+    assert answer() == resolved, "the bare handler's answer is not Resolve's"
     assert check().status == health_pb2.HealthCheckResponse.SERVING  # type: ignore[attr-defined]
-    return channel, resolve, check
+    return channel, resolve, check, answer
 
 
 def main() -> int:
@@ -174,12 +190,13 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=32, help="client threads sharing the channel")
     parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp")
     parser.add_argument("--no-tracing", action="store_true", help="skip the tracing on/off comparison")
+    parser.add_argument("--floor", action="store_true", help="also a bare handler's answer against Check")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop", help="the server's")
     args = parser.parse_args()
     pool = futures.ThreadPoolExecutor(max_workers=args.callers)
     with contextlib.ExitStack() as stack:
         plain = stack.enter_context(bench_server("--event-loop", args.event_loop))
-        channel, resolve, check = _calls(plain[args.transport])
+        channel, resolve, check, answer = _calls(plain[args.transport])
         stack.callback(channel.close)
         measure(pool, check, args.callers, 0.5)  # warm up both paths
         measure(pool, resolve, args.callers, 0.5)
@@ -202,12 +219,23 @@ def main() -> int:
             f"(target rate >= 0.9, p50 <= 1.1: {'met' if met else 'NOT met'})",
             flush=True,
         )
+        if args.floor:
+            measure(pool, answer, args.callers, 0.5)
+            row = paired(
+                pool, ("check", check, pid), ("answer", answer, pid), args.callers, args.seconds, args.rounds
+            )
+            print(
+                f"floor (the same answer from a bare handler) vs check: rate ratio {row['rps_ratio']:.2f}, "
+                f"p50 ratio {row['p50_ratio']:.2f}, server CPU per call ratio {row['cpu_ratio']:.2f} "
+                f"({row['answer_cpu_us']:.0f}us against {row['check_cpu_us']:.0f}us)",
+                flush=True,
+            )
         if not args.no_tracing:
             endpoint, spans = stack.enter_context(otlp_receiver())
             traced = stack.enter_context(
                 bench_server("--event-loop", args.event_loop, "--tracing-endpoint", endpoint)
             )
-            traced_channel, traced_resolve, _ = _calls(traced[args.transport])
+            traced_channel, traced_resolve, _, _ = _calls(traced[args.transport])
             stack.callback(traced_channel.close)
             measure(pool, traced_resolve, args.callers, 0.5)
             row = paired(

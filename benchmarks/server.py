@@ -7,6 +7,10 @@ empty or hold a broker schema); ``--token-endpoint URL`` points the upstream at 
 authorization server (for the coalescing benchmark); ``--tracing-endpoint URL`` turns tracing on,
 exporting every span to that OTLP/gRPC collector (for the tracing cost benchmark);
 ``--event-loop asyncio`` runs on the standard library's loop instead of the default uvloop.
+
+Besides Empty, ``/bench.Bench/Answer`` returns the bytes of user-0's ResolveResponse from a bare
+handler: what a Resolve would cost gRPC with none of the broker's own Python work (the floor
+benchmarks/resolve_vs_check.py --floor measures against the health Check).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -26,20 +31,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.seeding import bulk_load
 from broker import event_loop
+from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.app import build_app
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
 from broker.logs import configure
+from broker.rpc.servicer import _timestamp
 
 EMPTY_METHOD = "/bench.Bench/Empty"
 
 
-def _empty_handler() -> grpc.GenericRpcHandler:
+def _bench_handler(answer: list[bytes]) -> grpc.GenericRpcHandler:
+    """Empty returns nothing; Answer returns ``answer[0]`` (set once the credential is loaded)."""
+
     async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return b""
 
-    handler = grpc.unary_unary_rpc_method_handler(empty, request_deserializer=None, response_serializer=None)
-    return grpc.method_handlers_generic_handler("bench.Bench", {"Empty": handler})
+    async def constant(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return answer[0]
+
+    def raw(method: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=None, response_serializer=None
+        )
+
+    return grpc.method_handlers_generic_handler("bench.Bench", {"Empty": raw(empty), "Answer": raw(constant)})
+
+
+async def _resolve_answer(app: Any) -> bytes:
+    """user-0's ResolveResponse as the servicer builds it, serialized."""
+    result = await app.service.resolve("user-0", "bench", "", 0)
+    return pb.ResolveResponse(
+        access_token=result.access_token,
+        token_type=result.token_type,
+        expires_at=_timestamp(result.expires_at),
+        scopes=result.scopes,
+        obtained_via=result.obtained_via,
+        header_name=result.header_name,
+        header_value=result.header_value,
+        connection_fields=dict(result.connection_fields),
+    ).SerializeToString()
 
 
 def _args() -> argparse.Namespace:
@@ -87,12 +118,15 @@ async def main(args: argparse.Namespace) -> None:
         document["tracing"] = {"enabled": True, "endpoint": args.tracing_endpoint, "sample_ratio": 1.0}
     config = load_config(document, environ={}, base_dir=tmp)
     configure("text", "error")
-    app = build_app(config, extra_handlers=[_empty_handler()])
+    answer = [b""]
+    app = build_app(config, extra_handlers=[_bench_handler(answer)])
     key = config.upstreams[0].key
     loaded = 0.0
     if args.users and app.store.get_credential("user-0", key) is None:
         loaded = bulk_load(app.store, app.vault, key, args.users)
     await app.start()
+    if args.users:
+        answer[0] = await _resolve_answer(app)
     print(
         json.dumps({"tcp": app.server.addresses[0], "unix": app.server.addresses[1], "load_seconds": loaded}),
         flush=True,

@@ -90,12 +90,17 @@ def test_refresh_scan_runs_and_prints_ratio() -> None:
     assert "USING INDEX credentials_keep_alive" in out
 
 
-def test_resolve_vs_check_runs_and_prints_ratios_with_tracing_cost() -> None:
-    out = _run("benchmarks/resolve_vs_check.py", "--seconds", "0.2", "--rounds", "2", "--callers", "4")
+def test_resolve_vs_check_runs_and_prints_ratios_with_floor_and_tracing_cost() -> None:
+    out = _run(
+        "benchmarks/resolve_vs_check.py", "--seconds", "0.2", "--rounds", "2", "--callers", "4", "--floor"
+    )
     lines = {line.split(":")[0]: line for line in out.splitlines() if ":" in line}
     ratios = lines["resolve/check"].split("rate ratio ")[1].split(",")[0]
     assert float(ratios) > 0, out
     assert "p50 ratio" in lines["resolve/check"] and "server CPU per call ratio" in lines["resolve/check"]
+    # The floor: the bare handler's answer (checked equal to Resolve's before measuring) against Check.
+    floor = lines["floor (the same answer from a bare handler) vs check"]
+    assert float(floor.split("rate ratio ")[1].split(",")[0]) > 0, out
     traced = lines["tracing on/off"]
     assert float(traced.split("rate ratio ")[1].split(",")[0]) > 0, out
     # The traced broker really exported its Resolve spans to the loopback receiver.
