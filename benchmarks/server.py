@@ -8,9 +8,10 @@ authorization server (for the coalescing benchmark); ``--tracing-endpoint URL`` 
 exporting every span to that OTLP/gRPC collector (for the tracing cost benchmark);
 ``--event-loop asyncio`` runs on the standard library's loop instead of the default uvloop.
 
-Besides Empty, ``/bench.Bench/Answer`` returns the bytes of user-0's ResolveResponse from a bare
-handler: what a Resolve would cost gRPC with none of the broker's own Python work (the floor
-benchmarks/resolve_vs_check.py --floor measures against the health Check).
+Besides Empty, ``/bench.Bench/Answer`` returns the bytes of user-0's ResolveResponse (resolved
+once, at its first call) from a bare handler: what a Resolve would cost gRPC with none of the
+broker's own Python work (the floor benchmarks/resolve_vs_check.py --floor measures against the
+health Check).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,17 @@ from broker.rpc.servicer import _timestamp
 EMPTY_METHOD = "/bench.Bench/Empty"
 
 
-def _bench_handler(answer: list[bytes]) -> grpc.GenericRpcHandler:
-    """Empty returns nothing; Answer returns ``answer[0]`` (set once the credential is loaded)."""
+def _bench_handler(resolve: Callable[[], Awaitable[bytes]]) -> grpc.GenericRpcHandler:
+    """Empty returns nothing; Answer returns what ``resolve()`` gave at its first call."""
+
+    answer: list[bytes] = []
 
     async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return b""
 
     async def constant(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if not answer:
+            answer.append(await resolve())
         return answer[0]
 
     def raw(method: Any) -> grpc.RpcMethodHandler:
@@ -118,15 +124,12 @@ async def main(args: argparse.Namespace) -> None:
         document["tracing"] = {"enabled": True, "endpoint": args.tracing_endpoint, "sample_ratio": 1.0}
     config = load_config(document, environ={}, base_dir=tmp)
     configure("text", "error")
-    answer = [b""]
-    app = build_app(config, extra_handlers=[_bench_handler(answer)])
+    app = build_app(config, extra_handlers=[_bench_handler(lambda: _resolve_answer(app))])
     key = config.upstreams[0].key
     loaded = 0.0
     if args.users and app.store.get_credential("user-0", key) is None:
         loaded = bulk_load(app.store, app.vault, key, args.users)
     await app.start()
-    if args.users:
-        answer[0] = await _resolve_answer(app)
     print(
         json.dumps({"tcp": app.server.addresses[0], "unix": app.server.addresses[1], "load_seconds": loaded}),
         flush=True,
