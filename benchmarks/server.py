@@ -33,12 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.seeding import bulk_load
 from broker import event_loop
-from broker._proto.credentialbroker.v1 import broker_pb2 as pb
 from broker.app import build_app
 from broker.config import load_config
 from broker.crypto import generate_keyring_file
 from broker.logs import configure
-from broker.rpc.servicer import _timestamp
+from broker.rpc.servicer import resolve_response
 
 EMPTY_METHOD = "/bench.Bench/Empty"
 
@@ -66,17 +65,7 @@ def _bench_handler(resolve: Callable[[], Awaitable[bytes]]) -> grpc.GenericRpcHa
 
 async def _resolve_answer(app: Any) -> bytes:
     """user-0's ResolveResponse as the servicer builds it, serialized."""
-    result = await app.service.resolve("user-0", "bench", "", 0)
-    return pb.ResolveResponse(
-        access_token=result.access_token,
-        token_type=result.token_type,
-        expires_at=_timestamp(result.expires_at),
-        scopes=result.scopes,
-        obtained_via=result.obtained_via,
-        header_name=result.header_name,
-        header_value=result.header_value,
-        connection_fields=dict(result.connection_fields),
-    ).SerializeToString()
+    return resolve_response(await app.service.resolve("user-0", "bench", "", 0)).SerializeToString()
 
 
 def _args() -> argparse.Namespace:
