@@ -34,7 +34,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -44,6 +44,7 @@ from broker.errors import (
     BrokerError,
     CallerNotPermitted,
     InvalidArgument,
+    StoreError,
     UnknownUpstream,
     WatcherTooSlow,
     WatchResyncRequired,
@@ -139,13 +140,15 @@ class ConnectionEvent:
 
 
 class _Watcher:
-    __slots__ = ("overflowed", "queue", "upstream_keys", "user_id")
+    __slots__ = ("broken", "overflowed", "queue", "upstream_keys", "user_id")
 
     def __init__(self, user_id: str | None, upstream_keys: Collection[str]) -> None:
         self.user_id = user_id
         self.upstream_keys = upstream_keys
-        self.queue: asyncio.Queue[ConnectionEventRow] = asyncio.Queue(WATCHER_QUEUE)
+        # Rows, and None to wake a watcher the hub cut off (``broken``).
+        self.queue: asyncio.Queue[ConnectionEventRow | None] = asyncio.Queue(WATCHER_QUEUE)
         self.overflowed = False
+        self.broken = False
 
     def wants(self, row: ConnectionEventRow) -> bool:
         return (
@@ -248,8 +251,10 @@ class EventHub:
                 await self._follow()
             except BrokerError as exc:
                 self._log.warning("reading connection events failed", extra=fields(error=exc.code))
+                self._cut_off_watchers()
             except Exception as exc:  # a bug must not end the hub for the life of the process
                 self._log.error("reading connection events failed", extra=fields(error=type(exc).__name__))
+                self._cut_off_watchers()
             if self._gap and not self._watchers:
                 await asyncio.sleep(self._gap)
 
@@ -281,6 +286,17 @@ class EventHub:
                     cache.followed_through(started)
                 return
 
+    def _cut_off_watchers(self) -> None:
+        """The events could not be read: every watcher's stream ends (StoreError) rather than
+        look healthy while changes go unseen (a client cache would keep serving them). It may
+        resume with after_sequence; nothing is lost, since ``position`` did not move past what
+        was handed out."""
+        for watcher in self._watchers:
+            watcher.broken = True
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue ends at its end anyway
+                watcher.queue.put_nowait(None)
+        self._watchers.clear()
+
     # -- watching ------------------------------------------------------------------------
 
     @property
@@ -288,17 +304,25 @@ class EventHub:
         return len(self._watchers)
 
     async def watch(
-        self, user_id: str | None, upstream_keys: Collection[str], after_sequence: int | None
+        self,
+        user_id: str | None,
+        upstream_keys: Collection[str],
+        after_sequence: int | None,
+        live: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[ConnectionEvent]:
         """Events for ``user_id`` (every user when None) on ``upstream_keys``, in sequence
         order, each once: those after ``after_sequence`` first (from the store), then live ones.
-        Without ``after_sequence``, only events committed from now on. Raises WatcherTooSlow
-        when the watcher fell ``WATCHER_QUEUE`` events behind."""
+        Without ``after_sequence``, only events committed from now on. ``live`` is awaited once
+        the watcher is subscribed: every event committed after it returns is delivered (the
+        servicer sends the response headers then). Raises WatcherTooSlow when the watcher fell
+        ``WATCHER_QUEUE`` events behind, StoreError when the hub could not read the events."""
         watcher = _Watcher(user_id, frozenset(upstream_keys))
         self._watchers.add(watcher)  # before reading the backlog: nothing falls between the two
         try:
             await self._catch_up()
             last = self.position if after_sequence is None else after_sequence
+            if live is not None:
+                await live()
             if after_sequence is not None:
                 while True:
                     rows = await asyncio.to_thread(self._store.events_after, last, PAGE, user_id)
@@ -312,16 +336,22 @@ class EventHub:
                     if len(rows) < PAGE:
                         break
             while True:
-                if watcher.overflowed and watcher.queue.empty():
-                    raise WatcherTooSlow(
-                        "this watcher fell too far behind and was cut off; reconnect with "
-                        "after_sequence set to the last sequence it received"
-                    )
-                row = await watcher.queue.get()
-                if row.sequence <= last:
-                    continue  # already delivered from the backlog
-                last = row.sequence
-                yield self._event(row)
+                if watcher.queue.empty():
+                    if watcher.overflowed:
+                        raise WatcherTooSlow(
+                            "this watcher fell too far behind and was cut off; reconnect with "
+                            "after_sequence set to the last sequence it received"
+                        )
+                    if watcher.broken:
+                        raise StoreError(
+                            "the connection events cannot be read from the store right now; "
+                            "watch again with after_sequence set to the last sequence received"
+                        )
+                live_row = await watcher.queue.get()
+                if live_row is None or live_row.sequence <= last:
+                    continue  # a wake-up, or already delivered from the backlog
+                last = live_row.sequence
+                yield self._event(live_row)
         finally:
             self._watchers.discard(watcher)
 
@@ -352,6 +382,7 @@ class EventHub:
         upstreams: Collection[str],
         after_sequence: int | None,
         may_use: Callable[[str], bool],
+        live: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[ConnectionEvent]:
         """The WatchConnections use case: check the request, then :meth:`watch`. ``upstreams``
         by name (each must be configured and usable by the caller); none: every upstream the
@@ -372,7 +403,7 @@ class EventHub:
             keys.add(key)
         if not upstreams:
             keys = {key for key, name in self._names.items() if may_use(name)}
-        return self.watch(user, keys, after_sequence)
+        return self.watch(user, keys, after_sequence, live)
 
     def _event(self, row: ConnectionEventRow) -> ConnectionEvent:
         return ConnectionEvent(

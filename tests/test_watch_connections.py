@@ -14,7 +14,7 @@ import pytest
 
 from broker import events
 from broker._proto.credentialbroker.v1 import broker_pb2 as pb
-from broker.errors import WatcherTooSlow
+from broker.errors import StoreError, WatcherTooSlow
 from tests.conftest import UPSTREAM, Broker, BrokerFactory, error_info
 
 K = pb.ConnectionEventKind
@@ -240,3 +240,64 @@ async def test_without_watchers_no_event_is_read_and_a_new_watcher_sees_only_new
     assert (event.user_id, event.kind) == ("u4", events.EventKind.CONNECTED)  # not u1..u3's
     assert _event_reads(broker) > 0
     await watch.aclose()
+
+
+async def test_the_stream_says_it_is_live_only_once_it_is_subscribed_even_on_a_slow_store(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client cache trusts its stream from the response headers on: every change committed
+    after them must reach it, however slowly the store answers the hub's catch-up read."""
+    broker = await make_broker(read_cache_seconds=0)  # nobody follows the events before the watch
+    hub = broker.app.events
+    assert hub is not None
+    newest = hub._store.last_event_sequence
+
+    def slow_newest() -> int:
+        time.sleep(0.5)
+        return newest()
+
+    monkeypatch.setattr(hub._store, "last_event_sequence", slow_newest)
+    deadline = time.monotonic() + 5
+    while not hub._behind:  # unwatched, the hub stops reading: a watch must catch up first
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    stream = _watch(broker, pb.WatchConnectionsRequest())
+    await asyncio.wait_for(stream.call.initial_metadata(), 10)  # live, as the SDKs take it
+    await broker.connect("u1")
+    [event] = await stream.take(1, timeout=5)
+    assert (event.user_id, event.kind) == ("u1", K.CONNECTION_EVENT_KIND_CONNECTED)
+    stream.cancel()
+
+
+async def test_watchers_are_cut_off_when_the_events_cannot_be_read(
+    make_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher the hub can no longer feed must not look healthy: a client cache would keep
+    serving tokens that other replicas changed. Its stream ends UNAVAILABLE; resuming with
+    after_sequence once the store answers again loses nothing."""
+    broker = await make_broker()
+    hub = broker.app.events
+    assert hub is not None
+    stream = _watch(broker, pb.WatchConnectionsRequest())
+    await asyncio.wait_for(stream.call.initial_metadata(), 10)
+    await broker.connect("u1")
+    [first] = await stream.take(1)
+    read = hub._store.events_after
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise StoreError("the database is unreachable: secret-dsn-text")
+
+    monkeypatch.setattr(hub._store, "events_after", failing)
+    await broker.connect("u2")
+    assert await asyncio.wait_for(stream.events.get(), 5) is None, "the stream stayed open"
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await stream._task  # the reader's error: the call's
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(ended.value).reason == "STORE_UNAVAILABLE"
+    assert "secret-dsn-text" not in str(ended.value.details())
+    assert hub.watchers == 0
+    monkeypatch.setattr(hub._store, "events_after", read)
+    resumed = _watch(broker, pb.WatchConnectionsRequest(after_sequence=first.sequence))
+    [event] = await resumed.take(1)
+    assert (event.user_id, event.kind) == ("u2", K.CONNECTION_EVENT_KIND_CONNECTED)
+    resumed.cancel()

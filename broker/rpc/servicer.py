@@ -309,15 +309,20 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if request.user_id or self._users.verifier is not None:
                 await self._user(context, request.user_id)  # with user tokens, one user only
             after = request.after_sequence if request.HasField("after_sequence") else None
+
+            async def live() -> None:
+                # Headers once subscribed, not with the first event: a client cache learns its
+                # stream is live, and every change committed after them reaches it.
+                await context.send_initial_metadata(())
+
             stream = self._events.watch_connections(
                 request.user_id or None,
                 list(request.upstreams),
                 after,
                 who.may_use if who else lambda _: True,
+                live,
             )
             _audit(self._audit, "WatchConnections", request, "success", "", None)
-            # Headers now, not with the first event: a client cache learns its stream is live.
-            await context.send_initial_metadata(())
             async for event in stream:
                 yield pb.WatchConnectionsResponse(event=_event(event))
         except Exception as exc:
