@@ -126,6 +126,12 @@ func New(target string, opts ...Option) (*Client, error) {
 	return c, nil
 }
 
+// String names the target only: the caller token is never printed.
+func (c *Client) String() string { return "credentialbroker.Client{" + c.Target + "}" }
+
+// GoString keeps %#v from printing the caller token.
+func (c *Client) GoString() string { return c.String() }
+
 // Close stops the watch stream and closes the connection.
 func (c *Client) Close() error {
 	if c.stop != nil {
@@ -358,8 +364,8 @@ func call[R any](ctx context.Context, c *Client, method string, rpc func(context
 		st, _ := status.FromError(err)
 		retry := st.Code() == codes.Unavailable && ctx.Err() == nil
 		if retry && (method == "Complete" || method == "Deny") {
-			be := typed.(*UnavailableError)
-			retry = be.Reason == "UNAVAILABLE"
+			var be *BrokerError
+			retry = errors.As(typed, &be) && be.Reason == "UNAVAILABLE"
 		}
 		if !retry {
 			return resp, typed
@@ -410,7 +416,12 @@ func (c *Client) watchOnce(ctx context.Context, attempt *int) {
 	if err != nil {
 		return
 	}
-	if _, err := stream.Header(); err != nil { // the broker sends it once the watcher is registered
+	// The broker sends headers once the watcher is registered; a refused stream has none
+	// (grpc-go then returns nil, nil) and Recv gives its status.
+	if header, err := stream.Header(); header == nil {
+		if err == nil {
+			_, err = stream.Recv()
+		}
 		c.resyncIfAsked(err)
 		return
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -17,10 +18,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	cbv1 "credentialbroker/internal/gen/credentialbroker/v1"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
@@ -601,17 +604,23 @@ func (b *refusingBroker) WatchConnections(_ *cbv1.WatchConnectionsRequest, strea
 	return status.Error(codes.PermissionDenied, "refused after the headers")
 }
 
-func TestAWatchRefusedRightAfterItsHeadersBacksOff(t *testing.T) {
+// serve runs broker on a loopback gRPC server for the test; its address.
+func serve(t *testing.T, broker cbv1.CredentialBrokerServer) string {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	server := grpc.NewServer()
-	broker := &refusingBroker{}
 	cbv1.RegisterCredentialBrokerServer(server, broker)
 	go func() { _ = server.Serve(lis) }()
 	t.Cleanup(server.Stop)
-	newClient(t, lis.Addr().String(), WithCache(0))
+	return lis.Addr().String()
+}
+
+func TestAWatchRefusedRightAfterItsHeadersBacksOff(t *testing.T) {
+	broker := &refusingBroker{}
+	newClient(t, serve(t, broker), WithCache(0))
 	time.Sleep(3 * time.Second)
 	broker.mu.Lock()
 	attempts := broker.attempts
@@ -620,5 +629,235 @@ func TestAWatchRefusedRightAfterItsHeadersBacksOff(t *testing.T) {
 	// backoff on every refused stream gives 60 or more.
 	if attempts < 2 || attempts > 15 {
 		t.Fatalf("%d watch attempts in 3 s; want a backoff (2-15)", attempts)
+	}
+}
+
+// requestLog keeps the headers of the requests a test server received.
+type requestLog struct {
+	mu      sync.Mutex
+	headers []http.Header
+}
+
+func (l *requestLog) add(r *http.Request) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.headers = append(l.headers, r.Header.Clone())
+}
+
+func (l *requestLog) all() []http.Header {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.headers
+}
+
+// startBrokerWithHeader starts a broker on C's store whose upstream sends "header: token"; its address.
+func startBrokerWithHeader(t *testing.T, e env, header string) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := lis.Addr().String()
+	_ = lis.Close()
+	config := filepath.Join(t.TempDir(), "header.yaml")
+	rewrite := `import sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+doc["listen"] = [sys.argv[3]]
+for upstream in doc["upstreams"]:
+    upstream["auth_broker"].update(header=sys.argv[4], header_format="{token}")
+yaml.safe_dump(doc, open(sys.argv[2], "w"))`
+	if out, err := exec.Command(e.python, "-c", rewrite, e.configC, config, target, header).CombinedOutput(); err != nil {
+		t.Fatalf("config with header %s: %v %s", header, err, out)
+	}
+	startBrokerFrom(t, e, "header-"+header, config, target)
+	return target
+}
+
+// Server A redirects within itself, then to B (another origin), which answers 401. The
+// credential goes to both of A's hops and never to B, and B's 401 is no token rejection: no
+// retry, and the broker still holds the token.
+func TestRoundTripperKeepsTheCredentialToTheFirstOrigin(t *testing.T) {
+	e := testEnv(t)
+	for _, header := range []string{"Authorization", "X-Api-Key"} {
+		t.Run(header, func(t *testing.T) {
+			target := e.targetA
+			if header != "Authorization" {
+				target = startBrokerWithHeader(t, e, header)
+			}
+			c := newClient(t, target)
+			user := uniqueUser("go-redirect")
+			connect(t, c, user, e.upstream)
+			cred, err := c.Resolve(ctx(t), user, e.upstream)
+			if err != nil || cred.HeaderName != header {
+				t.Fatalf("resolve: %v %v", cred, err)
+			}
+			var seenA, seenB requestLog
+			b := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				seenB.add(r)
+				w.WriteHeader(http.StatusUnauthorized)
+			}))
+			defer b.Close()
+			a := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				seenA.add(r)
+				next := b.URL
+				if r.URL.Path == "/" {
+					next = "/hop"
+				}
+				http.Redirect(w, r, next, http.StatusFound)
+			}))
+			defer a.Close()
+			hc := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream}}
+			resp, err := hc.Get(a.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized || len(seenA.all()) != 2 || len(seenB.all()) != 1 {
+				t.Fatalf("status %d after %d requests to A and %d to B; want 401 after 2 and 1", resp.StatusCode, len(seenA.all()), len(seenB.all()))
+			}
+			for _, h := range seenA.all() {
+				if h.Get(header) != cred.HeaderValue {
+					t.Fatal("a hop within the first origin went without the credential")
+				}
+			}
+			for name, values := range seenB.all()[0] {
+				if strings.Contains(strings.Join(values, " "), cred.AccessToken) {
+					t.Fatalf("the token went to another origin in %s", name)
+				}
+			}
+			if again, err := c.Resolve(ctx(t), user, e.upstream); err != nil || again.AccessToken != cred.AccessToken {
+				t.Fatalf("another origin's 401 was reported as a rejected token: %v", err)
+			}
+		})
+	}
+}
+
+type closeRecorder struct {
+	io.Reader
+	closed bool
+}
+
+func (r *closeRecorder) Close() error { r.closed = true; return nil }
+
+func TestRoundTripperClosesTheBodyWhenResolveFails(t *testing.T) {
+	e := testEnv(t)
+	body := &closeRecorder{Reader: strings.NewReader("payload")}
+	req, err := http.NewRequest(http.MethodPost, "http://127.0.0.1:1/", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &Transport{Client: newClient(t, e.targetA), UserID: "alice", Upstream: "nope"}
+	var unknown *UnknownUpstreamError
+	if _, err := tr.RoundTrip(req); !errors.As(err, &unknown) {
+		t.Fatalf("want *UnknownUpstreamError, got %v", err)
+	}
+	if !body.closed {
+		t.Fatal("the request body was left open")
+	}
+}
+
+// A body that cannot be replayed is not sent again after a 401, which is returned as is; the
+// refused token is still reported, so the next request gets a fresh one.
+func TestRoundTripperDoesNotResendABodyItCannotReplay(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-401-once")
+	connect(t, c, user, e.upstream)
+	sent, err := c.Resolve(ctx(t), user, e.upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := &upstreamAPI{}
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	req, err := http.NewRequest(http.MethodPost, srv.URL, io.MultiReader(strings.NewReader("payload")))
+	if err != nil || req.GetBody != nil {
+		t.Fatalf("want a request without GetBody: %v", err)
+	}
+	hc := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream}}
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized || len(api.seen) != 1 || api.seen[0] != sent.HeaderValue {
+		t.Fatalf("status %d after %d requests; want the first 401 as is", resp.StatusCode, len(api.seen))
+	}
+	if fresh, err := c.Resolve(ctx(t), user, e.upstream); err != nil || fresh.AccessToken == sent.AccessToken {
+		t.Fatalf("the refused token was not reported: %v", err)
+	}
+}
+
+// stubBroker answers WatchConnections and Complete with err and counts the calls.
+type stubBroker struct {
+	cbv1.UnimplementedCredentialBrokerServer
+	err   error
+	calls atomic.Int32
+}
+
+func (b *stubBroker) WatchConnections(*cbv1.WatchConnectionsRequest, grpc.ServerStreamingServer[cbv1.WatchConnectionsResponse]) error {
+	b.calls.Add(1)
+	return b.err
+}
+
+func (b *stubBroker) Complete(context.Context, *cbv1.CompleteRequest) (*cbv1.CompleteResponse, error) {
+	b.calls.Add(1)
+	return nil, b.err
+}
+
+func brokerStatus(t *testing.T, code codes.Code, reason string) error {
+	t.Helper()
+	st, err := status.New(code, reason).WithDetails(&errdetails.ErrorInfo{Domain: Domain, Reason: reason})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Err()
+}
+
+// A broker refuses a stream it cannot resume before its headers (trailers only): the
+// subscription failed, and the client forgets its resume point.
+func TestAWatchRefusedBeforeItsHeadersIsNotLive(t *testing.T) {
+	c := newClient(t, serve(t, &stubBroker{err: brokerStatus(t, codes.OutOfRange, "WATCH_RESYNC_REQUIRED")}))
+	c.cache = newCache(0) // one subscription by hand, not follow's loop
+	c.lastSequence, c.haveSequence = 7, true
+	attempt := 0
+	c.watchOnce(ctx(t), &attempt)
+	if c.CacheStats().Live {
+		t.Fatal("a refused subscription left the cache live")
+	}
+	if _, resuming := c.LastSequence(); resuming {
+		t.Fatal("WATCH_RESYNC_REQUIRED kept the resume point")
+	}
+}
+
+// UNAVAILABLE with a reason of another family is that family's error, and Complete does not retry it.
+func TestUnavailableWithAnotherReasonIsTyped(t *testing.T) {
+	broker := &stubBroker{err: brokerStatus(t, codes.Unavailable, "TOKEN_REQUEST_REJECTED")}
+	c := newClient(t, serve(t, broker))
+	var rejected *TokenRequestRejectedError
+	if _, err := c.Complete(ctx(t), CompleteRequest{State: "s", Code: "c", UserID: "alice"}); !errors.As(err, &rejected) {
+		t.Fatalf("want *TokenRequestRejectedError, got %v", err)
+	}
+	if n := broker.calls.Load(); n != 1 {
+		t.Fatalf("%d calls; want 1", n)
+	}
+}
+
+func TestPrintingShowsNoSecret(t *testing.T) {
+	secrets := []string{"token-secret", "state-secret", "caller-secret"}
+	cred := Credential{AccessToken: secrets[0], TokenType: "Bearer", HeaderName: "Authorization", HeaderValue: "Bearer " + secrets[0]}
+	flow := AuthorizationRequest{AuthorizationURL: "http://127.0.0.1:1/authorize?state=" + secrets[1], State: secrets[1]}
+	c := newClient(t, "127.0.0.1:1", WithCallerToken(secrets[2]))
+	var out strings.Builder
+	for _, v := range []any{cred, &cred, flow, &flow, c} {
+		fmt.Fprintf(&out, "%v %+v %#v %s\n", v, v, v, v)
+	}
+	for _, h := range []slog.Handler{slog.NewTextHandler(&out, nil), slog.NewJSONHandler(&out, nil)} {
+		slog.New(h).Info("printed", "cred", cred, "credp", &cred, "flow", flow, "flowp", &flow, "client", c)
+	}
+	for _, secret := range secrets {
+		if strings.Contains(out.String(), secret) {
+			t.Errorf("%s printed", secret)
+		}
 	}
 }

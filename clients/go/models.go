@@ -2,14 +2,15 @@ package credentialbroker
 
 import (
 	"fmt"
+	"log/slog"
 	"time"
 
 	cbv1 "credentialbroker/internal/gen/credentialbroker/v1"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
-// Credential is a Resolve answer: send HeaderName: HeaderValue upstream. Its String and
-// GoString never show the token.
+// Credential is a Resolve answer: send HeaderName: HeaderValue upstream. Printed (fmt, slog),
+// as a value or a pointer, it never shows the token.
 type Credential struct {
 	AccessToken      string
 	TokenType        string
@@ -21,26 +22,33 @@ type Credential struct {
 	ConnectionFields map[string]string
 }
 
-func (c *Credential) String() string {
+func (c Credential) String() string {
 	return fmt.Sprintf("Credential{%s %s expires %s scopes %v}", c.HeaderName, c.TokenType, c.ExpiresAt.Format(time.RFC3339), c.Scopes)
 }
 
 // GoString keeps %#v from printing the token.
-func (c *Credential) GoString() string { return c.String() }
+func (c Credential) GoString() string { return c.String() }
 
-// AuthorizationRequest is a started connect flow. AuthorizationURL and State are secrets of the flow.
+// LogValue keeps slog (its JSON handler too) from printing the token.
+func (c Credential) LogValue() slog.Value { return slog.StringValue(c.String()) }
+
+// AuthorizationRequest is a started connect flow. AuthorizationURL and State are secrets of
+// the flow, never printed.
 type AuthorizationRequest struct {
 	AuthorizationURL string
 	State            string
 	ExpiresAt        time.Time
 }
 
-func (a *AuthorizationRequest) String() string {
+func (a AuthorizationRequest) String() string {
 	return "AuthorizationRequest{expires " + a.ExpiresAt.Format(time.RFC3339) + "}"
 }
 
 // GoString keeps %#v from printing the state.
-func (a *AuthorizationRequest) GoString() string { return a.String() }
+func (a AuthorizationRequest) GoString() string { return a.String() }
+
+// LogValue keeps slog (its JSON handler too) from printing the state.
+func (a AuthorizationRequest) LogValue() slog.Value { return slog.StringValue(a.String()) }
 
 // CredentialInfo describes a stored credential (never a token).
 type CredentialInfo struct {

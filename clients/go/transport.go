@@ -2,12 +2,17 @@ package credentialbroker
 
 import (
 	"io"
+	"net"
 	"net/http"
+	"net/url"
+	"strings"
 )
 
 // Transport is an http.RoundTripper that sends the broker's credential for (UserID, Upstream)
 // and, on one 401 from the upstream, resolves again with the refused token (the broker
-// refreshes) and retries once. A request whose body cannot be replayed (no GetBody) is not retried.
+// refreshes) and retries once. A request whose body cannot be replayed (no GetBody) is not
+// retried: its 401 is returned, the refused token still reported. Redirect hops to another
+// origin than the first request's get no credential.
 type Transport struct {
 	Client   *Client
 	UserID   string
@@ -23,10 +28,17 @@ func (t *Transport) base() http.RoundTripper {
 	return http.DefaultTransport
 }
 
-// RoundTrip implements http.RoundTripper.
+// RoundTrip implements http.RoundTripper. A redirect hop to another origin (scheme, host and
+// port) goes out as is, and its 401 rejects no token.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if origin(req.URL) != origin(firstRequest(req).URL) {
+		return t.base().RoundTrip(req)
+	}
 	sent, err := t.Client.Resolve(req.Context(), t.UserID, t.Upstream, t.Options...)
 	if err != nil {
+		if req.Body != nil {
+			_ = req.Body.Close()
+		}
 		return nil, err
 	}
 	first := req.Clone(req.Context())
@@ -35,12 +47,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil || resp.StatusCode != http.StatusUnauthorized {
 		return resp, err
 	}
-	if req.Body != nil && req.Body != http.NoBody && req.GetBody == nil {
-		return resp, nil
-	}
+	// Report the refused token even when the body cannot be replayed: the next request gets a fresh one.
 	opts := append(append([]ResolveOption{}, t.Options...), RejectedAccessToken(sent.AccessToken))
 	fresh, err := t.Client.Resolve(req.Context(), t.UserID, t.Upstream, opts...)
-	if err != nil {
+	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
+	if err != nil || !replayable {
 		return resp, nil // the 401 stands; the caller sees the upstream's answer
 	}
 	_, _ = io.Copy(io.Discard, resp.Body)
@@ -58,4 +69,24 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	again.Header.Set(fresh.HeaderName, fresh.HeaderValue)
 	return t.base().RoundTrip(again)
+}
+
+// firstRequest is the request that started req's redirect chain (req itself if it is the first).
+func firstRequest(req *http.Request) *http.Request {
+	for req.Response != nil && req.Response.Request != nil {
+		req = req.Response.Request
+	}
+	return req
+}
+
+// origin is u's scheme, host and port, the port filled in from the scheme when absent.
+func origin(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+	}
+	return u.Scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }

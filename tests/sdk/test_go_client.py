@@ -5,6 +5,7 @@ are current is tests/ecosystem/test_clients.py::test_go_generated_code_is_curren
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ GO_TESTS = [
     "TestRoundTripperRetriesOne401WithARefreshedToken",
     "TestRoundTripperReturnsASecond401",
     "TestAWatchRefusedRightAfterItsHeadersBacksOff",
+    "TestAWatchRefusedBeforeItsHeadersIsNotLive",
+    "TestUnavailableWithAnotherReasonIsTyped",
+    "TestRoundTripperKeepsTheCredentialToTheFirstOrigin",
+    "TestRoundTripperClosesTheBodyWhenResolveFails",
+    "TestRoundTripperDoesNotResendABodyItCannotReplay",
+    "TestPrintingShowsNoSecret",
 ]
 
 pytestmark = pytest.mark.timeout(300)
@@ -112,6 +119,16 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
 def test_go_vet() -> None:
     go = require_tool("go")
     check(run([go, "vet", "./..."], cwd=GO_SDK, env=client_env(GOFLAGS="-mod=mod"), timeout=600), "go vet")
+
+
+def test_every_go_test_is_run_here() -> None:
+    """A Go test left out of GO_TESTS would never run in CI."""
+    written = {
+        match.group(1)
+        for source in GO_SDK.glob("*_test.go")
+        for match in re.finditer(r"^func (Test\w+)\(t \*testing\.T\)", source.read_text(), re.M)
+    }
+    assert written and written == set(GO_TESTS)
 
 
 @pytest.mark.parametrize("name", GO_TESTS)
