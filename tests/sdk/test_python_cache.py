@@ -172,7 +172,10 @@ async def test_disconnect_is_honoured_from_the_cache_quickly(broker: Broker) -> 
     other = BrokerClient(target(broker))
     try:
         await asyncio.to_thread(connect, other, broker.auth, "eve")
+        await eventually(lambda: client.last_sequence is not None)  # CONNECTED seen (it drops "eve")
         await asyncio.to_thread(client.resolve, "eve", UPSTREAM)
+        await asyncio.to_thread(client.resolve, "eve", UPSTREAM)
+        assert client.cache is not None and client.cache.hits == 1  # the old token is cached
         await asyncio.to_thread(other.disconnect, "eve", UPSTREAM)
 
         def refused() -> bool:
