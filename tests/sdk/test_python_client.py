@@ -58,6 +58,25 @@ def test_generated_stubs_are_current() -> None:
     assert done.returncode == 0, f"regenerate with clients/python/gen_stubs.py:\n{done.stdout}{done.stderr}"
 
 
+def test_the_sdk_runs_without_datetime_utc() -> None:
+    """requires-python is >=3.10, where datetime has no UTC (3.11): import and read a time with
+    it removed, as on 3.10."""
+    script = """
+import datetime
+del datetime.UTC
+from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
+from credential_broker_client.models import credential
+answer = pb.ResolveResponse(access_token="t")
+answer.expires_at.seconds = 1700000000
+print(credential(answer).expires_at.isoformat())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2023-11-14T22:13:20+00:00"
+
+
 def test_target_comes_from_the_argument_then_the_environment_then_the_default() -> None:
     assert resolve_target("10.0.0.1:9", {"CREDENTIAL_BROKER_SOCKET": "unix:///x.sock"}) == "10.0.0.1:9"
     assert resolve_target(None, {"CREDENTIAL_BROKER_SOCKET": "unix:///run/b.sock"}) == "unix:///run/b.sock"

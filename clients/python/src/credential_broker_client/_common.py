@@ -1,11 +1,12 @@
 """What the sync and async clients share: the target, the request metadata, request building,
-the retry rule and its jittered backoff. No I/O here."""
+the retry rule and its jittered backoff; and the HTTP auths' origin check. No I/O here."""
 
 from __future__ import annotations
 
 import os
 import random
 from collections.abc import Collection, Mapping
+from urllib.parse import urlsplit
 
 from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
 from credential_broker_client.errors import BrokerError, Unavailable
@@ -30,6 +31,8 @@ WATCH_BACKOFF_CAP = 5.0
 # A watch stream that stayed up this long was healthy: its break starts the backoff over (one
 # refused right after registering keeps backing off instead of resubscribing at once).
 WATCH_HEALTHY_SECONDS = 1.0
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # RPCs that consume a one-time state: retried only when the broker never answered.
 ONE_SHOT = frozenset({"Complete", "Deny"})
@@ -99,4 +102,19 @@ def complete_request(
 ) -> pb.CompleteRequest:
     return pb.CompleteRequest(
         state=state, code=code, user_id=user_id, iss=iss, callback_params=dict(callback_params or {})
+    )
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two URLs share scheme, host and port (RFC 6454); never for one that does not parse."""
+    try:
+        a, b = urlsplit(url), urlsplit(other)
+        a_port, b_port = a.port, b.port
+    except ValueError:
+        return False
+    scheme = a.scheme.lower()
+    return (
+        scheme == b.scheme.lower()
+        and a.hostname == b.hostname
+        and (a_port or DEFAULT_PORTS.get(scheme)) == (b_port or DEFAULT_PORTS.get(scheme))
     )

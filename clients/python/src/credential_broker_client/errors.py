@@ -23,7 +23,8 @@
     ├── Unavailable                UNAVAILABLE (the broker unreachable; retried for you)
     │   ├── UpstreamUnavailable        UPSTREAM_UNAVAILABLE
     │   │   ├── IdentityProviderUnavailable  IDENTITY_PROVIDER_UNAVAILABLE
-    │   │   └── UnsupportedTokenType         UNSUPPORTED_TOKEN_TYPE
+    │   │   ├── UnsupportedTokenType         UNSUPPORTED_TOKEN_TYPE
+    │   │   └── ClientAssertionUnavailable   CLIENT_ASSERTION_UNAVAILABLE
     │   └── StoreUnavailable           STORE_UNAVAILABLE
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── TooManyPendingFlows        TOO_MANY_PENDING_FLOWS
@@ -32,7 +33,8 @@
     ├── ModeNotImplemented         MODE_NOT_IMPLEMENTED
     ├── DeadlineExceeded           DEADLINE_EXCEEDED (the caller's deadline passed)
     ├── Cancelled                  CANCELLED
-    └── InternalError              INTERNAL, DECRYPTION_FAILED and anything unrecognised
+    └── InternalError              INTERNAL and anything unrecognised
+        └── DecryptionFailed           DECRYPTION_FAILED
 
 A reason this version does not know maps to the class of its gRPC status code, so an older
 client still tells "reconnect" from "retry later". Messages are the broker's, which never carry
@@ -211,6 +213,12 @@ class UnsupportedTokenType(UpstreamUnavailable):
     default_reason = "UNSUPPORTED_TOKEN_TYPE"
 
 
+class ClientAssertionUnavailable(UpstreamUnavailable):
+    """The JWT in the upstream's ``client_assertion_file`` could not be used; nothing was sent."""
+
+    default_reason = "CLIENT_ASSERTION_UNAVAILABLE"
+
+
 class StoreUnavailable(Unavailable):
     default_reason = "STORE_UNAVAILABLE"
 
@@ -256,6 +264,10 @@ class InternalError(BrokerError):
     default_code = grpc.StatusCode.INTERNAL
 
 
+class DecryptionFailed(InternalError):
+    default_reason = "DECRYPTION_FAILED"
+
+
 BY_REASON: dict[str, type[BrokerError]] = {
     cls.default_reason: cls
     for cls in (
@@ -281,6 +293,7 @@ BY_REASON: dict[str, type[BrokerError]] = {
         UpstreamUnavailable,
         IdentityProviderUnavailable,
         UnsupportedTokenType,
+        ClientAssertionUnavailable,
         StoreUnavailable,
         ResourceExhausted,
         TooManyPendingFlows,
@@ -290,9 +303,9 @@ BY_REASON: dict[str, type[BrokerError]] = {
         DeadlineExceeded,
         Cancelled,
         InternalError,
+        DecryptionFailed,
     )
 }
-BY_REASON["DECRYPTION_FAILED"] = InternalError
 
 BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
@@ -121,7 +121,7 @@ def _time(message: Any, name: str) -> datetime | None:
     if not message.HasField(name):
         return None
     stamp = getattr(message, name)
-    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, UTC)
+    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, timezone.utc)
 
 
 def credential(resp: pb.ResolveResponse) -> Credential:
