@@ -7,8 +7,10 @@
 //
 // The target defaults to $CREDENTIAL_BROKER_SOCKET, then 127.0.0.1:50051 (a bare absolute
 // path is a unix socket). Every call carries x-credential-broker-request: true and, when set,
-// the caller token. UNAVAILABLE is retried with jittered backoff within the context's deadline
-// (DefaultTimeout when it has none); nothing else is retried. With WithCache, Resolve answers
+// the caller token; a call whose context comes from WithUserTokenContext also carries the end
+// user's token as authorization: Bearer (needed when the broker verifies user tokens).
+// UNAVAILABLE is retried with jittered backoff within the context's deadline (DefaultTimeout
+// when it has none); nothing else is retried. With WithCache, Resolve answers
 // from memory while the credential stays valid at least max(MinValidSeconds, min valid) more
 // seconds and holds the required scopes; one WatchConnections stream drops an entry on
 // REFRESHED, RECOVERED, NEEDS_REAUTH, DISCONNECTED, SCOPES_CHANGED or CONNECTED, and the whole
@@ -43,6 +45,7 @@ const (
 	DefaultTimeout = 10 * time.Second
 	requestHeader  = "x-credential-broker-request"
 	callerHeader   = "x-credential-broker-caller-token"
+	userHeader     = "authorization"
 )
 
 // Option configures a Client.
@@ -65,6 +68,43 @@ func WithCache(maxEntries int) Option {
 
 // WithTimeout sets the deadline of calls whose context has none.
 func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
+
+// userToken is kept behind a pointer in a context, so printing the context (%v, %+v, %#v)
+// shows neither its value nor its address's contents.
+type userToken struct{ value string }
+
+func (u *userToken) String() string   { return "credentialbroker.userToken(redacted)" }
+func (u *userToken) GoString() string { return u.String() }
+
+type userTokenKey struct{}
+
+// WithUserTokenContext returns a copy of ctx whose calls send token, the end user's own token,
+// as authorization: Bearer <token> alongside the client's other metadata. A broker with an
+// identity: config needs it on every call that acts for a user (Resolve unless SubjectToken is
+// given, BuildAuthorizationURL, Complete, Refresh, ListConnections, Disconnect, DisconnectAll,
+// Watch with a UserID) and answers *UnauthenticatedError without it, *PermissionDeniedError
+// (USER_MISMATCH) when it names another user. "" takes a token set earlier off. Resolve calls
+// with a user token neither read nor fill the cache: only the broker can verify the token.
+// The token is never printed, and never part of an error.
+func WithUserTokenContext(ctx context.Context, token string) context.Context {
+	return context.WithValue(ctx, userTokenKey{}, &userToken{token})
+}
+
+func userTokenFrom(ctx context.Context) string {
+	if u, ok := ctx.Value(userTokenKey{}).(*userToken); ok {
+		return u.value
+	}
+	return ""
+}
+
+// outgoing is ctx with the client's metadata and, when ctx carries one, the user token.
+func (c *Client) outgoing(ctx context.Context) context.Context {
+	md := c.md
+	if token := userTokenFrom(ctx); token != "" {
+		md = metadata.Join(c.md, metadata.Pairs(userHeader, "Bearer "+token))
+	}
+	return metadata.NewOutgoingContext(ctx, md)
+}
 
 // Client is safe for concurrent use. Close it when done.
 type Client struct {
@@ -187,9 +227,11 @@ func (c *Client) Resolve(ctx context.Context, user, upstream string, opts ...Res
 		opt(req)
 	}
 	key := cacheKey{user, upstream}
+	// A call with the user's own token is the broker's to verify: no cache hit may answer it.
+	uncached := req.SubjectToken != "" || userTokenFrom(ctx) != ""
 	var t ticket
 	if c.cache != nil {
-		if req.SubjectToken == "" && req.RejectedAccessToken == "" {
+		if !uncached && req.RejectedAccessToken == "" {
 			if hit := c.cache.get(key, int(req.MinValidSeconds), req.RequiredScopes); hit != nil {
 				return hit, nil
 			}
@@ -205,7 +247,7 @@ func (c *Client) Resolve(ctx context.Context, user, upstream string, opts ...Res
 		return nil, err
 	}
 	cred := credentialFrom(resp)
-	if c.cache != nil && req.SubjectToken == "" {
+	if c.cache != nil && !uncached {
 		c.cache.put(key, cred, t)
 	}
 	return cred, nil
@@ -315,9 +357,10 @@ type WatchRequest struct {
 
 // Watch streams connection events until ctx ends or the stream fails (the error is yielded
 // last, typed; *ResourceExhaustedError with Reason WATCH_TOO_SLOW: resume after the last Sequence).
+// With a UserID and a broker that verifies user tokens, ctx carries that user's token.
 func (c *Client) Watch(ctx context.Context, w WatchRequest) iter.Seq2[ConnectionEvent, error] {
 	return func(yield func(ConnectionEvent, error) bool) {
-		ctx, cancel := context.WithCancel(metadata.NewOutgoingContext(ctx, c.md))
+		ctx, cancel := context.WithCancel(c.outgoing(ctx))
 		defer cancel()
 		req := &cbv1.WatchConnectionsRequest{UserId: w.UserID, Upstreams: w.Upstreams, AfterSequence: w.AfterSequence}
 		stream, err := c.stub.WatchConnections(ctx, req)
@@ -354,7 +397,7 @@ func call[R any](ctx context.Context, c *Client, method string, rpc func(context
 		ctx, cancel = context.WithTimeout(ctx, c.opts.timeout)
 		defer cancel()
 	}
-	ctx = metadata.NewOutgoingContext(ctx, c.md)
+	ctx = c.outgoing(ctx)
 	for attempt := 0; ; attempt++ {
 		resp, err := rpc(ctx)
 		if err == nil {

@@ -36,6 +36,8 @@ type env struct {
 	upstream, revokedUser     string
 	// D (started by a test) and E share a store that keeps one connection event.
 	targetD, configD, targetE string
+	// F verifies user tokens (an identity: config); a token for each of two users.
+	targetIdentity, identityUser, identityToken, otherUser, otherToken string
 }
 
 func testEnv(t *testing.T) env {
@@ -46,7 +48,10 @@ func testEnv(t *testing.T) env {
 		python: os.Getenv("CB_TEST_PYTHON"), logDir: os.Getenv("CB_TEST_LOG_DIR"),
 		upstream: os.Getenv("CB_TEST_UPSTREAM"), revokedUser: os.Getenv("CB_TEST_REVOKED_USER"),
 		targetD: os.Getenv("CB_TEST_TARGET_D"), configD: os.Getenv("CB_TEST_CONFIG_D"),
-		targetE: os.Getenv("CB_TEST_TARGET_E"),
+		targetE:        os.Getenv("CB_TEST_TARGET_E"),
+		targetIdentity: os.Getenv("CB_TEST_TARGET_IDENTITY"), identityUser: os.Getenv("CB_TEST_IDENTITY_USER"),
+		identityToken: os.Getenv("CB_TEST_IDENTITY_TOKEN"), otherUser: os.Getenv("CB_TEST_IDENTITY_OTHER_USER"),
+		otherToken: os.Getenv("CB_TEST_IDENTITY_OTHER_TOKEN"),
 	}
 	if e.targetA == "" {
 		t.Skip("run through tests/sdk/test_go_client.py (needs a live broker)")
@@ -103,12 +108,18 @@ func authorize(t *testing.T, authURL, user string, deny bool) url.Values {
 
 func connect(t *testing.T, c *Client, user, upstream string) *CredentialInfo {
 	t.Helper()
-	started, err := c.BuildAuthorizationURL(ctx(t), user, upstream, nil)
+	return connectWith(t, ctx(t), c, user, upstream)
+}
+
+// connectWith connects with the calls made in cctx (which may carry a user token).
+func connectWith(t *testing.T, cctx context.Context, c *Client, user, upstream string) *CredentialInfo {
+	t.Helper()
+	started, err := c.BuildAuthorizationURL(cctx, user, upstream, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cb := authorize(t, started.AuthorizationURL, user, false)
-	info, err := c.Complete(ctx(t), CompleteRequest{State: cb.Get("state"), Code: cb.Get("code"), UserID: user})
+	info, err := c.Complete(cctx, CompleteRequest{State: cb.Get("state"), Code: cb.Get("code"), UserID: user})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -844,20 +855,236 @@ func TestUnavailableWithAnotherReasonIsTyped(t *testing.T) {
 }
 
 func TestPrintingShowsNoSecret(t *testing.T) {
-	secrets := []string{"token-secret", "state-secret", "caller-secret"}
+	secrets := []string{"token-secret", "state-secret", "caller-secret", "user-jwt-secret"}
 	cred := Credential{AccessToken: secrets[0], TokenType: "Bearer", HeaderName: "Authorization", HeaderValue: "Bearer " + secrets[0]}
 	flow := AuthorizationRequest{AuthorizationURL: "http://127.0.0.1:1/authorize?state=" + secrets[1], State: secrets[1]}
 	c := newClient(t, "127.0.0.1:1", WithCallerToken(secrets[2]))
 	var out strings.Builder
-	for _, v := range []any{cred, &cred, flow, &flow, c} {
+	uctx := WithUserTokenContext(context.Background(), secrets[3])
+	tr := Transport{Client: c, UserID: "alice", Upstream: "github", UserToken: secrets[3]}
+	hc := &http.Client{Transport: &tr}
+	for _, v := range []any{cred, &cred, flow, &flow, c, uctx, tr, &tr, hc} {
 		fmt.Fprintf(&out, "%v %+v %#v %s\n", v, v, v, v)
 	}
 	for _, h := range []slog.Handler{slog.NewTextHandler(&out, nil), slog.NewJSONHandler(&out, nil)} {
-		slog.New(h).Info("printed", "cred", cred, "credp", &cred, "flow", flow, "flowp", &flow, "client", c)
+		slog.New(h).Info("printed", "cred", cred, "credp", &cred, "flow", flow, "flowp", &flow, "client", c,
+			"ctx", uctx, "transport", tr, "transportp", &tr)
 	}
 	for _, secret := range secrets {
 		if strings.Contains(out.String(), secret) {
 			t.Errorf("%s printed", secret)
 		}
 	}
+}
+
+// noTokenIn fails the test when the token shows in any of the errors, however printed.
+func noTokenIn(t *testing.T, token string, errs ...error) {
+	t.Helper()
+	for _, err := range errs {
+		if err != nil && strings.Contains(fmt.Sprintf("%v %+v %#v %s", err, err, err, err.Error()), token) {
+			t.Fatal("a user token in an error")
+		}
+	}
+}
+
+// wantUnauthenticated: a user-scoped call without a user token, to a broker that verifies them.
+func wantUnauthenticated(t *testing.T, what string, err error) {
+	t.Helper()
+	var un *UnauthenticatedError
+	if !errors.As(err, &un) || un.Reason != "USER_TOKEN_INVALID" || un.Metadata["problem"] != "missing" {
+		t.Fatalf("%s without a user token: want *UnauthenticatedError (USER_TOKEN_INVALID, missing), got %v", what, err)
+	}
+}
+
+// Broker F verifies user tokens. Without one every user-scoped call is refused, typed; with
+// WithUserTokenContext every one of them works.
+func TestUserTokenGoesWithEveryUserScopedCall(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetIdentity)
+	user, token := e.identityUser, e.identityToken
+	var errs []error
+	keep := func(err error) error { errs = append(errs, err); return err }
+	defer func() { noTokenIn(t, token, errs...) }()
+
+	_, err := c.Resolve(ctx(t), user, e.upstream)
+	wantUnauthenticated(t, "Resolve", keep(err))
+	_, err = c.BuildAuthorizationURL(ctx(t), user, e.upstream, nil)
+	wantUnauthenticated(t, "BuildAuthorizationURL", keep(err))
+	_, err = c.ListConnections(ctx(t), user)
+	wantUnauthenticated(t, "ListConnections", keep(err))
+	_, err = c.Refresh(ctx(t), user, e.upstream)
+	wantUnauthenticated(t, "Refresh", keep(err))
+	_, err = c.Disconnect(ctx(t), user, e.upstream)
+	wantUnauthenticated(t, "Disconnect", keep(err))
+	_, err = c.DisconnectAll(ctx(t), user)
+	wantUnauthenticated(t, "DisconnectAll", keep(err))
+	for _, err := range c.Watch(ctx(t), WatchRequest{UserID: user}) {
+		wantUnauthenticated(t, "Watch", keep(err))
+		break
+	}
+
+	uctx := WithUserTokenContext(ctx(t), token)
+	info := connectWith(t, uctx, c, user, e.upstream) // BuildAuthorizationURL and Complete
+	if info.UserID != user || info.Upstream != e.upstream {
+		t.Fatalf("complete: %+v", info)
+	}
+	cred, err := c.Resolve(uctx, user, e.upstream, MinValid(120))
+	if keep(err) != nil || cred.AccessToken == "" {
+		t.Fatalf("resolve: %v", err)
+	}
+	conns, err := c.ListConnections(uctx, user)
+	if keep(err) != nil || len(conns) != 1 || conns[0].Status != "connected" {
+		t.Fatalf("list: %+v %v", conns, err)
+	}
+	if _, err := c.Refresh(uctx, user, e.upstream); keep(err) != nil {
+		t.Fatal(err)
+	}
+	again, err := c.Resolve(uctx, user, e.upstream)
+	if keep(err) != nil || again.AccessToken == cred.AccessToken {
+		t.Fatalf("resolve after refresh: same token or %v", err)
+	}
+	d, err := c.Disconnect(uctx, user, e.upstream)
+	if keep(err) != nil || !d.Deleted {
+		t.Fatalf("disconnect: %+v %v", d, err)
+	}
+	if _, err := c.DisconnectAll(uctx, user); keep(err) != nil {
+		t.Fatal(err)
+	}
+	zero := uint64(0)
+	var kinds []string
+	for ev, err := range c.Watch(uctx, WatchRequest{UserID: user, AfterSequence: &zero}) {
+		if keep(err) != nil {
+			t.Fatal(err)
+		}
+		kinds = append(kinds, ev.Kind)
+		if ev.Kind == "DISCONNECTED" {
+			break
+		}
+	}
+	if n := len(kinds); n < 3 || strings.Join(kinds[n-3:], ",") != "CONNECTED,REFRESHED,DISCONNECTED" {
+		t.Fatalf("watch: %v", kinds)
+	}
+	var nc *NotConnectedError
+	if _, err := c.Resolve(uctx, user, e.upstream); !errors.As(keep(err), &nc) {
+		t.Fatalf("after disconnect: %v", err)
+	}
+}
+
+// A valid token of another user is refused with USER_MISMATCH on every user-scoped call.
+func TestAnotherUsersTokenIsUserMismatch(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetIdentity)
+	bobs := WithUserTokenContext(ctx(t), e.otherToken)
+	if _, err := c.ListConnections(bobs, e.otherUser); err != nil {
+		t.Fatalf("the token is valid for its own user: %v", err)
+	}
+	var errs []error
+	_, err := c.Resolve(bobs, e.identityUser, e.upstream)
+	errs = append(errs, err)
+	_, err = c.ListConnections(bobs, e.identityUser)
+	errs = append(errs, err)
+	_, err = c.BuildAuthorizationURL(bobs, e.identityUser, e.upstream, nil)
+	errs = append(errs, err)
+	_, err = c.Refresh(bobs, e.identityUser, e.upstream)
+	errs = append(errs, err)
+	_, err = c.Disconnect(bobs, e.identityUser, e.upstream)
+	errs = append(errs, err)
+	for i, err := range errs {
+		var denied *PermissionDeniedError
+		if !errors.As(err, &denied) || denied.Reason != "USER_MISMATCH" {
+			t.Fatalf("call %d with another user's token: want *PermissionDeniedError USER_MISMATCH, got %v", i, err)
+		}
+	}
+	noTokenIn(t, e.otherToken, errs...)
+}
+
+// Transport.UserToken goes with the Resolve calls of every request (and its 401 retry).
+func TestTransportSendsItsUserToken(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetIdentity)
+	user, token := e.otherUser, e.otherToken
+	connectWith(t, WithUserTokenContext(ctx(t), token), c, user, e.upstream)
+	api := &upstreamAPI{}
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	hc := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream, UserToken: token}}
+	resp, err := hc.Post(srv.URL, "text/plain", strings.NewReader("payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || len(api.seen) != 2 || api.seen[0] == api.seen[1] {
+		t.Fatalf("status %d after %d requests; want a retried 401 with a fresh token", resp.StatusCode, len(api.seen))
+	}
+	without := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream}}
+	_, err = without.Get(srv.URL)
+	wantUnauthenticated(t, "a Transport without UserToken", err)
+	noTokenIn(t, token, err)
+	if _, err := c.Disconnect(WithUserTokenContext(ctx(t), token), user, e.upstream); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// recordingBroker keeps the metadata of every Resolve and ListConnections.
+type recordingBroker struct {
+	cbv1.UnimplementedCredentialBrokerServer
+	mu  sync.Mutex
+	mds []metadata.MD
+}
+
+func (b *recordingBroker) record(ctx context.Context) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.mds = append(b.mds, md)
+}
+
+func (b *recordingBroker) last() metadata.MD {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.mds[len(b.mds)-1]
+}
+
+func (b *recordingBroker) Resolve(ctx context.Context, _ *cbv1.ResolveRequest) (*cbv1.ResolveResponse, error) {
+	b.record(ctx)
+	return &cbv1.ResolveResponse{AccessToken: "t", TokenType: "Bearer", HeaderName: "Authorization", HeaderValue: "Bearer t"}, nil
+}
+
+func (b *recordingBroker) ListConnections(ctx context.Context, _ *cbv1.ListConnectionsRequest) (*cbv1.ListConnectionsResponse, error) {
+	b.record(ctx)
+	return &cbv1.ListConnectionsResponse{}, nil
+}
+
+// The user token is one more header: the request header and the caller token still go, only
+// the calls made with it carry it, and "" takes it off again.
+func TestUserTokenTravelsWithTheOtherMetadata(t *testing.T) {
+	broker := &recordingBroker{}
+	c := newClient(t, serve(t, broker), WithCallerToken("caller"))
+	uctx := WithUserTokenContext(ctx(t), "user-token")
+	want := func(what string, authorization ...string) {
+		t.Helper()
+		md := broker.last()
+		if got := md.Get("authorization"); strings.Join(got, ",") != strings.Join(authorization, ",") {
+			t.Fatalf("%s: authorization %q; want %q", what, got, authorization)
+		}
+		if strings.Join(md.Get(requestHeader), ",") != "true" || strings.Join(md.Get(callerHeader), ",") != "caller" {
+			t.Fatalf("%s: the other metadata is gone: %v", what, md)
+		}
+	}
+	if _, err := c.Resolve(uctx, "alice", "github"); err != nil {
+		t.Fatal(err)
+	}
+	want("Resolve", "Bearer user-token")
+	if _, err := c.ListConnections(uctx, "alice"); err != nil {
+		t.Fatal(err)
+	}
+	want("ListConnections", "Bearer user-token")
+	if _, err := c.ListConnections(ctx(t), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	want("ListConnections without a token")
+	if _, err := c.Resolve(WithUserTokenContext(uctx, ""), "alice", "github"); err != nil {
+		t.Fatal(err)
+	}
+	want("Resolve with the token taken off")
 }

@@ -2,6 +2,7 @@ package credentialbroker
 
 import (
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -12,14 +13,28 @@ import (
 // and, on one 401 from the upstream, resolves again with the refused token (the broker
 // refreshes) and retries once. A request whose body cannot be replayed (no GetBody) is not
 // retried: its 401 is returned, the refused token still reported. Redirect hops to another
-// origin than the first request's get no credential.
+// origin than the first request's get no credential. UserToken, when set, is the end user's
+// own token sent with its Resolve calls (see WithUserTokenContext); without it a token in the
+// request's context is sent. Printed (fmt, slog), a Transport never shows it.
 type Transport struct {
-	Client   *Client
-	UserID   string
-	Upstream string
-	Options  []ResolveOption
-	Base     http.RoundTripper // nil: http.DefaultTransport
+	Client    *Client
+	UserID    string
+	Upstream  string
+	Options   []ResolveOption
+	Base      http.RoundTripper // nil: http.DefaultTransport
+	UserToken string
 }
+
+// String names the user and upstream only: the user token is never printed.
+func (t Transport) String() string {
+	return "credentialbroker.Transport{" + t.UserID + " " + t.Upstream + "}"
+}
+
+// GoString keeps %#v from printing the user token.
+func (t Transport) GoString() string { return t.String() }
+
+// LogValue keeps slog (its JSON handler too) from printing the user token.
+func (t Transport) LogValue() slog.Value { return slog.StringValue(t.String()) }
 
 func (t *Transport) base() http.RoundTripper {
 	if t.Base != nil {
@@ -34,7 +49,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if origin(req.URL) != origin(firstRequest(req).URL) {
 		return t.base().RoundTrip(req)
 	}
-	sent, err := t.Client.Resolve(req.Context(), t.UserID, t.Upstream, t.Options...)
+	rctx := req.Context()
+	if t.UserToken != "" {
+		rctx = WithUserTokenContext(rctx, t.UserToken)
+	}
+	sent, err := t.Client.Resolve(rctx, t.UserID, t.Upstream, t.Options...)
 	if err != nil {
 		if req.Body != nil {
 			_ = req.Body.Close()
@@ -49,7 +68,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	// Report the refused token even when the body cannot be replayed: the next request gets a fresh one.
 	opts := append(append([]ResolveOption{}, t.Options...), RejectedAccessToken(sent.AccessToken))
-	fresh, err := t.Client.Resolve(req.Context(), t.UserID, t.Upstream, opts...)
+	fresh, err := t.Client.Resolve(rctx, t.UserID, t.Upstream, opts...)
 	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
 	if err != nil || !replayable {
 		return resp, nil // the 401 stands; the caller sees the upstream's answer

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.authserver import AuthServer
 from tests.brokerproc import write_config
 from tests.conftest import REDIRECT_URI, UPSTREAM, upstream_doc
 from tests.ecosystem.conftest import check, client_env, require_tool, run
+from tests.idp import IdentityProvider
 from tests.live import free_port
 
 from .conftest import PatientServerProcess, connect
@@ -45,6 +47,10 @@ GO_TESTS = [
     "TestRoundTripperClosesTheBodyWhenResolveFails",
     "TestRoundTripperDoesNotResendABodyItCannotReplay",
     "TestPrintingShowsNoSecret",
+    "TestUserTokenGoesWithEveryUserScopedCall",
+    "TestAnotherUsersTokenIsUserMismatch",
+    "TestTransportSendsItsUserToken",
+    "TestUserTokenTravelsWithTheOtherMetadata",
 ]
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,6 +61,8 @@ class GoEnv:
     env: dict[str, str]
     auth: AuthServer
     log_dir: Path
+    #: The user tokens minted for broker F (never committed, never printed).
+    user_tokens: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +70,14 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
     """Brokers A and B (processes, one SQLite store), a config for C (started by the Go tests
     themselves), and a user whose grant the authorization server revoked. Also, on a second
     store that keeps one connection event (reaped every 0.2 s): broker E, and a config for D
-    (started by the resync test)."""
+    (started by the resync test). And broker F (same store) with an ``identity:`` config
+    verifying user tokens signed by a loopback identity provider, with a token minted at run
+    time for each of two users."""
     tmp = tmp_path_factory.mktemp("go-sdk")
     auth = AuthServer().start()
+    idp = IdentityProvider().start()
+    idp.add_key("rsa", "rsa-1")
+    idp.add_key("ec", "ec-1")
     client = auth.new_client(redirect_uri=REDIRECT_URI)
     generate_keyring_file(tmp / "keyring.json")
     document = {
@@ -89,6 +102,18 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
     port_d = free_port()
     config_d = write_config(trimmed, tmp / "d.yaml", listen=[f"127.0.0.1:{port_d}"])
     servers.append(PatientServerProcess(write_config(trimmed, tmp / "e.yaml"), tmp / "e.log"))
+    identity = {
+        **document,
+        "identity": {"issuer": idp.issuer, "audiences": ["broker"], "algorithms": ["RS256", "ES256"]},
+    }
+    servers.append(PatientServerProcess(write_config(identity, tmp / "f.yaml"), tmp / "f.log"))
+    users = ("go-identity-alice", "go-identity-bob")
+    # Valid for the whole module (the IdP's default is 10 minutes).
+    expires = int(time.time()) + 3600
+    tokens = (
+        idp.sign(idp.claims(users[0], exp=expires), "rsa-1"),
+        idp.sign(idp.claims(users[1], exp=expires), "ec-1"),
+    )
     try:
         with BrokerClient(servers[0].address) as sdk:
             connect(sdk, auth, "go-revoked")
@@ -105,15 +130,21 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
             CB_TEST_LOG_DIR=str(tmp),
             CB_TEST_UPSTREAM=UPSTREAM,
             CB_TEST_REVOKED_USER="go-revoked",
+            CB_TEST_TARGET_IDENTITY=servers[3].address,
+            CB_TEST_IDENTITY_USER=users[0],
+            CB_TEST_IDENTITY_TOKEN=tokens[0],
+            CB_TEST_IDENTITY_OTHER_USER=users[1],
+            CB_TEST_IDENTITY_OTHER_TOKEN=tokens[1],
             GOFLAGS="-mod=mod",
         )
-        yield GoEnv(env, auth, tmp)
+        yield GoEnv(env, auth, tmp, tokens)
     finally:
         for server in servers:
             server.stop()
         for log in tmp.glob("*.log"):
             leakcheck.observe_text(log.read_text(errors="replace"), "broker log")
         auth.stop()
+        idp.stop()
 
 
 def test_go_vet() -> None:
@@ -134,6 +165,7 @@ def test_every_go_test_is_run_here() -> None:
 @pytest.mark.parametrize("name", GO_TESTS)
 def test_go_sdk(go_env: GoEnv, name: str) -> None:
     go = require_tool("go")
+    leakcheck.add_secret(*go_env.user_tokens)
     done = run(
         [go, "test", "-count=1", "-v", "-timeout", "240s", "-run", f"^{name}$", "."],
         cwd=GO_SDK,
@@ -141,7 +173,7 @@ def test_go_sdk(go_env: GoEnv, name: str) -> None:
         timeout=280,
     )
     leakcheck.observe_text(done.stdout + done.stderr, "go test output")
-    for secret in go_env.auth.issued:
+    for secret in [*go_env.auth.issued, *go_env.user_tokens]:
         assert secret not in done.stdout + done.stderr, "a secret in the Go SDK's output"
     check(done, f"go test -run {name}")
     assert f"--- PASS: {name}" in done.stdout, done.stdout

@@ -286,3 +286,22 @@ async def test_a_watch_refused_right_after_its_headers_backs_off(kind: str) -> N
     # Backing off (12-50 ms, doubling to 1 s) gives about 8 attempts in 3 s; starting the
     # backoff over after every refused stream gives dozens.
     assert 2 <= refusing.attempts <= 15, refusing.attempts
+
+
+async def test_a_call_with_the_users_own_token_neither_reads_nor_fills_the_cache(broker: Broker) -> None:
+    """The broker verifies a user token (or subject token) on every call that carries one: such
+    a call is never answered from memory, and its answer is not kept for calls without one."""
+    client = await _cached_client(broker)
+    try:
+        await asyncio.to_thread(connect, client, broker.auth, "ivy")
+        await eventually(lambda: client.last_sequence is not None)  # CONNECTED seen (it drops "ivy")
+        calls = resolve_count(broker, "ivy")
+        for _ in range(2):
+            await asyncio.to_thread(client.resolve, "ivy", UPSTREAM, user_token="ivy-user-token")
+        assert resolve_count(broker, "ivy") == calls + 2
+        assert client.cache is not None and len(client.cache) == 0 and client.cache.hits == 0
+        await asyncio.to_thread(client.resolve, "ivy", UPSTREAM)  # without: cached as usual
+        await asyncio.to_thread(client.resolve, "ivy", UPSTREAM, user_token="ivy-user-token")
+        assert resolve_count(broker, "ivy") == calls + 4 and client.cache.hits == 0
+    finally:
+        await asyncio.to_thread(client.close)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Collection, Mapping
 from urllib.parse import urlsplit
 
@@ -54,6 +55,23 @@ def call_metadata(caller_token: str | None) -> tuple[tuple[str, str], ...]:
     if caller_token:
         md.append((CALLER_TOKEN_HEADER, caller_token))
     return tuple(md)
+
+
+# RFC 6750 section 2.1: what may follow "Bearer " (a JWT always fits).
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def with_user_token(
+    metadata: tuple[tuple[str, str], ...], user_token: str | None
+) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus ``authorization: Bearer <user_token>`` when a token is given (the
+    broker's ``identity:`` check). A value that cannot be a bearer token is refused here, before
+    gRPC does it with an untyped error; the message never echoes it."""
+    if not user_token:
+        return metadata
+    if not _B64TOKEN.fullmatch(user_token):
+        raise ValueError("user_token: not a bearer token (RFC 6750); pass the token alone, without 'Bearer '")
+    return (*metadata, ("authorization", "Bearer " + user_token))
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:

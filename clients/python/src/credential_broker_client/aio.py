@@ -85,15 +85,20 @@ class AsyncBrokerClient:
         required_scopes: Collection[str] = (),
         subject_token: str | None = None,
         rejected_access_token: str | None = None,
+        user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.Credential:
         """See :meth:`BrokerClient.resolve`."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         key = (user_id, upstream)
         cache = self._cache
+        # A call carrying the user's own token is verified by the broker every time: never
+        # answered from memory, and its answer is not kept for calls without it.
+        per_user = subject_token is not None or bool(user_token)
         if cache is not None:
             if self._watch_task is None:
                 self._start_watch()
-            if subject_token is None and rejected_access_token is None:
+            if not per_user and rejected_access_token is None:
                 hit = cache.get(key, min_valid_seconds, required_scopes)
                 if hit is not None:
                     return hit
@@ -103,8 +108,10 @@ class AsyncBrokerClient:
         request = _common.resolve_request(
             user_id, upstream, min_valid_seconds, required_scopes, subject_token, rejected_access_token
         )
-        answer = models.credential(await self._call("Resolve", self._stub.Resolve, request, timeout))
-        if cache is not None and subject_token is None:
+        answer = models.credential(
+            await self._call("Resolve", self._stub.Resolve, request, timeout, metadata)
+        )
+        if cache is not None and not per_user:
             cache.put(key, answer, ticket)
         return answer
 
@@ -114,14 +121,17 @@ class AsyncBrokerClient:
         upstream: str,
         *,
         connection_params: Mapping[str, str] | None = None,
+        user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.AuthorizationRequest:
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.BuildAuthorizationURLRequest(
             user_id=user_id, upstream=upstream, connection_params=dict(connection_params or {})
         )
-        return models.authorization_request(
-            await self._call("BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout)
+        answer = await self._call(
+            "BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout, metadata
         )
+        return models.authorization_request(answer)
 
     async def complete(
         self,
@@ -131,10 +141,12 @@ class AsyncBrokerClient:
         *,
         iss: str = "",
         callback_params: Mapping[str, str] | None = None,
+        user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.CredentialInfo:
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = _common.complete_request(state, code, user_id, iss, callback_params)
-        answer = await self._call("Complete", self._stub.Complete, request, timeout)
+        answer = await self._call("Complete", self._stub.Complete, request, timeout, metadata)
         info = models.credential_info(answer.credential)
         self._forget(info.user_id, info.upstream)
         return info
@@ -151,36 +163,40 @@ class AsyncBrokerClient:
         await self._call("Deny", self._stub.Deny, request, timeout)
 
     async def refresh(
-        self, user_id: str, upstream: str, *, timeout: float | None = None
+        self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.CredentialInfo:
+        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.RefreshRequest(user_id=user_id, upstream=upstream)
-        answer = await self._call("Refresh", self._stub.Refresh, request, timeout)
+        answer = await self._call("Refresh", self._stub.Refresh, request, timeout, metadata)
         self._forget(user_id, upstream)
         return models.credential_info(answer.credential)
 
     async def list_connections(
-        self, user_id: str, *, timeout: float | None = None
+        self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.Connection, ...]:
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.ListConnectionsRequest(user_id=user_id)
-        answer = await self._call("ListConnections", self._stub.ListConnections, request, timeout)
+        answer = await self._call("ListConnections", self._stub.ListConnections, request, timeout, metadata)
         return tuple(models.connection(c) for c in answer.connections)
 
     async def disconnect(
-        self, user_id: str, upstream: str, *, timeout: float | None = None
+        self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.Disconnection:
+        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.DisconnectRequest(user_id=user_id, upstream=upstream)
-        answer = await self._call("Disconnect", self._stub.Disconnect, request, timeout)
+        answer = await self._call("Disconnect", self._stub.Disconnect, request, timeout, metadata)
         self._forget(user_id, upstream)
         return models.disconnection(answer)
 
     async def disconnect_all(
-        self, user_id: str, *, timeout: float | None = None
+        self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.UpstreamDisconnection, ...]:
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.DisconnectAllRequest(user_id=user_id)
         answer = models.upstream_disconnections(
-            await self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout)
+            await self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout, metadata)
         )
         for result in answer:
             self._forget(user_id, result.upstream)
@@ -192,10 +208,12 @@ class AsyncBrokerClient:
         upstreams: Collection[str] = (),
         *,
         after_sequence: int | None = None,
+        user_token: str | None = None,
     ) -> AsyncIterator[models.ConnectionEvent]:
         """Connection events as they are committed; see :meth:`BrokerClient.watch`."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         call = self._stub.WatchConnections(
-            _common.watch_request(user_id, upstreams, after_sequence), metadata=self._metadata
+            _common.watch_request(user_id, upstreams, after_sequence), metadata=metadata
         )
         try:
             async for response in call:
@@ -210,7 +228,12 @@ class AsyncBrokerClient:
             self._cache.invalidate((user_id, upstream))
 
     async def _call(
-        self, method: str, rpc: Callable[..., Awaitable[Any]], request: Any, timeout: float | None
+        self,
+        method: str,
+        rpc: Callable[..., Awaitable[Any]],
+        request: Any,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Any:
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
@@ -219,7 +242,7 @@ class AsyncBrokerClient:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
             try:
-                return await rpc(request, metadata=self._metadata, timeout=remaining)
+                return await rpc(request, metadata=metadata or self._metadata, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
             if not _common.retryable(method, error):

@@ -26,6 +26,8 @@ class BrokerClient:
     ``target``: ``host:port``, ``unix:///path`` or an absolute socket path; default
     $CREDENTIAL_BROKER_SOCKET, then ``127.0.0.1:50051``. ``caller_token`` is sent as
     ``x-credential-broker-caller-token``; ``x-credential-broker-request: true`` always is.
+    Every user-scoped method takes ``user_token``, the end user's token for a broker that
+    verifies them (``identity:``), sent as ``authorization: Bearer`` on that call only.
     UNAVAILABLE is retried with jittered backoff within each call's ``timeout``; nothing else.
 
     With ``cache=True`` resolve answers come from memory while they satisfy the call, and one
@@ -102,15 +104,21 @@ class BrokerClient:
         required_scopes: Collection[str] = (),
         subject_token: str | None = None,
         rejected_access_token: str | None = None,
+        user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.Credential:
         """A credential for (user, upstream) valid at least ``min_valid_seconds`` and holding
         ``required_scopes``. ``rejected_access_token``: the token the upstream just refused
-        (the broker refreshes once when it is the stored one)."""
+        (the broker refreshes once when it is the stored one). ``user_token`` only
+        authenticates the call (``subject_token``, when given, is the one the broker uses)."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         key = (user_id, upstream)
         cache = self._cache
+        # A call carrying the user's own token is verified by the broker every time: never
+        # answered from memory, and its answer is not kept for calls without it.
+        per_user = subject_token is not None or bool(user_token)
         if cache is not None:
-            if subject_token is None and rejected_access_token is None:
+            if not per_user and rejected_access_token is None:
                 hit = cache.get(key, min_valid_seconds, required_scopes)
                 if hit is not None:
                     return hit
@@ -120,8 +128,8 @@ class BrokerClient:
         request = _common.resolve_request(
             user_id, upstream, min_valid_seconds, required_scopes, subject_token, rejected_access_token
         )
-        answer = models.credential(self._call("Resolve", self._stub.Resolve, request, timeout))
-        if cache is not None and subject_token is None:
+        answer = models.credential(self._call("Resolve", self._stub.Resolve, request, timeout, metadata))
+        if cache is not None and not per_user:
             cache.put(key, answer, ticket)
         return answer
 
@@ -131,14 +139,16 @@ class BrokerClient:
         upstream: str,
         *,
         connection_params: Mapping[str, str] | None = None,
+        user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.AuthorizationRequest:
         """Start a connect flow: the URL to send the user's browser to, and its state."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.BuildAuthorizationURLRequest(
             user_id=user_id, upstream=upstream, connection_params=dict(connection_params or {})
         )
         return models.authorization_request(
-            self._call("BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout)
+            self._call("BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout, metadata)
         )
 
     def complete(
@@ -149,12 +159,14 @@ class BrokerClient:
         *,
         iss: str = "",
         callback_params: Mapping[str, str] | None = None,
+        user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.CredentialInfo:
         """Finish a connect flow with the callback's state and code."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = _common.complete_request(state, code, user_id, iss, callback_params)
         info = models.credential_info(
-            self._call("Complete", self._stub.Complete, request, timeout).credential
+            self._call("Complete", self._stub.Complete, request, timeout, metadata).credential
         )
         self._forget(info.user_id, info.upstream)
         return info
@@ -171,39 +183,48 @@ class BrokerClient:
         request = pb.DenyRequest(state=state, error=error, error_description=error_description)
         self._call("Deny", self._stub.Deny, request, timeout)
 
-    def refresh(self, user_id: str, upstream: str, *, timeout: float | None = None) -> models.CredentialInfo:
+    def refresh(
+        self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
+    ) -> models.CredentialInfo:
         """Renew the stored credential now."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.RefreshRequest(user_id=user_id, upstream=upstream)
-        info = models.credential_info(self._call("Refresh", self._stub.Refresh, request, timeout).credential)
+        answer = self._call("Refresh", self._stub.Refresh, request, timeout, metadata)
+        info = models.credential_info(answer.credential)
         self._forget(user_id, upstream)
         return info
 
     def list_connections(
-        self, user_id: str, *, timeout: float | None = None
+        self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.Connection, ...]:
         """The user's connection to every configured upstream (never a token)."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.ListConnectionsRequest(user_id=user_id)
-        answer = self._call("ListConnections", self._stub.ListConnections, request, timeout)
+        answer = self._call("ListConnections", self._stub.ListConnections, request, timeout, metadata)
         return tuple(models.connection(c) for c in answer.connections)
 
     def disconnect(
-        self, user_id: str, upstream: str, *, timeout: float | None = None
+        self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.Disconnection:
         """Revoke the user's tokens at the upstream and delete the credential."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.DisconnectRequest(user_id=user_id, upstream=upstream)
-        answer = models.disconnection(self._call("Disconnect", self._stub.Disconnect, request, timeout))
+        answer = models.disconnection(
+            self._call("Disconnect", self._stub.Disconnect, request, timeout, metadata)
+        )
         self._forget(user_id, upstream)
         return answer
 
     def disconnect_all(
-        self, user_id: str, *, timeout: float | None = None
+        self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.UpstreamDisconnection, ...]:
         """Disconnect every upstream of a user (offboarding); one outcome per upstream."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.DisconnectAllRequest(user_id=user_id)
         answer = models.upstream_disconnections(
-            self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout)
+            self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout, metadata)
         )
         for result in answer:
             self._forget(user_id, result.upstream)
@@ -215,11 +236,14 @@ class BrokerClient:
         upstreams: Collection[str] = (),
         *,
         after_sequence: int | None = None,
+        user_token: str | None = None,
     ) -> Iterator[models.ConnectionEvent]:
         """Connection events as they are committed (never a token). Raises a BrokerError when
-        the stream ends with one (e.g. WatchTooSlow: resume with the last ``sequence``)."""
+        the stream ends with one (e.g. WatchTooSlow: resume with the last ``sequence``). With
+        user tokens verified, only one user's, with ``user_token``."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         call = self._stub.WatchConnections(
-            _common.watch_request(user_id, upstreams, after_sequence), metadata=self._metadata
+            _common.watch_request(user_id, upstreams, after_sequence), metadata=metadata
         )
         try:
             for response in call:
@@ -237,7 +261,14 @@ class BrokerClient:
         if self._cache is not None:
             self._cache.invalidate((user_id, upstream))
 
-    def _call(self, method: str, rpc: Callable[..., R], request: Any, timeout: float | None) -> R:
+    def _call(
+        self,
+        method: str,
+        rpc: Callable[..., R],
+        request: Any,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> R:
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
         while True:
@@ -245,7 +276,7 @@ class BrokerClient:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
             try:
-                return rpc(request, metadata=self._metadata, timeout=remaining)
+                return rpc(request, metadata=metadata or self._metadata, timeout=remaining)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
             if not _common.retryable(method, error):
