@@ -11,11 +11,15 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
+import requests
 from credential_broker_client import (
     AsyncBrokerClient,
+    BrokerAuth,
     BrokerClient,
     BrokerError,
+    BrokerRequestsAuth,
     CallerUnauthenticated,
     ConnectionEvent,
     Unauthenticated,
@@ -31,6 +35,7 @@ from tests.idp import IdentityProvider
 from tests.test_identity import identity_doc
 
 from .conftest import resolve_count, socket_target, target
+from .upstream_api import UpstreamAPI
 
 SDK_LOGGER = "credential_broker_client"
 
@@ -290,3 +295,30 @@ async def test_a_cached_client_resolves_with_the_user_token_and_serves_nothing_f
             await aio.close()
     assert "credential cache dropped" in captured.text  # the refused watch, logged
     assert_nowhere([alice], [repr(client), captured.text])
+
+
+async def test_the_http_auths_carry_the_user_token(
+    ibroker: Broker, idp: IdentityProvider, captured: pytest.LogCaptureFixture
+) -> None:
+    """BrokerAuth (httpx, sync and async) and BrokerRequestsAuth resolve with the user's token,
+    the 401 retry included, against a broker that verifies it."""
+    alice = token_for(idp, "alice")
+    async with AsyncBrokerClient(target(ibroker)) as aio:
+        await connect(Client(aio=aio), ibroker.auth, "alice", alice)
+        ibroker.clock.advance(31)  # past min_refresh_interval_seconds: the 401 gets a refresh
+        with BrokerClient(target(ibroker)) as sync, UpstreamAPI() as api:
+
+            def sync_calls() -> list[int]:
+                with httpx.Client(auth=BrokerAuth(sync, "alice", UPSTREAM, user_token=alice)) as http:
+                    first = http.get(api.url).status_code
+                with requests.Session() as session:
+                    auth = BrokerRequestsAuth(sync, "alice", UPSTREAM, user_token=alice)
+                    return [first, session.get(api.url, auth=auth).status_code]
+
+            statuses = await asyncio.to_thread(sync_calls)
+            async with httpx.AsyncClient(auth=BrokerAuth(aio, "alice", UPSTREAM, user_token=alice)) as http:
+                statuses.append((await http.get(api.url)).status_code)
+            assert statuses == [200, 200, 200]
+            assert all(seen.startswith("Bearer ") for seen in api.seen)
+            assert len(api.seen) == 4  # the first request's 401, then one retry and two plain calls
+    assert_nowhere([alice], [captured.text])

@@ -41,13 +41,16 @@ class BrokerAuth(httpx.Auth):
         *,
         min_valid_seconds: int = 0,
         required_scopes: Collection[str] = (),
+        user_token: str | None = None,
     ) -> None:
         self._client = client
         self._user = user_id
         self._upstream = upstream
+        # user_token: the end user's, for a broker that verifies them (never in the repr).
         self._options: dict[str, Any] = {
             "min_valid_seconds": min_valid_seconds,
             "required_scopes": tuple(required_scopes),
+            "user_token": user_token,
         }
 
     def __repr__(self) -> str:
