@@ -299,6 +299,42 @@ async def test_unavailable_is_retried_while_the_broker_restarts(broker: Broker, 
             server.stop()
 
 
+@pytest.mark.timeout(90)
+async def test_the_async_client_retries_unavailable_while_the_broker_restarts(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The same with AsyncBrokerClient: its retry sleeps on the event loop until the deadline."""
+    port = free_port()
+    config = write_config(broker.document, tmp_path / "restart.yaml", listen=[f"127.0.0.1:{port}"])
+    first = PatientServerProcess(config, tmp_path / "first.log")
+    restarted: list[PatientServerProcess] = []
+    try:
+        with BrokerClient(first.address) as client:
+            await asyncio.to_thread(connect, client, broker.auth, "iris")
+        async with AsyncBrokerClient(first.address) as aio:
+            before = await aio.resolve("iris", UPSTREAM)
+            first.stop()
+
+            async def restart() -> None:
+                await asyncio.sleep(1.0)
+                restarted.append(
+                    await asyncio.to_thread(PatientServerProcess, config, tmp_path / "second.log")
+                )
+
+            start = time.monotonic()
+            restarting = asyncio.ensure_future(restart())
+            try:
+                after = await aio.resolve("iris", UPSTREAM, timeout=60)
+            finally:
+                await restarting
+            assert time.monotonic() - start >= 0.9
+            assert after.access_token == before.access_token
+    finally:
+        first.stop()
+        for server in restarted:
+            server.stop()
+
+
 async def test_no_token_in_sdk_logs_exceptions_or_reprs(broker: Broker) -> None:
     texts: list[str] = []
     handler = _Capture(texts)
