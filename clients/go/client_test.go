@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -38,6 +39,9 @@ type env struct {
 	targetD, configD, targetE string
 	// F verifies user tokens (an identity: config); a token for each of two users.
 	targetIdentity, identityUser, identityToken, otherUser, otherToken string
+	// G (started by a test) has a store of its own and an authorization server whose access
+	// tokens are valid for shortTTL seconds, which it does not refresh before they expire.
+	targetG, configG, shortTTL string
 }
 
 func testEnv(t *testing.T) env {
@@ -52,6 +56,8 @@ func testEnv(t *testing.T) env {
 		targetIdentity: os.Getenv("CB_TEST_TARGET_IDENTITY"), identityUser: os.Getenv("CB_TEST_IDENTITY_USER"),
 		identityToken: os.Getenv("CB_TEST_IDENTITY_TOKEN"), otherUser: os.Getenv("CB_TEST_IDENTITY_OTHER_USER"),
 		otherToken: os.Getenv("CB_TEST_IDENTITY_OTHER_TOKEN"),
+		targetG:    os.Getenv("CB_TEST_TARGET_G"), configG: os.Getenv("CB_TEST_CONFIG_G"),
+		shortTTL: os.Getenv("CB_TEST_SHORT_TTL"),
 	}
 	if e.targetA == "" {
 		t.Skip("run through tests/sdk/test_go_client.py (needs a live broker)")
@@ -512,6 +518,164 @@ func TestCacheResyncsWhenTheBrokerNoLongerKeepsItsResumePoint(t *testing.T) {
 	})
 	if seq, ok := c.LastSequence(); !ok || seq <= old {
 		t.Fatalf("no event after the resync (last %d, %v; before %d)", seq, ok, old)
+	}
+}
+
+// eventsApplied returns once the cached client c has applied every connection event made so far
+// on target's store: it connects a marker user there and waits until c's stream has reached the
+// marker's CONNECTED. Events arrive in order and each is applied before the next is read, so no
+// earlier event (a CONNECTED drops its user's entry) can still remove what the test caches next.
+func eventsApplied(t *testing.T, c *Client, target, upstream string) {
+	t.Helper()
+	other := newClient(t, target)
+	marker := uniqueUser("go-marker")
+	connect(t, other, marker, upstream)
+	zero := uint64(0)
+	var at uint64
+	for ev, err := range other.Watch(ctx(t), WatchRequest{UserID: marker, AfterSequence: &zero}) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		at = ev.Sequence
+		break
+	}
+	eventually(t, "the marker's CONNECTED seen", 10*time.Second, func() bool {
+		seen, ok := c.LastSequence()
+		return ok && seen >= at
+	})
+}
+
+// resolveCounted resolves through the cached client c: the credential, and whether it was
+// served from memory (a cache hit) rather than by an RPC to the broker.
+func resolveCounted(t *testing.T, c *Client, user, upstream string, opts ...ResolveOption) (*Credential, bool, error) {
+	t.Helper()
+	before := c.CacheStats().Hits
+	cred, err := c.Resolve(ctx(t), user, upstream, opts...)
+	return cred, c.CacheStats().Hits == before+1, err
+}
+
+// With WithCache(2), resolving a third user evicts the least recently used entry: resolving
+// that user again is an RPC, while the two others are still answered from memory.
+func TestCacheIsABoundedLRU(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA, WithCache(2))
+	eventually(t, "cache live", 10*time.Second, func() bool { return c.CacheStats().Live })
+	other := newClient(t, e.targetA)
+	u1, u2, u3 := uniqueUser("go-lru-1"), uniqueUser("go-lru-2"), uniqueUser("go-lru-3")
+	for _, user := range []string{u1, u2, u3} {
+		connect(t, other, user, e.upstream)
+	}
+	eventsApplied(t, c, e.targetA, e.upstream)
+	cached := map[string]*Credential{}
+	// u1 is used again after u2, so u2 is the least recently used when u3 arrives.
+	for i, user := range []string{u1, u2, u1, u3} {
+		cred, hit, err := resolveCounted(t, c, user, e.upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if hit != (i == 2) {
+			t.Fatalf("resolve %d (%s): hit %v; want a hit only for u1's second resolve", i, user, hit)
+		}
+		cached[user] = cred
+	}
+	if n := c.CacheStats().Entries; n != 2 {
+		t.Fatalf("%d entries with WithCache(2)", n)
+	}
+	for _, user := range []string{u1, u3} {
+		if cred, hit, err := resolveCounted(t, c, user, e.upstream); err != nil || !hit || cred != cached[user] {
+			t.Fatalf("%s, used more recently than u2, was not served from memory (hit %v): %v", user, hit, err)
+		}
+	}
+	if cred, hit, err := resolveCounted(t, c, u2, e.upstream); err != nil || hit || cred == cached[u2] {
+		t.Fatalf("u2, the least recently used, was not evicted (hit %v): %v", hit, err)
+	}
+}
+
+// A cached credential serves a call only when it holds every scope the call requires; a call
+// requiring a scope it lacks goes to the broker (which answers INSUFFICIENT_SCOPE).
+func TestCacheServesOnlyTheScopesItHolds(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA, WithCache(0))
+	eventually(t, "cache live", 10*time.Second, func() bool { return c.CacheStats().Live })
+	user := uniqueUser("go-cache-scope")
+	connect(t, newClient(t, e.targetA), user, e.upstream)
+	eventsApplied(t, c, e.targetA, e.upstream)
+	cached, hit, err := resolveCounted(t, c, user, e.upstream)
+	if err != nil || hit {
+		t.Fatalf("first resolve: hit %v, %v", hit, err)
+	}
+	if !slices.Contains(cached.Scopes, "repo") || !slices.Contains(cached.Scopes, "read:user") || slices.Contains(cached.Scopes, "admin:org") {
+		t.Fatalf("scopes %v; want repo and read:user, not admin:org", cached.Scopes)
+	}
+	for _, scopes := range [][]string{{"repo"}, {"read:user", "repo"}} {
+		if got, hit, err := resolveCounted(t, c, user, e.upstream, RequiredScopes(scopes...)); err != nil || !hit || got != cached {
+			t.Fatalf("requiring %v, which the credential holds: not served from memory (hit %v): %v", scopes, hit, err)
+		}
+	}
+	_, hit, err = resolveCounted(t, c, user, e.upstream, RequiredScopes("repo", "admin:org"))
+	var is *InsufficientScopeError
+	if hit || !errors.As(err, &is) || strings.Join(is.MissingScopes, " ") != "admin:org" {
+		t.Fatalf("requiring admin:org, which the credential lacks: want the broker's *InsufficientScopeError, got hit %v, %v", hit, err)
+	}
+	if got, hit, err := resolveCounted(t, c, user, e.upstream, RequiredScopes("repo")); err != nil || !hit || got != cached {
+		t.Fatalf("the entry did not survive a call it could not serve (hit %v): %v", hit, err)
+	}
+}
+
+// A cached credential serves a call only while it stays valid at least max(MinValid, 30) more
+// seconds: a call asking for more than its remaining lifetime goes to the broker, and a
+// credential with under 30 s left (broker G's tokens live CB_TEST_SHORT_TTL seconds) is never
+// served from memory, though it is kept.
+func TestCacheServesOnlyWhatStaysValidLongEnough(t *testing.T) {
+	e := testEnv(t)
+	if e.targetG == "" || e.configG == "" || e.shortTTL == "" {
+		t.Fatal("CB_TEST_TARGET_G / CB_TEST_CONFIG_G / CB_TEST_SHORT_TTL not set")
+	}
+	c := newClient(t, e.targetA, WithCache(0))
+	eventually(t, "cache live", 10*time.Second, func() bool { return c.CacheStats().Live })
+	user := uniqueUser("go-cache-valid")
+	connect(t, newClient(t, e.targetA), user, e.upstream)
+	eventsApplied(t, c, e.targetA, e.upstream)
+	cached, hit, err := resolveCounted(t, c, user, e.upstream)
+	if err != nil || hit {
+		t.Fatalf("first resolve: hit %v, %v", hit, err)
+	}
+	remaining := int(time.Until(cached.ExpiresAt).Seconds())
+	if remaining < 600 {
+		t.Fatalf("the token has %d s left; want a long-lived one", remaining)
+	}
+	if got, hit, err := resolveCounted(t, c, user, e.upstream, MinValid(uint32(remaining-60))); err != nil || !hit || got != cached {
+		t.Fatalf("MinValid within the remaining lifetime: not served from memory (hit %v): %v", hit, err)
+	}
+	if got, hit, err := resolveCounted(t, c, user, e.upstream, MinValid(uint32(remaining+60))); err != nil || hit || got == cached {
+		t.Fatalf("MinValid beyond the remaining lifetime was served from memory (hit %v): %v", hit, err)
+	}
+
+	startBrokerFrom(t, e, "short-lived", e.configG, e.targetG)
+	g := newClient(t, e.targetG, WithCache(0))
+	eventually(t, "cache live", 10*time.Second, func() bool { return g.CacheStats().Live })
+	short := uniqueUser("go-cache-short")
+	connect(t, newClient(t, e.targetG), short, e.upstream)
+	eventsApplied(t, g, e.targetG, e.upstream)
+	var tokens []string
+	for i := 0; i < 3; i++ {
+		cred, hit, err := resolveCounted(t, g, short, e.upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if left := time.Until(cred.ExpiresAt); left <= 0 || left >= MinValidSeconds*time.Second {
+			t.Fatalf("the token has %s left; want under %d s (CB_TEST_SHORT_TTL %s)", left, MinValidSeconds, e.shortTTL)
+		}
+		if hit {
+			t.Fatalf("resolve %d: a credential with under %d s left was served from memory", i, MinValidSeconds)
+		}
+		tokens = append(tokens, cred.AccessToken)
+	}
+	// Unless the broker replaced the token meanwhile (a very slow run), it was kept, not served.
+	if tokens[0] == tokens[1] && tokens[1] == tokens[2] {
+		if n := g.CacheStats().Entries; n != 1 {
+			t.Fatalf("%d entries: the short-lived credential was not kept", n)
+		}
 	}
 }
 

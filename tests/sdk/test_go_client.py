@@ -51,9 +51,16 @@ GO_TESTS = [
     "TestAnotherUsersTokenIsUserMismatch",
     "TestTransportSendsItsUserToken",
     "TestUserTokenTravelsWithTheOtherMetadata",
+    "TestCacheIsABoundedLRU",
+    "TestCacheServesOnlyTheScopesItHolds",
+    "TestCacheServesOnlyWhatStaysValidLongEnough",
 ]
 
 pytestmark = pytest.mark.timeout(300)
+
+#: The lifetime of the access tokens broker G's authorization server issues: under the cache's
+#: 30 s floor, so a cached client must never answer from memory with one of them.
+SHORT_TTL = 20
 
 
 @dataclass
@@ -61,6 +68,8 @@ class GoEnv:
     env: dict[str, str]
     auth: AuthServer
     log_dir: Path
+    #: Issues access tokens valid for SHORT_TTL seconds (broker G's authorization server).
+    short_auth: AuthServer
     #: The user tokens minted for broker F (never committed, never printed).
     user_tokens: tuple[str, ...]
 
@@ -72,9 +81,12 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
     store that keeps one connection event (reaped every 0.2 s): broker E, and a config for D
     (started by the resync test). And broker F (same store) with an ``identity:`` config
     verifying user tokens signed by a loopback identity provider, with a token minted at run
-    time for each of two users."""
+    time for each of two users. And a config for G (started by the Go cache test), on a store of its
+    own, whose authorization server issues access tokens valid for SHORT_TTL seconds and which
+    does not refresh them before they expire (refresh_window_seconds 0)."""
     tmp = tmp_path_factory.mktemp("go-sdk")
     auth = AuthServer().start()
+    short_auth = AuthServer(access_ttl=SHORT_TTL).start()
     idp = IdentityProvider().start()
     idp.add_key("rsa", "rsa-1")
     idp.add_key("ec", "ec-1")
@@ -107,6 +119,14 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
         "identity": {"issuer": idp.issuer, "audiences": ["broker"], "algorithms": ["RS256", "ES256"]},
     }
     servers.append(PatientServerProcess(write_config(identity, tmp / "f.yaml"), tmp / "f.log"))
+    short_lived = {
+        **document,
+        "store": {"path": str(tmp / "short" / "broker.db")},
+        "upstreams": [upstream_doc(short_auth, short_auth.new_client(redirect_uri=REDIRECT_URI))],
+        "refresh_window_seconds": 0,
+    }
+    port_g = free_port()
+    config_g = write_config(short_lived, tmp / "g.yaml", listen=[f"127.0.0.1:{port_g}"])
     users = ("go-identity-alice", "go-identity-bob")
     # Valid for the whole module (the IdP's default is 10 minutes).
     expires = int(time.time()) + 3600
@@ -135,15 +155,19 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoEnv]:
             CB_TEST_IDENTITY_TOKEN=tokens[0],
             CB_TEST_IDENTITY_OTHER_USER=users[1],
             CB_TEST_IDENTITY_OTHER_TOKEN=tokens[1],
+            CB_TEST_TARGET_G=f"127.0.0.1:{port_g}",
+            CB_TEST_CONFIG_G=str(config_g),
+            CB_TEST_SHORT_TTL=str(SHORT_TTL),
             GOFLAGS="-mod=mod",
         )
-        yield GoEnv(env, auth, tmp, tokens)
+        yield GoEnv(env, auth, tmp, short_auth, tokens)
     finally:
         for server in servers:
             server.stop()
         for log in tmp.glob("*.log"):
             leakcheck.observe_text(log.read_text(errors="replace"), "broker log")
         auth.stop()
+        short_auth.stop()
         idp.stop()
 
 
@@ -173,7 +197,7 @@ def test_go_sdk(go_env: GoEnv, name: str) -> None:
         timeout=280,
     )
     leakcheck.observe_text(done.stdout + done.stderr, "go test output")
-    for secret in [*go_env.auth.issued, *go_env.user_tokens]:
+    for secret in [*go_env.auth.issued, *go_env.short_auth.issued, *go_env.user_tokens]:
         assert secret not in done.stdout + done.stderr, "a secret in the Go SDK's output"
     check(done, f"go test -run {name}")
     assert f"--- PASS: {name}" in done.stdout, done.stdout
