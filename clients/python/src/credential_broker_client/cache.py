@@ -126,8 +126,8 @@ class CredentialCache:
             self._entries[key] = (credential, expires)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
-                evicted, _ = self._entries.popitem(last=False)
-                self._generations.pop(evicted, None)
+                # Its generation stays: a ticket taken before an event for it must stay stale.
+                self._entries.popitem(last=False)
             return True
 
     def invalidate(self, key: Key, *, settle: bool = False, tombstone: bool = False) -> None:
