@@ -283,6 +283,8 @@ class AsyncBrokerClient:
                 reason = from_rpc_error(exc).reason
                 if reason == "WATCH_RESYNC_REQUIRED":
                     self.last_sequence = None  # the cache is dropped anyway: watch from now on
+            except Exception as exc:  # e.g. an event it cannot read: the watch must not die
+                reason = f"unexpected {type(exc).__name__}"
             finally:
                 cache.set_live(False)
                 call.cancel()

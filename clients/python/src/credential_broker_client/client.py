@@ -318,6 +318,9 @@ class BrokerClient:
                 reason = from_rpc_error(exc).reason
                 if reason == "WATCH_RESYNC_REQUIRED":
                     self.last_sequence = None  # the cache is dropped anyway: watch from now on
+            except Exception as exc:  # e.g. an event it cannot read: the watch must not die
+                call.cancel()
+                reason = f"unexpected {type(exc).__name__}"
             finally:
                 self._cache.set_live(False)
             if up is not None and time.monotonic() - up >= _common.WATCH_HEALTHY_SECONDS:
