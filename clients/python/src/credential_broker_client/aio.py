@@ -89,7 +89,6 @@ class AsyncBrokerClient:
         timeout: float | None = None,
     ) -> models.Credential:
         """See :meth:`BrokerClient.resolve`."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         key = (user_id, upstream)
         cache = self._cache
         # A call carrying the user's own token is verified by the broker every time: never
@@ -109,7 +108,7 @@ class AsyncBrokerClient:
             user_id, upstream, min_valid_seconds, required_scopes, subject_token, rejected_access_token
         )
         answer = models.credential(
-            await self._call("Resolve", self._stub.Resolve, request, timeout, metadata)
+            await self._call("Resolve", self._stub.Resolve, request, timeout, user_token)
         )
         if cache is not None and not per_user:
             cache.put(key, answer, ticket)
@@ -124,12 +123,11 @@ class AsyncBrokerClient:
         user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.AuthorizationRequest:
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.BuildAuthorizationURLRequest(
             user_id=user_id, upstream=upstream, connection_params=dict(connection_params or {})
         )
         answer = await self._call(
-            "BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout, metadata
+            "BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout, user_token
         )
         return models.authorization_request(answer)
 
@@ -144,9 +142,8 @@ class AsyncBrokerClient:
         user_token: str | None = None,
         timeout: float | None = None,
     ) -> models.CredentialInfo:
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = _common.complete_request(state, code, user_id, iss, callback_params)
-        answer = await self._call("Complete", self._stub.Complete, request, timeout, metadata)
+        answer = await self._call("Complete", self._stub.Complete, request, timeout, user_token)
         info = models.credential_info(answer.credential)
         self._forget(info.user_id, info.upstream)
         return info
@@ -165,38 +162,34 @@ class AsyncBrokerClient:
     async def refresh(
         self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.CredentialInfo:
-        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.RefreshRequest(user_id=user_id, upstream=upstream)
-        answer = await self._call("Refresh", self._stub.Refresh, request, timeout, metadata)
+        answer = await self._call("Refresh", self._stub.Refresh, request, timeout, user_token)
         self._forget(user_id, upstream)
         return models.credential_info(answer.credential)
 
     async def list_connections(
         self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.Connection, ...]:
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.ListConnectionsRequest(user_id=user_id)
-        answer = await self._call("ListConnections", self._stub.ListConnections, request, timeout, metadata)
+        answer = await self._call("ListConnections", self._stub.ListConnections, request, timeout, user_token)
         return tuple(models.connection(c) for c in answer.connections)
 
     async def disconnect(
         self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.Disconnection:
-        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.DisconnectRequest(user_id=user_id, upstream=upstream)
-        answer = await self._call("Disconnect", self._stub.Disconnect, request, timeout, metadata)
+        answer = await self._call("Disconnect", self._stub.Disconnect, request, timeout, user_token)
         self._forget(user_id, upstream)
         return models.disconnection(answer)
 
     async def disconnect_all(
         self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.UpstreamDisconnection, ...]:
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.DisconnectAllRequest(user_id=user_id)
         answer = models.upstream_disconnections(
-            await self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout, metadata)
+            await self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout, user_token)
         )
         for result in answer:
             self._forget(user_id, result.upstream)
@@ -233,8 +226,9 @@ class AsyncBrokerClient:
         rpc: Callable[..., Awaitable[Any]],
         request: Any,
         timeout: float | None,
-        metadata: tuple[tuple[str, str], ...] | None = None,
+        user_token: str | None = None,
     ) -> Any:
+        metadata = _common.with_user_token(self._metadata, user_token)
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
         while True:
@@ -242,7 +236,7 @@ class AsyncBrokerClient:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
             try:
-                return await rpc(request, metadata=metadata or self._metadata, timeout=remaining)
+                return await rpc(request, metadata=metadata, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
             if not _common.retryable(method, error):

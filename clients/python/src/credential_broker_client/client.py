@@ -111,7 +111,6 @@ class BrokerClient:
         ``required_scopes``. ``rejected_access_token``: the token the upstream just refused
         (the broker refreshes once when it is the stored one). ``user_token`` only
         authenticates the call (``subject_token``, when given, is the one the broker uses)."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         key = (user_id, upstream)
         cache = self._cache
         # A call carrying the user's own token is verified by the broker every time: never
@@ -128,7 +127,7 @@ class BrokerClient:
         request = _common.resolve_request(
             user_id, upstream, min_valid_seconds, required_scopes, subject_token, rejected_access_token
         )
-        answer = models.credential(self._call("Resolve", self._stub.Resolve, request, timeout, metadata))
+        answer = models.credential(self._call("Resolve", self._stub.Resolve, request, timeout, user_token))
         if cache is not None and not per_user:
             cache.put(key, answer, ticket)
         return answer
@@ -143,12 +142,13 @@ class BrokerClient:
         timeout: float | None = None,
     ) -> models.AuthorizationRequest:
         """Start a connect flow: the URL to send the user's browser to, and its state."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.BuildAuthorizationURLRequest(
             user_id=user_id, upstream=upstream, connection_params=dict(connection_params or {})
         )
         return models.authorization_request(
-            self._call("BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout, metadata)
+            self._call(
+                "BuildAuthorizationURL", self._stub.BuildAuthorizationURL, request, timeout, user_token
+            )
         )
 
     def complete(
@@ -163,10 +163,9 @@ class BrokerClient:
         timeout: float | None = None,
     ) -> models.CredentialInfo:
         """Finish a connect flow with the callback's state and code."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = _common.complete_request(state, code, user_id, iss, callback_params)
         info = models.credential_info(
-            self._call("Complete", self._stub.Complete, request, timeout, metadata).credential
+            self._call("Complete", self._stub.Complete, request, timeout, user_token).credential
         )
         self._forget(info.user_id, info.upstream)
         return info
@@ -187,10 +186,9 @@ class BrokerClient:
         self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.CredentialInfo:
         """Renew the stored credential now."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.RefreshRequest(user_id=user_id, upstream=upstream)
-        answer = self._call("Refresh", self._stub.Refresh, request, timeout, metadata)
+        answer = self._call("Refresh", self._stub.Refresh, request, timeout, user_token)
         info = models.credential_info(answer.credential)
         self._forget(user_id, upstream)
         return info
@@ -199,20 +197,18 @@ class BrokerClient:
         self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.Connection, ...]:
         """The user's connection to every configured upstream (never a token)."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.ListConnectionsRequest(user_id=user_id)
-        answer = self._call("ListConnections", self._stub.ListConnections, request, timeout, metadata)
+        answer = self._call("ListConnections", self._stub.ListConnections, request, timeout, user_token)
         return tuple(models.connection(c) for c in answer.connections)
 
     def disconnect(
         self, user_id: str, upstream: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> models.Disconnection:
         """Revoke the user's tokens at the upstream and delete the credential."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         self._forget(user_id, upstream)
         request = pb.DisconnectRequest(user_id=user_id, upstream=upstream)
         answer = models.disconnection(
-            self._call("Disconnect", self._stub.Disconnect, request, timeout, metadata)
+            self._call("Disconnect", self._stub.Disconnect, request, timeout, user_token)
         )
         self._forget(user_id, upstream)
         return answer
@@ -221,10 +217,9 @@ class BrokerClient:
         self, user_id: str, *, user_token: str | None = None, timeout: float | None = None
     ) -> tuple[models.UpstreamDisconnection, ...]:
         """Disconnect every upstream of a user (offboarding); one outcome per upstream."""
-        metadata = _common.with_user_token(self._metadata, user_token)
         request = pb.DisconnectAllRequest(user_id=user_id)
         answer = models.upstream_disconnections(
-            self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout, metadata)
+            self._call("DisconnectAll", self._stub.DisconnectAll, request, timeout, user_token)
         )
         for result in answer:
             self._forget(user_id, result.upstream)
@@ -267,8 +262,10 @@ class BrokerClient:
         rpc: Callable[..., R],
         request: Any,
         timeout: float | None,
-        metadata: tuple[tuple[str, str], ...] | None = None,
+        user_token: str | None = None,
     ) -> R:
+        """One RPC, UNAVAILABLE retried until the deadline; ``user_token``: see the class doc."""
+        metadata = _common.with_user_token(self._metadata, user_token)
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
         while True:
@@ -276,7 +273,7 @@ class BrokerClient:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
             try:
-                return rpc(request, metadata=metadata or self._metadata, timeout=remaining)
+                return rpc(request, metadata=metadata, timeout=remaining)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
             if not _common.retryable(method, error):
