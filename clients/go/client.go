@@ -97,11 +97,22 @@ func userTokenFrom(ctx context.Context) string {
 	return ""
 }
 
-// outgoing is ctx with the client's metadata and, when ctx carries one, the user token.
+// outgoing is ctx with the client's metadata and, when ctx carries one, the user token, added
+// to the metadata the caller attached (x-request-id, traceparent...); the client's own keys win.
 func (c *Client) outgoing(ctx context.Context) context.Context {
 	md := c.md
-	if token := userTokenFrom(ctx); token != "" {
-		md = metadata.Join(c.md, metadata.Pairs(userHeader, "Bearer "+token))
+	token := userTokenFrom(ctx)
+	if own, ok := metadata.FromOutgoingContext(ctx); ok || token != "" {
+		if own == nil {
+			own = metadata.MD{}
+		}
+		for k, v := range c.md {
+			own[k] = v
+		}
+		if token != "" {
+			own.Set(userHeader, "Bearer "+token)
+		}
+		md = own
 	}
 	return metadata.NewOutgoingContext(ctx, md)
 }
@@ -411,7 +422,7 @@ func call[R any](ctx context.Context, c *Client, method string, rpc func(context
 			retry = errors.As(typed, &be) && be.Reason == "UNAVAILABLE"
 		}
 		if !retry {
-			return resp, typed
+			return resp, endedWith(ctx, typed)
 		}
 		pause := jitter(attempt)
 		if deadline, _ := ctx.Deadline(); time.Now().Add(pause).After(deadline) {
@@ -420,7 +431,7 @@ func call[R any](ctx context.Context, c *Client, method string, rpc func(context
 		select {
 		case <-time.After(pause):
 		case <-ctx.Done():
-			return resp, typed
+			return resp, endedWith(ctx, typed)
 		}
 	}
 }

@@ -1252,3 +1252,188 @@ func TestUserTokenTravelsWithTheOtherMetadata(t *testing.T) {
 	}
 	want("Resolve with the token taken off")
 }
+
+// An upstream that answers 401 with a body it never finishes (a stream, or a slow or huge
+// body): the retry with the fresh token goes out at once, without reading that body to its end.
+func TestRoundTripperDoesNotReadARefusedBodyToItsEnd(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-401-stream")
+	connect(t, c, user, e.upstream)
+	var mu sync.Mutex
+	var seen []string
+	stop := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		mu.Lock()
+		seen = append(seen, r.Header.Get("Authorization"))
+		first := len(seen) == 1
+		mu.Unlock()
+		if !first {
+			_, _ = w.Write([]byte(`{"ok":true}`))
+			return
+		}
+		w.WriteHeader(http.StatusUnauthorized)
+		for end := time.After(20 * time.Second); ; {
+			if _, err := w.Write([]byte(`{"error":"invalid_token"}` + "\n")); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+				return
+			case <-stop:
+				return
+			case <-end:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}))
+	defer srv.Close()
+	defer close(stop)
+	rctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(rctx, http.MethodPost, srv.URL, strings.NewReader("payload"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Transport: &Transport{Client: c, UserID: user, Upstream: e.upstream}}
+	start := time.Now()
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	took := time.Since(start)
+	mu.Lock()
+	defer mu.Unlock()
+	if resp.StatusCode != http.StatusOK || len(seen) != 2 || seen[0] == seen[1] {
+		t.Fatalf("status %d after %d requests; want the retry with a fresh token to succeed", resp.StatusCode, len(seen))
+	}
+	if took > 5*time.Second {
+		t.Fatalf("the retry waited %s for the refused answer's body to end", took.Round(time.Millisecond))
+	}
+}
+
+// Metadata the caller attached to the context (x-request-id for the broker's audit trail,
+// traceparent for its spans) goes with the call, next to the client's own.
+func TestCallsKeepTheCallersOwnMetadata(t *testing.T) {
+	broker := &recordingBroker{}
+	c := newClient(t, serve(t, broker), WithCallerToken("caller"))
+	mctx := metadata.AppendToOutgoingContext(ctx(t), "x-request-id", "req-42", "traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	check := func(what string, authorization ...string) {
+		t.Helper()
+		md := broker.last()
+		if strings.Join(md.Get("x-request-id"), ",") != "req-42" || len(md.Get("traceparent")) != 1 {
+			t.Fatalf("%s: the caller's metadata was dropped: x-request-id %q, traceparent %q", what, md.Get("x-request-id"), md.Get("traceparent"))
+		}
+		if strings.Join(md.Get(requestHeader), ",") != "true" || strings.Join(md.Get(callerHeader), ",") != "caller" {
+			t.Fatalf("%s: the client's own metadata is missing or doubled: %v", what, md)
+		}
+		if got := md.Get("authorization"); strings.Join(got, ",") != strings.Join(authorization, ",") {
+			t.Fatalf("%s: authorization %q; want %q", what, got, authorization)
+		}
+	}
+	if _, err := c.Resolve(mctx, "alice", "github"); err != nil {
+		t.Fatal(err)
+	}
+	check("Resolve")
+	if _, err := c.ListConnections(WithUserTokenContext(mctx, "user-token"), "alice"); err != nil {
+		t.Fatal(err)
+	}
+	check("ListConnections with a user token", "Bearer user-token")
+	// The caller's own copy of the client's headers does not double (or replace) them.
+	spoofed := metadata.AppendToOutgoingContext(mctx, requestHeader, "true", callerHeader, "other")
+	if _, err := c.Resolve(spoofed, "alice", "github"); err != nil {
+		t.Fatal(err)
+	}
+	check("Resolve with the client's headers also in the context")
+}
+
+// A request made by hand, with no Header map (http.Transport takes it; http.Client fills one
+// in, a direct caller of RoundTrip need not): the credential goes with it, and with its retry.
+func TestRoundTripperTakesARequestWithoutAHeaderMap(t *testing.T) {
+	e := testEnv(t)
+	c := newClient(t, e.targetA)
+	user := uniqueUser("go-no-header")
+	connect(t, c, user, e.upstream)
+	api := &upstreamAPI{}
+	srv := httptest.NewServer(api)
+	defer srv.Close()
+	u, err := url.Parse(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := (&http.Request{Method: http.MethodGet, URL: u}).WithContext(ctx(t))
+	tr := &Transport{Client: c, UserID: user, Upstream: e.upstream}
+	var resp *http.Response
+	func() {
+		defer func() {
+			if r := recover(); r != nil {
+				t.Fatalf("RoundTrip panicked: %v", r)
+			}
+		}()
+		resp, err = tr.RoundTrip(req)
+	}()
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	api.mu.Lock()
+	defer api.mu.Unlock()
+	if resp.StatusCode != http.StatusOK || len(api.seen) != 2 || api.seen[0] == "" || api.seen[0] == api.seen[1] {
+		t.Fatalf("status %d after %d requests; want a retried 401 with a fresh token", resp.StatusCode, len(api.seen))
+	}
+	if req.Header != nil {
+		t.Fatal("RoundTrip modified the caller's request")
+	}
+}
+
+// hangingBroker answers nothing until the call ends.
+type hangingBroker struct {
+	cbv1.UnimplementedCredentialBrokerServer
+}
+
+func (hangingBroker) Resolve(ctx context.Context, _ *cbv1.ResolveRequest) (*cbv1.ResolveResponse, error) {
+	<-ctx.Done()
+	return nil, status.Error(codes.Unavailable, "too late")
+}
+
+// A call that ends because its context did (a deadline, a cancel, also while backing off from
+// an unreachable broker) says so the Go way: errors.Is(err, context.DeadlineExceeded or
+// context.Canceled), while keeping its typed error.
+func TestCallsEndedByTheirContextSaySo(t *testing.T) {
+	c := newClient(t, serve(t, hangingBroker{}))
+	dctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	_, err := c.Resolve(dctx, "alice", "github")
+	var internal *InternalError
+	if !errors.Is(err, context.DeadlineExceeded) || !errors.As(err, &internal) || internal.Reason != "DEADLINE_EXCEEDED" {
+		t.Fatalf("past the deadline: want *InternalError DEADLINE_EXCEEDED matching context.DeadlineExceeded, got %v", err)
+	}
+	cctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	_, err = c.Resolve(cctx, "alice", "github")
+	if !errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("cancelled: want an error matching context.Canceled, got %v", err)
+	}
+	closed := httptest.NewServer(http.NotFoundHandler())
+	addr := strings.TrimPrefix(closed.URL, "http://")
+	closed.Close() // nothing listens there now
+	down := newClient(t, addr)
+	bctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(300*time.Millisecond, cancel)
+	_, err = down.Resolve(bctx, "alice", "github")
+	var un *UnavailableError
+	if !errors.Is(err, context.Canceled) || !errors.As(err, &un) {
+		t.Fatalf("cancelled while retrying: want *UnavailableError matching context.Canceled, got %v", err)
+	}
+	// A broker that is merely unavailable is not mistaken for the caller's context ending.
+	sctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	_, err = down.Resolve(sctx, "alice", "github")
+	if !errors.As(err, &un) {
+		t.Fatalf("want *UnavailableError, got %v", err)
+	}
+}

@@ -24,9 +24,14 @@ type BrokerError struct {
 	Reason   string // the ErrorInfo reason, e.g. "NOT_CONNECTED"; the code name when none was sent
 	Message  string
 	Metadata map[string]string
+	cause    error // context.DeadlineExceeded or context.Canceled when the call's context ended
 }
 
 func (e *BrokerError) Error() string { return e.Reason + ": " + e.Message }
+
+// Unwrap is context.DeadlineExceeded or context.Canceled when the call ended because its
+// context did (errors.Is(err, context.Canceled) holds), else nil.
+func (e *BrokerError) Unwrap() error { return e.cause }
 
 // ConnectRequired is shared by the errors that send the user to an authorization URL.
 type ConnectRequired struct {
@@ -98,8 +103,11 @@ func fromStatus(err error) error {
 	if err == nil {
 		return nil
 	}
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
-		return &InternalError{&BrokerError{Code: codes.DeadlineExceeded, Reason: "DEADLINE_EXCEEDED", Message: err.Error()}}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return &InternalError{&BrokerError{Code: codes.DeadlineExceeded, Reason: "DEADLINE_EXCEEDED", Message: err.Error(), cause: context.DeadlineExceeded}}
+	}
+	if errors.Is(err, context.Canceled) {
+		return &InternalError{&BrokerError{Code: codes.Canceled, Reason: "CANCELLED", Message: err.Error(), cause: context.Canceled}}
 	}
 	st, ok := status.FromError(err)
 	if !ok {
@@ -147,6 +155,16 @@ func fromStatus(err error) error {
 		return &ResyncRequiredError{base}
 	}
 	return &InternalError{base}
+}
+
+// endedWith marks err as caused by the end of ctx when ctx is done, so that errors.Is(err,
+// context.DeadlineExceeded) or errors.Is(err, context.Canceled) holds; err keeps its type.
+func endedWith(ctx context.Context, err error) error {
+	var base *BrokerError
+	if cause := ctx.Err(); cause != nil && errors.As(err, &base) && base.cause == nil {
+		base.cause = cause
+	}
+	return err
 }
 
 // CodeName is the canonical gRPC name of a status code (FAILED_PRECONDITION), which

@@ -60,7 +60,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, err
 	}
-	first := req.Clone(req.Context())
+	first := clone(req)
 	first.Header.Set(sent.HeaderName, sent.HeaderValue)
 	resp, err := t.base().RoundTrip(first)
 	if err != nil || resp.StatusCode != http.StatusUnauthorized {
@@ -73,9 +73,8 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil || !replayable {
 		return resp, nil // the 401 stands; the caller sees the upstream's answer
 	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	_ = resp.Body.Close()
-	again := req.Clone(req.Context())
+	discard(resp)
+	again := clone(req)
 	if req.GetBody != nil {
 		body, err := req.GetBody()
 		if err != nil {
@@ -88,6 +87,27 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	again.Header.Set(fresh.HeaderName, fresh.HeaderValue)
 	return t.base().RoundTrip(again)
+}
+
+// clone is a copy of req to send, with a Header map of its own even when req has none.
+func clone(req *http.Request) *http.Request {
+	out := req.Clone(req.Context())
+	if out.Header == nil {
+		out.Header = http.Header{}
+	}
+	return out
+}
+
+// maxDrain bounds how much of a refused answer's body is read to keep its connection.
+const maxDrain = 4 << 10
+
+// discard closes the body of a refused answer, first reading it when it is short and of known
+// length (so the connection can be reused): a streamed, slow or huge body is not waited for.
+func discard(resp *http.Response) {
+	if resp.ContentLength >= 0 && resp.ContentLength <= maxDrain {
+		_, _ = io.CopyN(io.Discard, resp.Body, maxDrain)
+	}
+	_ = resp.Body.Close()
 }
 
 // firstRequest is the request that started req's redirect chain (req itself if it is the first).

@@ -5,7 +5,9 @@ are current is tests/ecosystem/test_clients.py::test_go_generated_code_is_curren
 
 from __future__ import annotations
 
+import functools
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +56,10 @@ GO_TESTS = [
     "TestCacheIsABoundedLRU",
     "TestCacheServesOnlyTheScopesItHolds",
     "TestCacheServesOnlyWhatStaysValidLongEnough",
+    "TestRoundTripperDoesNotReadARefusedBodyToItsEnd",
+    "TestCallsKeepTheCallersOwnMetadata",
+    "TestRoundTripperTakesARequestWithoutAHeaderMap",
+    "TestCallsEndedByTheirContextSaySo",
 ]
 
 pytestmark = pytest.mark.timeout(300)
@@ -186,12 +192,20 @@ def test_every_go_test_is_run_here() -> None:
     assert written and written == set(GO_TESTS)
 
 
+@functools.cache
+def race_flags(go: str) -> tuple[str, ...]:
+    """``-race`` where the race detector can be built (cgo and a C compiler): the SDK is used
+    from many goroutines at once, and its tests exercise that."""
+    cgo = run([go, "env", "CGO_ENABLED", "CC"], env=client_env(), timeout=60).stdout.split()
+    return ("-race",) if len(cgo) == 2 and cgo[0] == "1" and shutil.which(cgo[1]) else ()
+
+
 @pytest.mark.parametrize("name", GO_TESTS)
 def test_go_sdk(go_env: GoEnv, name: str) -> None:
     go = require_tool("go")
     leakcheck.add_secret(*go_env.user_tokens)
     done = run(
-        [go, "test", "-count=1", "-v", "-timeout", "240s", "-run", f"^{name}$", "."],
+        [go, "test", *race_flags(go), "-count=1", "-v", "-timeout", "240s", "-run", f"^{name}$", "."],
         cwd=GO_SDK,
         env=go_env.env,
         timeout=280,
