@@ -20,6 +20,10 @@ from broker.rpc.servicer import CredentialBrokerServicer, lenient_deserializer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CredentialBroker"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Callers may send HTTP/2 keepalive pings this often, with calls open or none (gRPC's server
+#: default is one every 5 minutes, and a third early one closes the connection with GOAWAY
+#: "too_many_pings"); the server allows a second less, for timer jitter.
+KEEPALIVE_PING_SECONDS = 5
 
 
 def _handlers(servicer: CredentialBrokerServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -61,6 +65,8 @@ class BrokerServer:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", (KEEPALIVE_PING_SECONDS - 1) * 1000),
         ]
         self._credentials = _server_credentials(tls) if tls is not None else None
         self._server = grpc.aio.server(options=options, interceptors=tuple(interceptors))
