@@ -83,3 +83,59 @@ def test_each_broker_reason_has_its_own_class(raising: grpc.UnaryUnaryMultiCalla
         parent = cls.__mro__[1]
         if parent not in (errors.BrokerError, Exception):
             assert isinstance(error, sdk.BY_REASON[parent.code]), f"{cls.code} not under {parent.code}"
+
+
+@pytest.fixture
+def odd_metadata() -> Iterator[grpc.UnaryUnaryMultiCallable]:
+    """A gRPC method that fails with TOKEN_REQUEST_REJECTED and the ErrorInfo metadata it is
+    sent (as ``key=value`` lines): what a broker of another version, or a hostile one, may say."""
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> None:
+        metadata = dict(line.split("=", 1) for line in request.decode().splitlines())
+        info = error_details_pb2.ErrorInfo(
+            reason="TOKEN_REQUEST_REJECTED", domain=sdk.DOMAIN, metadata=metadata
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="rejected")
+        status.details.append(detail)
+        context.abort_with_status(rpc_status.to_status(status))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Odd", {"Fail": grpc.unary_unary_rpc_method_handler(fail)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel.unary_unary("/test.Odd/Fail")
+    server.stop(None)
+
+
+@pytest.mark.parametrize("raw", ["\u00b2", "\u2460", "4\u00b9", "9" * 5000, "-1", "4 01", ""])
+def test_an_odd_http_status_reads_as_none_never_raises(
+    odd_metadata: grpc.UnaryUnaryMultiCallable, raw: str
+) -> None:
+    """``http_status`` is read in except blocks: a value that is no HTTP status (here Unicode
+    digits str.isdigit accepts and int() refuses, or more digits than int() reads) must be
+    None, not a ValueError there."""
+    with pytest.raises(grpc.RpcError) as failed:
+        odd_metadata(f"http_status={raw}\noauth_error=invalid_grant".encode(), timeout=10)
+    error = sdk.from_rpc_error(failed.value)
+    assert isinstance(error, sdk.TokenRequestRejected)
+    assert error.http_status is None
+    assert error.oauth_error == "invalid_grant"
+
+
+def test_a_plain_http_status_is_read(odd_metadata: grpc.UnaryUnaryMultiCallable) -> None:
+    with pytest.raises(grpc.RpcError) as failed:
+        odd_metadata(b"http_status=400", timeout=10)
+    error = sdk.from_rpc_error(failed.value)
+    assert isinstance(error, sdk.TokenRequestRejected) and error.http_status == 400

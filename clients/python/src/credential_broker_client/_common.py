@@ -10,7 +10,7 @@ from collections.abc import Collection, Mapping
 from urllib.parse import urlsplit
 
 from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
-from credential_broker_client.errors import BrokerError, Unavailable
+from credential_broker_client.errors import BrokerError, Cancelled, Unavailable
 
 TARGET_ENV = "CREDENTIAL_BROKER_SOCKET"
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -28,6 +28,8 @@ CHANNEL_OPTIONS = (
 
 BACKOFF_BASE = 0.05
 BACKOFF_CAP = 1.0
+# A backoff step that would end after the deadline is cut short to leave this for a last try.
+LAST_TRY_SECONDS = 0.02
 WATCH_BACKOFF_CAP = 5.0
 # A watch stream that stayed up this long was healthy: its break starts the backoff over (one
 # refused right after registering keeps backing off instead of resubscribing at once).
@@ -75,9 +77,24 @@ def with_user_token(
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:
-    """Jittered exponential backoff: uniform in [c/4, c], c = min(cap, base * 2**attempt)."""
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2**attempt))
+    """Jittered exponential backoff: uniform in [c/4, c], c = min(cap, base * 2**attempt).
+    The exponent stops growing long after the cap is reached: 2**1024 is no float, and a long
+    outage does reach that many attempts."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt, 32)))
     return (rng or random).uniform(ceiling / 4, ceiling)
+
+
+def retry_pause(attempt: int, remaining: float) -> float | None:
+    """The pause before retry ``attempt`` with ``remaining`` seconds to the deadline: the
+    jittered backoff, cut short so that one last try still fits; None when none fits."""
+    if remaining <= LAST_TRY_SECONDS:
+        return None
+    return min(backoff(attempt), remaining - LAST_TRY_SECONDS)
+
+
+def closed_error(method: str) -> Cancelled:
+    """What a call made on, or interrupted by closing, its client raises."""
+    return Cancelled(f"{method}: the client is closed")
 
 
 def retryable(method: str, error: BrokerError) -> bool:

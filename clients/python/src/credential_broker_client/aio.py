@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
@@ -16,7 +15,7 @@ from credential_broker_client import _common, models
 from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
 from credential_broker_client._proto.credentialbroker.v1 import broker_pb2_grpc as pb_grpc
 from credential_broker_client.cache import DEFAULT_MAX_ENTRIES, CredentialCache
-from credential_broker_client.errors import DeadlineExceeded, from_rpc_error
+from credential_broker_client.errors import BrokerError, DeadlineExceeded, from_rpc_error
 
 log = logging.getLogger(_common.LOGGER_NAME)
 
@@ -57,12 +56,17 @@ class AsyncBrokerClient:
         await self.close()
 
     async def close(self) -> None:
+        """Stop the watch stream and close the channel: calls still running raise Cancelled,
+        watch iterators end."""
         self._closed = True
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-        await self._channel.close()
+        task = self._watch_task
+        try:
+            if task is not None:
+                task.cancel()
+                # Not ``await task``: its CancelledError would hide a cancellation of our own.
+                await asyncio.wait([task])
+        finally:
+            await self._channel.close()
 
     @property
     def cache(self) -> CredentialCache | None:
@@ -205,6 +209,8 @@ class AsyncBrokerClient:
     ) -> AsyncIterator[models.ConnectionEvent]:
         """Connection events as they are committed; see :meth:`BrokerClient.watch`."""
         metadata = _common.with_user_token(self._metadata, user_token)
+        if self._closed:
+            raise _common.closed_error("WatchConnections")
         call = self._stub.WatchConnections(
             _common.watch_request(user_id, upstreams, after_sequence), metadata=metadata
         )
@@ -212,7 +218,13 @@ class AsyncBrokerClient:
             async for response in call:
                 yield models.event(response.event)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+                return
             raise from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            if self._closed and not _cancel_requested():
+                return  # close() cancelled the call, not our caller its task: the stream ended
+            raise
         finally:
             call.cancel()
 
@@ -231,20 +243,29 @@ class AsyncBrokerClient:
         metadata = _common.with_user_token(self._metadata, user_token)
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
+        error: BrokerError | None = None  # the last attempt's
         while True:
+            if self._closed:
+                raise _common.closed_error(method)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
+            if remaining <= 0:  # a backoff overslept (a busy machine): the last error stands
+                raise error or DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
             try:
                 return await rpc(request, metadata=metadata, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError for a call that close() cancelled, though our
+                # caller's task was not: that is the SDK's Cancelled, not a task cancellation.
+                if self._closed and not _cancel_requested():
+                    raise _common.closed_error(method) from None
+                raise
             if not _common.retryable(method, error):
                 raise error
-            pause = _common.backoff(attempt)
-            attempt += 1
-            if time.monotonic() + pause >= deadline:
+            pause = _common.retry_pause(attempt, deadline - time.monotonic())
+            if pause is None:
                 raise error
+            attempt += 1
             log.debug("%s: %s, retry %d in %.3f s", method, error.reason, attempt, pause)
             await asyncio.sleep(pause)
 
@@ -289,3 +310,10 @@ class AsyncBrokerClient:
             log.info("credential cache dropped: watch stream broke (%s); resubscribing", reason)
             await asyncio.sleep(min(_common.WATCH_BACKOFF_CAP, _common.backoff(attempt)))
             attempt += 1
+
+
+def _cancel_requested() -> bool:
+    """Whether the running task was asked to stop (Task.cancelling, Python 3.11+; on 3.10 a
+    cancellation that coincides with close() is not told apart from close())."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return bool(cancelling is not None and cancelling())

@@ -72,7 +72,8 @@ class BrokerClient:
         self.close()
 
     def close(self) -> None:
-        """Stop the watch stream and close the channel."""
+        """Stop the watch stream and close the channel: calls still running (or backing off)
+        raise Cancelled, watch iterators end, and later calls raise Cancelled."""
         self._closed.set()
         call = self._watch_call
         if call is not None:
@@ -237,9 +238,16 @@ class BrokerClient:
         the stream ends with one (e.g. WatchTooSlow: resume with the last ``sequence``). With
         user tokens verified, only one user's, with ``user_token``."""
         metadata = _common.with_user_token(self._metadata, user_token)
-        call = self._stub.WatchConnections(
-            _common.watch_request(user_id, upstreams, after_sequence), metadata=metadata
-        )
+        if self._closed.is_set():
+            raise _common.closed_error("WatchConnections")
+        try:
+            call = self._stub.WatchConnections(
+                _common.watch_request(user_id, upstreams, after_sequence), metadata=metadata
+            )
+        except ValueError:  # grpc's answer on a closed channel
+            if not self._closed.is_set():
+                raise
+            raise _common.closed_error("WatchConnections") from None
         try:
             for response in call:
                 yield models.event(response.event)
@@ -268,22 +276,30 @@ class BrokerClient:
         metadata = _common.with_user_token(self._metadata, user_token)
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
+        error: BrokerError | None = None  # the last attempt's
         while True:
+            if self._closed.is_set():
+                raise _common.closed_error(method)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
+            if remaining <= 0:  # a backoff overslept (a busy machine): the last error stands
+                raise error or DeadlineExceeded(f"{method}: the deadline passed before the broker answered")
             try:
                 return rpc(request, metadata=metadata, timeout=remaining)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
+            except ValueError:  # grpc's answer on a channel another thread just closed
+                if not self._closed.is_set():
+                    raise
+                raise _common.closed_error(method) from None
             if not _common.retryable(method, error):
                 raise error
-            pause = _common.backoff(attempt)
-            attempt += 1
-            if time.monotonic() + pause >= deadline:
+            pause = _common.retry_pause(attempt, deadline - time.monotonic())
+            if pause is None:
                 raise error
+            attempt += 1
             log.debug("%s: %s, retry %d in %.3f s", method, error.reason, attempt, pause)
-            time.sleep(pause)
+            if self._closed.wait(pause):  # close() ends the backoff at once
+                raise _common.closed_error(method)
 
     def _follow(self) -> None:
         """The cache's WatchConnections stream: resubscribes with after_sequence after a break."""

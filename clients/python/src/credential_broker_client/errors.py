@@ -186,7 +186,8 @@ class TokenRequestRejected(BrokerError):
     @property
     def http_status(self) -> int | None:
         raw = self.metadata.get("http_status", "")
-        return int(raw) if raw.isdigit() else None
+        # ASCII only: str.isdigit also accepts digits such as "²" that int() refuses.
+        return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else None
 
     @property
     def oauth_error(self) -> str:
