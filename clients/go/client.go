@@ -424,10 +424,14 @@ func call[R any](ctx context.Context, c *Client, method string, rpc func(context
 		if !retry {
 			return resp, endedWith(ctx, typed)
 		}
+		// A pause that would end past the deadline is cut short to leave one last try.
 		pause := jitter(attempt)
-		if deadline, _ := ctx.Deadline(); time.Now().Add(pause).After(deadline) {
+		deadline, _ := ctx.Deadline()
+		left := time.Until(deadline) - lastTry
+		if left <= 0 {
 			return resp, typed
 		}
+		pause = min(pause, left)
 		select {
 		case <-time.After(pause):
 		case <-ctx.Done():
@@ -435,6 +439,9 @@ func call[R any](ctx context.Context, c *Client, method string, rpc func(context
 		}
 	}
 }
+
+// lastTry is what a retry's pause leaves before the deadline for one last try.
+const lastTry = 20 * time.Millisecond
 
 // jitter is uniform in [c/4, c], c = min(1 s, 50 ms * 2^attempt).
 func jitter(attempt int) time.Duration {

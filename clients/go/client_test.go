@@ -1437,3 +1437,26 @@ func TestCallsEndedByTheirContextSaySo(t *testing.T) {
 		t.Fatalf("want *UnavailableError, got %v", err)
 	}
 }
+
+// With the broker down, UNAVAILABLE is retried until the deadline, not given up a whole backoff
+// step (up to 1 s) before it: the broker may be back in that time.
+func TestUnavailableIsRetriedUntilTheDeadline(t *testing.T) {
+	closed := httptest.NewServer(http.NotFoundHandler())
+	addr := strings.TrimPrefix(closed.URL, "http://")
+	closed.Close() // nothing listens there now
+	down := newClient(t, addr)
+	for i := 0; i < 3; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+		started := time.Now()
+		_, err := down.Resolve(ctx, "alice", "github")
+		took := time.Since(started)
+		cancel()
+		var un *UnavailableError
+		if !errors.As(err, &un) {
+			t.Fatalf("want *UnavailableError, got %v", err)
+		}
+		if took < 1400*time.Millisecond {
+			t.Fatalf("gave up after %v of a 1.5 s deadline", took)
+		}
+	}
+}

@@ -60,6 +60,7 @@ GO_TESTS = [
     "TestCallsKeepTheCallersOwnMetadata",
     "TestRoundTripperTakesARequestWithoutAHeaderMap",
     "TestCallsEndedByTheirContextSaySo",
+    "TestUnavailableIsRetriedUntilTheDeadline",
 ]
 
 pytestmark = pytest.mark.timeout(300)
