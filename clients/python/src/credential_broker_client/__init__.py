@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from credential_broker_client._common import outgoing_metadata
 from credential_broker_client.aio import AsyncBrokerClient
 from credential_broker_client.cache import CredentialCache
 from credential_broker_client.client import BrokerClient
@@ -117,6 +118,7 @@ __all__ = [
     "UserTokenInvalid",
     "WatchResyncRequired",
     "WatchTooSlow",
+    "outgoing_metadata",
 ]
 
 

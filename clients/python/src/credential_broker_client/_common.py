@@ -3,10 +3,12 @@ the retry rule and its jittered backoff; and the HTTP auths' origin check. No I/
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import random
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from credential_broker_client._proto.credentialbroker.v1 import broker_pb2 as pb
@@ -74,6 +76,54 @@ def with_user_token(
     if not _B64TOKEN.fullmatch(user_token):
         raise ValueError("user_token: not a bearer token (RFC 6750); pass the token alone, without 'Bearer '")
     return (*metadata, ("authorization", "Bearer " + user_token))
+
+
+# The caller's own metadata for calls made in this thread or task (outgoing_metadata).
+_OUTGOING: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "credential_broker_outgoing_metadata", default=()
+)
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_SDK_KEYS = frozenset({REQUEST_HEADER, CALLER_TOKEN_HEADER, "authorization"})
+MAX_METADATA_VALUE = 8192
+
+
+@contextlib.contextmanager
+def outgoing_metadata(*pairs: tuple[str, str]) -> Iterator[None]:
+    """Send ``pairs`` (such as ``("x-request-id", rid)``, which the broker's audit trail records,
+    or ``("traceparent", tp)``) with every call any client makes inside the block, in this
+    thread or asyncio task (and tasks it starts). Blocks nest and add up. Keys are lowercase
+    text header names; the SDK's own headers (the request header, the caller token,
+    ``authorization``), ``grpc-`` and binary (``-bin``) keys are refused, as are values that are
+    not printable ASCII, with a ValueError that never shows the value."""
+    checked = tuple(_checked_pair(key, value) for key, value in pairs)
+    token = _OUTGOING.set(_OUTGOING.get() + checked)
+    try:
+        yield
+    finally:
+        _OUTGOING.reset(token)
+
+
+def _checked_pair(key: str, value: str) -> tuple[str, str]:
+    if not (isinstance(key, str) and _METADATA_KEY.fullmatch(key)):
+        raise ValueError(f"metadata key {key!r}: use a lowercase header name (letters, digits, - _ .)")
+    if key in _SDK_KEYS or key.startswith("grpc-") or key.endswith("-bin"):
+        raise ValueError(f"metadata key {key!r}: reserved (the SDK's own, gRPC's or binary)")
+    if not (
+        isinstance(value, str)
+        and value.isascii()
+        and value.isprintable()
+        and len(value) <= MAX_METADATA_VALUE
+    ):
+        raise ValueError(
+            f"metadata {key}: the value must be printable ASCII, at most {MAX_METADATA_VALUE} characters"
+        )
+    return key, value
+
+
+def outgoing(metadata: tuple[tuple[str, str], ...], user_token: str | None) -> tuple[tuple[str, str], ...]:
+    """What a call sends: the client's ``metadata``, the user token, and the caller's own pairs
+    (outgoing_metadata) in this context."""
+    return (*with_user_token(metadata, user_token), *_OUTGOING.get())
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:

@@ -208,7 +208,7 @@ class AsyncBrokerClient:
         user_token: str | None = None,
     ) -> AsyncIterator[models.ConnectionEvent]:
         """Connection events as they are committed; see :meth:`BrokerClient.watch`."""
-        metadata = _common.with_user_token(self._metadata, user_token)
+        metadata = _common.outgoing(self._metadata, user_token)
         if self._closed:
             raise _common.closed_error("WatchConnections")
         call = self._stub.WatchConnections(
@@ -240,7 +240,7 @@ class AsyncBrokerClient:
         timeout: float | None,
         user_token: str | None = None,
     ) -> Any:
-        metadata = _common.with_user_token(self._metadata, user_token)
+        metadata = _common.outgoing(self._metadata, user_token)
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
         error: BrokerError | None = None  # the last attempt's

@@ -237,7 +237,7 @@ class BrokerClient:
         """Connection events as they are committed (never a token). Raises a BrokerError when
         the stream ends with one (e.g. WatchTooSlow: resume with the last ``sequence``). With
         user tokens verified, only one user's, with ``user_token``."""
-        metadata = _common.with_user_token(self._metadata, user_token)
+        metadata = _common.outgoing(self._metadata, user_token)
         if self._closed.is_set():
             raise _common.closed_error("WatchConnections")
         try:
@@ -273,7 +273,7 @@ class BrokerClient:
         user_token: str | None = None,
     ) -> R:
         """One RPC, UNAVAILABLE retried until the deadline; ``user_token``: see the class doc."""
-        metadata = _common.with_user_token(self._metadata, user_token)
+        metadata = _common.outgoing(self._metadata, user_token)
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         attempt = 0
         error: BrokerError | None = None  # the last attempt's
