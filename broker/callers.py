@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from broker import validation
 from broker.config import BrokerConfig, CallerConfig
 from broker.errors import CallerNotPermitted, CallerUnauthenticated, ConfigError, MissingRequestHeader
 
@@ -138,8 +139,13 @@ class CallerPolicy:
 
     @staticmethod
     def authorize(caller: Caller, method: str, upstream: str | None) -> None:
-        """Raise CallerNotPermitted when the caller's rules exclude the RPC or the upstream."""
+        """Raise CallerNotPermitted when the caller's rules exclude the RPC or the upstream
+        (InvalidArgument when ``upstream`` is not an upstream name at all)."""
         if not caller.may_call(method):
             raise CallerNotPermitted(f"caller {caller.name!r} may not call {method}")
         if upstream and not caller.may_use(upstream):
+            # Checked before the rules run and before the service validates the request, so a
+            # value that is no upstream name (a megabyte, a control character, a pasted token)
+            # is INVALID_ARGUMENT naming the field, never echoed in the refusal.
+            validation.upstream(upstream)
             raise CallerNotPermitted(f"caller {caller.name!r} may not use upstream {upstream!r}")

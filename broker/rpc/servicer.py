@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -62,6 +63,35 @@ def resolve_response(result: ResolvedCredential) -> pb.ResolveResponse:
 ANSWER_CACHE_SIZE = 1024
 
 
+T = TypeVar("T")
+
+
+class RunToTheEnd:
+    """Runs work that a caller's going away (its deadline passing, a cancel) must not cut short.
+
+    gRPC cancels a handler whose caller has gone. Complete has by then consumed the flow and
+    presented the code (the authorization server redeems it whether or not anyone reads the
+    answer), and Disconnect may be waiting on a slow revocation endpoint before it deletes:
+    cancelled there, the user's login would be lost with its grant orphaned upstream, or a
+    credential the caller asked to delete would still be served. So the work runs in a task of
+    its own, held here until it ends, and the handler awaits it through ``asyncio.shield``.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        return await asyncio.shield(task)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may be gone (a live one got it raised)
+
+
 class MalformedRequest:
     """Stands in for a request whose bytes did not parse, so the servicer can answer
     INVALID_ARGUMENT instead of gRPC's generic UNKNOWN."""
@@ -102,6 +132,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self._audit = auditor or Auditor()
         self._connections = connections
         self._answers: dict[tuple[object, ...], pb.ResolveResponse] = {}
+        self._to_the_end = RunToTheEnd()
+
+    async def _audited(self, method: str, request: object, work: Awaitable[T]) -> T:
+        """``work``, then its success audited: both within the task a caller cannot cancel."""
+        result = await work
+        _audit(self._audit, method, request, "success", "", result)
+        return result
 
     async def _user(
         self, context: grpc.aio.ServicerContext, user_id: str, subject_token: str = ""
@@ -159,12 +196,21 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            info = await self._service.complete(
-                request.state, request.code, request.user_id, request.iss, dict(request.callback_params)
+            info = await self._to_the_end.run(
+                self._audited(
+                    "Complete",
+                    request,
+                    self._service.complete(
+                        request.state,
+                        request.code,
+                        request.user_id,
+                        request.iss,
+                        dict(request.callback_params),
+                    ),
+                )
             )
         except Exception as exc:
             await self._fail(context, "Complete", request, exc)
-        _audit(self._audit, "Complete", request, "success", "", info)
         return pb.CompleteResponse(credential=_info(info))
 
     async def Deny(self, request: pb.DenyRequest, context: grpc.aio.ServicerContext) -> pb.DenyResponse:
@@ -253,10 +299,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            result = await self._manager().disconnect(request.user_id, request.upstream)
+            result = await self._to_the_end.run(
+                self._audited(
+                    "Disconnect", request, self._manager().disconnect(request.user_id, request.upstream)
+                )
+            )
         except Exception as exc:
             await self._fail(context, "Disconnect", request, exc)
-        _audit(self._audit, "Disconnect", request, "success", "", result)
         return pb.DisconnectResponse(
             deleted=result.deleted,
             revocations=[
@@ -275,12 +324,15 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if self._offboarding is None:
                 raise NotImplementedMode("DisconnectAll is not wired in this server")
             await self._user(context, request.user_id)
-            done = await self._offboarding.disconnect_all(
-                request.user_id, who.may_use if who else lambda _: True
+            done = await self._to_the_end.run(
+                self._audited(
+                    "DisconnectAll",
+                    request,
+                    self._offboarding.disconnect_all(request.user_id, who.may_use if who else lambda _: True),
+                )
             )
         except Exception as exc:
             await self._fail(context, "DisconnectAll", request, exc)
-        _audit(self._audit, "DisconnectAll", request, "success", "", done)
         return pb.DisconnectAllResponse(
             results=[
                 pb.UpstreamDisconnect(

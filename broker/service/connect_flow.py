@@ -185,6 +185,7 @@ class ConnectFlowService(ServiceBase):
         user = validation.user_id(user_id)
         callback = callback_params or {}
         connection_values.check_callback_params(callback)
+        iss_format(iss)  # every field is checked before the state is consumed
         # Consumed on first use, whatever happens next.
         flow = await self._take_flow(state)
         if flow is None or flow.expires_at <= self._clock.now():
@@ -308,12 +309,17 @@ class ConnectFlowService(ServiceBase):
         )
 
 
+def iss_format(iss: str) -> None:
+    """A callback's ``iss`` must be printable text of at most 2048 characters (or absent)."""
+    if len(iss) > 2048 or (iss and not iss.isprintable()):
+        raise InvalidArgument("iss: must be printable text of at most 2048 characters")
+
+
 def check_iss(upstream: UpstreamConfig, iss: str) -> None:
     """RFC 9207 section 2.4: when the server sends iss (or says it does), it must be the issuer
     the request went to; otherwise the response may come from a mix-up attack."""
     auth = upstream.auth_broker
-    if len(iss) > 2048 or (iss and not iss.isprintable()):
-        raise InvalidArgument("iss: must be printable text of at most 2048 characters")
+    iss_format(iss)
     if auth.authorization_response_iss_parameter_supported and not iss:
         raise IssuerMismatch(
             f"iss: required for upstream {upstream.name!r} (its authorization server sends it, RFC 9207)"
