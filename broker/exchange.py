@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
+from broker import lifecycle
 from broker.audit import Auditor
 from broker.clock import Clock
 from broker.config import Mode, UpstreamConfig
@@ -93,7 +95,14 @@ class TokenExchanger:
             return await self.flights.run(
                 (user, upstream.key), lambda: self._exchange(user, upstream, subject_token, window)
             )
-        except TokenRequestRejected:
+        except TokenRequestRejected as exc:
+            if rate_limited(exc):
+                # Not a refusal of the user's token: the server asks to come back later. A
+                # token still valid for what the caller asked is better than an error, and the
+                # stored grant is not sent to a server that just said "slow down".
+                if cached is not None and cached.valid_for(self._clock.now(), floor):
+                    return cached
+                raise
             if not renewable:
                 raise
             # The user's token was refused (typically: it expired); the stored grant still serves.
@@ -113,11 +122,17 @@ class TokenExchanger:
         assert self.renew is not None
         try:
             return await self.renew(user, upstream, window)
-        except UpstreamUnavailable:
+        except (UpstreamUnavailable, TokenRequestRejected) as exc:
+            if isinstance(exc, TokenRequestRejected) and lifecycle.is_terminal(exc):
+                raise renewal_refused(upstream) from None
+            # Down, or a refusal that does not end the grant (rate limited, invalid_scope, a 4xx
+            # without a code; the refresh recorded it and backs off): the grant still stands, so
+            # this is not SUBJECT_TOKEN_REQUIRED. A token still valid for ``floor`` serves.
             if cached is not None and cached.valid_for(self._clock.now(), floor):
                 return cached
             raise
-        except (TokenRequestRejected, ConnectRequired):
+        except ConnectRequired:
+            # The refresh found the grant dead (invalid_grant, a reconnect error, no refresh token).
             raise renewal_refused(upstream) from None
 
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
@@ -221,6 +236,12 @@ class TokenExchanger:
             obtained_via=_OBTAINED_VIA[auth.mode].value,
             updated_at=now,
         )
+
+
+def rate_limited(exc: TokenRequestRejected) -> bool:
+    """HTTP 429 (RFC 6585 section 4): too many requests for now. Neither the token presented nor
+    the grant was refused."""
+    return exc.status == HTTPStatus.TOO_MANY_REQUESTS
 
 
 def renewal_refused(upstream: UpstreamConfig) -> SubjectTokenRequired:

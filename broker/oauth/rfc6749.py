@@ -138,7 +138,13 @@ def _token_type(data: Mapping[str, object]) -> str:
 
 def _scope(data: Mapping[str, object]) -> tuple[str, ...] | None:
     """Appendix A.4: scope-token *( SP scope-token ), each 1*NQCHAR. Runs of spaces (and spaces
-    at the ends) are tolerated; any other whitespace or character is not."""
+    at the ends) are tolerated; any other whitespace or character is not. A JSON array of
+    scope-tokens (Twitch sends one) is read as the same list."""
+    listed = data.get("scope")
+    if isinstance(listed, list):
+        if not all(isinstance(word, str) and _NQCHAR.fullmatch(word) for word in listed):
+            raise _bad("scope is not a list of scope tokens")
+        data = {"scope": " ".join(listed)}
     value = _optional_str(data, "scope")
     if value is None:
         return None
@@ -235,7 +241,10 @@ def _expires_in(value: object) -> int | None:
         value = int(value.strip(" "))
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad("expires_in is not a number")
-    if not math.isfinite(value) or not 0 <= value <= MAX_EXPIRES_IN:
+    # The range check comes first: comparing an int with a float is exact in Python, while
+    # math.isfinite(int) converts to float and overflows on a JSON integer of 309+ digits. NaN
+    # fails every comparison, so it is out of range too.
+    if not 0 <= value <= MAX_EXPIRES_IN or not math.isfinite(value):
         raise _bad("expires_in is out of range")
     return int(value)
 

@@ -8,6 +8,7 @@ the endpoints the config does not name. The documents are cached per issuer for 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -86,6 +87,10 @@ class MetadataCache:
             timeout=self._timeout, transport=self._transport, follow_redirects=False, trust_env=False
         ) as http:
             for url in metadata_urls(issuer):
+                # The timeout bounds each fetch as a whole, not only each read: a server that
+                # drips its document a byte at a time is cut once the deadline has passed (after
+                # at most one more read), instead of holding start-up for as long as it drips.
+                deadline = time.monotonic() + self._timeout
                 try:
                     with (
                         self._spans.http("discovery", "GET", url, upstream=upstream) as span,
@@ -97,6 +102,8 @@ class MetadataCache:
                             body += chunk
                             if len(body) > MAX_METADATA_BYTES:
                                 raise ValueError("too large")
+                            if time.monotonic() > deadline:
+                                raise ValueError("timed out")
                     document = parse_metadata(issuer, resp.status_code, body)
                 except httpx.HTTPError:
                     problems.append(f"{url}: unreachable")
