@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ from broker.oauth.client import TokenEndpointClient
 from broker.oauth.client_auth import load_client_keys
 from broker.oauth.rfc7009 import RevocationClient
 from broker.oauth.rfc8414 import MetadataCache, apply_discovery
+from broker.oauth.tls import outbound_ssl_context
 from broker.offboarding import Offboarding
 from broker.policy import PolicyEnforcer, build_policy
 from broker.preflight import describe_bind_error
@@ -145,6 +147,8 @@ class Core:
     tokens: MeteredTokenClient
     exchanger: TokenExchanger
     service: BrokerService
+    #: the one SSL context of every outbound HTTPS client (http.ca_file; broker/oauth/tls.py)
+    outbound_tls: ssl.SSLContext
 
 
 def build_core(
@@ -163,8 +167,12 @@ def build_core(
     Upstreams that name an ``issuer`` get their missing endpoints from its RFC 8414 metadata
     here, once (unless ``discover`` is off: a config that already went through it)."""
     spans = start_tracing(config.tracing, store_system=config.store.backend)
+    outbound_tls = outbound_ssl_context(config.http.ca_file)
     if discover and any(u.auth_broker.issuer for u in config.upstreams):
-        config = apply_discovery(config, MetadataCache(timeout=config.http.timeout_seconds, spans=spans))
+        config = apply_discovery(
+            config,
+            MetadataCache(timeout=config.http.timeout_seconds, spans=spans, verify=outbound_tls),
+        )
     load_client_keys(config)  # each private_key_file, once, before anything else is opened
     spans.name_endpoints(_endpoint_names(config))
     metrics = BrokerMetrics()
@@ -196,6 +204,7 @@ def build_core(
             transport=transport,
             max_concurrent_requests=config.http.max_concurrent_requests,
             spans=spans,
+            verify=outbound_tls,
         )
         exchanger = TokenExchanger(vault, tokens, clock, logger, auditor)
         policy = PolicyEnforcer(build_policy(config.policy), logger)
@@ -204,7 +213,19 @@ def build_core(
         store.close()
         raise
     return Core(
-        config, spans, metrics, auditor, source, keyring, store, traced, vault, tokens, exchanger, service
+        config,
+        spans,
+        metrics,
+        auditor,
+        source,
+        keyring,
+        store,
+        traced,
+        vault,
+        tokens,
+        exchanger,
+        service,
+        outbound_tls,
     )
 
 
@@ -249,6 +270,7 @@ def build_app(
                 transport=transport,
                 logger=logger,
                 spans=spans,
+                verify=core.outbound_tls,
             )
         connections = ConnectionManager(config, vault, RevocationClient(tokens), clock)
         metrics.watch_single_flight(lambda: service.flights.coalesced)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
@@ -425,6 +426,9 @@ class HttpConfig(_Strict):
     # slots carry hundreds of refreshes a second at normal latency, while a hung upstream can
     # hold no more than 10 connections (each token endpoint host also has its own pool).
     max_concurrent_requests: int = Field(default=10, ge=1, le=1000)
+    # A PEM bundle of CA certificates trusted for outbound HTTPS in addition to the default
+    # ones (a self-hosted authorization server or identity provider on a private CA).
+    ca_file: Path | None = None
 
 
 # Asymmetric JWS algorithms only (RFC 7518 section 3, RFC 8037): "none" and the HMAC family
@@ -1128,6 +1132,15 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         tracing = resolve_tracing(config.tracing, environ)
     except ConfigError as exc:
         problems.append(exc.message)
+    http = config.http
+    if http.ca_file is not None:
+        ca_file = rooted(http.ca_file)
+        http = http.model_copy(update={"ca_file": ca_file})
+        try:
+            # Read now, so `config check` and start-up both stop on a file that cannot be used.
+            load_ca_file(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ca_file)
+        except ConfigError as exc:
+            problems.append(exc.message)
     if problems:
         raise ConfigError(format_errors(problems))
     tls = config.tls
@@ -1146,6 +1159,7 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
         update={
             "tls": tls,
             "audit": audit,
+            "http": http,
             "tracing": tracing,
             "upstreams": tuple(upstreams),
             "store": store.model_copy(update={"path": rooted(store.path)}),
@@ -1153,6 +1167,21 @@ def load_config(document: Mapping[str, Any], *, environ: Mapping[str, str], base
             "providers_file": rooted(config.providers_file) if config.providers_file else None,
         }
     )
+
+
+def load_ca_file(context: ssl.SSLContext, path: Path) -> None:
+    """Add the CA certificates of the PEM file ``path`` (``http.ca_file``) to ``context``'s trust,
+    or raise a one-line ConfigError saying what the file must be."""
+    what = "it must be a readable PEM file of the CA certificates to trust for outbound HTTPS"
+    try:
+        path.read_bytes()  # a clear reason (missing, a folder, no permission) before OpenSSL's
+        context.load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        raise ConfigError(
+            f"http.ca_file: {path} holds no PEM CA certificate (-----BEGIN CERTIFICATE-----); {what}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"http.ca_file: cannot read {path} ({exc.strerror or exc}); {what}") from None
 
 
 def _rooted_keyring(keyring: KeyringConfig, rooted: Callable[[Path], Path]) -> KeyringConfig:

@@ -136,9 +136,18 @@ class TokenRequestRejected(BrokerError):
         #: The provider's code says the grant is dead (an upstream's ``reconnect_errors``).
         self.reconnect = reconnect
 
+    #: Seconds a 429's ``Retry-After`` header asked the client to wait (RFC 9110 section
+    #: 10.2.3), set by the token client; the refresh backoff honours it. Never in the message
+    #: or metadata: the gRPC answer is the same with or without it.
+    retry_after: float | None = None
+
 
 class UpstreamUnavailable(BrokerError):
     code = "UPSTREAM_UNAVAILABLE"
+
+    #: Seconds a 503's ``Retry-After`` header asked the client to wait, as for
+    #: TokenRequestRejected.retry_after.
+    retry_after: float | None = None
 
 
 class IdentityProviderUnavailable(UpstreamUnavailable):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from broker.clock import Clock
 from broker.config import IdentityConfig, _check_url
 from broker.errors import IdentityProviderUnavailable, UserMismatch, UserTokenInvalid
 from broker.logs import fields, get_logger
+from broker.oauth.tls import certificate_problem, untrusted
 from broker.tracing import NO_SPANS, CallRecord, Spans
 
 # RFC 7518 section 3.1 / RFC 8037 section 3.1: which key type each algorithm signs with.
@@ -94,14 +96,17 @@ class IdentityVerifier:
         transport: httpx.AsyncBaseTransport | None = None,
         logger: logging.Logger | None = None,
         spans: Spans = NO_SPANS,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._config = config
         self._spans = spans
         self._clock = clock
         self._log = logger or get_logger()
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             transport=transport,
+            verify=verify,  # the outbound SSL context (broker/oauth/tls.py; http.ca_file)
             follow_redirects=False,
             trust_env=False,
             headers={"Accept": "application/json"},
@@ -303,8 +308,11 @@ class IdentityVerifier:
             return await self._fetch_json(url, what, span)
 
     async def _fetch_json(self, url: str, what: str, span: CallRecord) -> dict[str, Any]:
+        # The timeout bounds the fetch as a whole (connect, headers and every byte of the body),
+        # not only each read: a provider that drips its document a byte at a time is cut at the
+        # deadline instead of holding every RPC that waits for the keys.
         try:
-            async with self._http.stream("GET", url) as resp:
+            async with asyncio.timeout(self._timeout), self._http.stream("GET", url) as resp:
                 span.status(resp.status_code)
                 if resp.status_code != 200:
                     raise IdentityProviderUnavailable(
@@ -315,7 +323,14 @@ class IdentityVerifier:
                     body += chunk
                     if len(body) > MAX_DOCUMENT_BYTES:
                         raise IdentityProviderUnavailable(f"the identity provider's {what} is too large")
-        except httpx.HTTPError:
+        except (TimeoutError, httpx.TimeoutException):
+            raise IdentityProviderUnavailable(f"fetching the identity provider's {what} timed out") from None
+        except httpx.HTTPError as exc:
+            problem = certificate_problem(exc)
+            if problem is not None:
+                raise IdentityProviderUnavailable(
+                    untrusted(f"the identity provider's {what} server", problem)
+                ) from None
             raise IdentityProviderUnavailable(f"could not fetch the identity provider's {what}") from None
         try:
             document = json.loads(body)

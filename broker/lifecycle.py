@@ -20,6 +20,12 @@ TERMINAL_OAUTH_ERRORS = frozenset({"invalid_grant", "invalid_client"})
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
+#: The longest wait a server's Retry-After can impose: a hostile or broken server cannot park a
+#: credential for years.
+RETRY_AFTER_CAP_SECONDS = 3600.0
+#: A honoured Retry-After is stretched by up to this fraction, so the credentials a server
+#: rate-limited together do not all come back in the same second and trip the limit again.
+RETRY_AFTER_SPREAD = 0.1
 
 
 def is_terminal(error: BrokerError) -> bool:
@@ -41,6 +47,8 @@ def error_class(error: BrokerError) -> str:
             return "timeout"
         if "HTTP 5" in text:
             return "http_5xx"
+        if text.startswith("certificate not trusted"):
+            return "certificate_not_trusted"
         if "could not reach" in text:
             return "unreachable"
         return "invalid_response"
@@ -53,6 +61,18 @@ def backoff_seconds(consecutive_failures: int, rng: random.Random | None = None)
     n = max(1, consecutive_failures)
     ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * float(1 << min(n - 1, 30)))
     return ceiling * (rng or _RNG).uniform(0.5, 1.0)
+
+
+def retry_wait(error: BrokerError, consecutive_failures: int, rng: random.Random | None = None) -> float:
+    """How long a transient refresh failure waits before the next attempt: the backoff, but at
+    least what the server's Retry-After asked for (a 429 or 503; RFC 9110 section 10.2.3),
+    stretched by up to RETRY_AFTER_SPREAD and capped at RETRY_AFTER_CAP_SECONDS."""
+    wait = backoff_seconds(consecutive_failures, rng)
+    asked = getattr(error, "retry_after", None)
+    if isinstance(asked, float | int) and asked > 0:
+        spread = asked * (rng or _RNG).uniform(1.0, 1.0 + RETRY_AFTER_SPREAD)
+        wait = max(wait, min(spread, RETRY_AFTER_CAP_SECONDS))
+    return wait
 
 
 _RNG = random.Random()  # noqa: S311 - jitter, not a secret

@@ -30,6 +30,7 @@ import re
 import secrets
 import socket
 import socketserver
+import ssl
 import threading
 import time
 import weakref
@@ -50,6 +51,7 @@ __all__ = [
     "AuthorizeError",
     "Client",
     "RecordedRequest",
+    "ServerTLS",
 ]
 
 GRANT_AUTHORIZATION_CODE = "authorization_code"
@@ -134,6 +136,16 @@ class RecordedRequest:
     query: dict[str, list[str]] = field(default_factory=dict)
     body: bytes = b""
     failure: str | None = None  # the fail_next kind applied to this request, if any
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """Opt-in HTTPS: ``server`` is the server side's context (its certificate and key);
+    ``client`` is the context the test harness itself uses to call the server (``authorize``,
+    ``introspect``), trusting the CA that issued that certificate."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
 
 
 class AuthorizeError(Exception):
@@ -393,9 +405,12 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in separate writes
 
     def setup(self) -> None:
-        """Track the connection for stop()."""
+        """Track the connection for stop(); over TLS, finish the handshake on this thread (a
+        client that refuses the certificate fails here, quietly, without holding the server)."""
         super().setup()
         self.server.track(self.connection)
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def finish(self) -> None:
         """Untrack the connection."""
@@ -479,9 +494,12 @@ class AuthServer:
         rotate_refresh_tokens: bool = True,
         revoke_grant_on_reuse: bool = True,
         issue_refresh_token: bool = True,
+        tls: ServerTLS | None = None,
     ) -> None:
-        """Configure token lifetimes and refresh-token policy; nothing listens until start()."""
+        """Configure token lifetimes and refresh-token policy; nothing listens until start().
+        ``tls`` serves HTTPS instead of HTTP (``base_url`` is then https)."""
         self.access_ttl = access_ttl
+        self.tls = tls
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.revoke_grant_on_reuse = revoke_grant_on_reuse
         self.issue_refresh_token = issue_refresh_token
@@ -532,6 +550,12 @@ class AuthServer:
         httpd = _HTTPServer(self)
         port = httpd.server_address[1]
         self._base_url = f"http://127.0.0.1:{port}"
+        if self.tls is not None:
+            # The handshake runs on each connection's handler thread (_Handler.setup).
+            httpd.socket = self.tls.server.wrap_socket(
+                httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
+            self._base_url = f"https://127.0.0.1:{port}"
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
@@ -756,7 +780,7 @@ class AuthServer:
         ``error=access_denied``, ``state``, ``iss``). Raises AuthorizeError on any other answer.
         """
         parts = urlsplit(authorization_url)
-        if parts.scheme != "http" or parts.hostname is None:
+        if parts.scheme not in ("http", "https") or parts.hostname is None:
             raise ValueError(f"not an http URL: {authorization_url!r}")
         query = [
             (name, value)
@@ -766,7 +790,7 @@ class AuthServer:
         query.append(("login_hint_user", user))
         if deny:
             query.append(("test_deny", "1"))
-        connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+        connection = self._connection(parts.hostname, parts.port or 80)
         try:
             connection.request("GET", f"{parts.path or '/'}?{urlencode(query)}")
             response = connection.getresponse()
@@ -780,6 +804,12 @@ class AuthServer:
             name: values[0]
             for name, values in parse_qs(urlsplit(location).query, keep_blank_values=True).items()
         }
+
+    def _connection(self, host: str, port: int | None) -> http.client.HTTPConnection:
+        """A connection from the test harness to this server (HTTPS when it serves TLS)."""
+        if self.tls is not None:
+            return http.client.HTTPSConnection(host, port, timeout=10, context=self.tls.client)
+        return http.client.HTTPConnection(host, port, timeout=10)
 
     # ----------------------------------------------------------------- request handling
 
@@ -1381,7 +1411,7 @@ class AuthServer:
             if client.client_secret is not None:
                 data["client_secret"] = client.client_secret
         parts = urlsplit(self.introspection_endpoint)
-        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+        conn = self._connection(parts.hostname or "127.0.0.1", parts.port)
         try:
             conn.request("POST", parts.path, body=urlencode(data), headers=headers)
             answer = conn.getresponse()

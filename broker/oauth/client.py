@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import httpx
 
 from broker.config import ClientAuthMethod
-from broker.errors import UpstreamUnavailable
+from broker.errors import TokenRequestRejected, UpstreamUnavailable
 from broker.oauth.rfc6749 import TokenResponse, basic_credentials, parse_token_response
 from broker.oauth.rfc7523 import CLIENT_ASSERTION_TYPE
+from broker.oauth.rfc9110 import retry_after_seconds
+from broker.oauth.tls import certificate_problem, untrusted
 from broker.tracing import NO_SPANS, Spans
 
 
@@ -67,6 +72,10 @@ class TokenEndpointClient:
     cut at the deadline, not let run for as long as each read stays under a per-read timeout.
 
     ``spans``: each request is a client span (broker/tracing/), when tracing is on.
+
+    ``verify``: the outbound SSL context (broker/oauth/tls.py; ``http.ca_file``), shared by
+    every pool; True is httpx's default trust. A certificate that fails verification is its own
+    error ("certificate not trusted"), not "could not reach".
     """
 
     def __init__(
@@ -77,8 +86,10 @@ class TokenEndpointClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_concurrent_requests: int = 10,
         spans: Spans = NO_SPANS,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.timeout = timeout
+        self._verify = verify
         self.spans = spans
         self._max_bytes = max_bytes
         self._transport = transport
@@ -96,6 +107,7 @@ class TokenEndpointClient:
                 # pool never makes a request wait behind another upstream's.
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=self._max_concurrent),
                 transport=self._transport,
+                verify=self._verify,
                 follow_redirects=False,
                 trust_env=False,
                 headers={"Accept": "application/json", "Accept-Encoding": "gzip, identity"},
@@ -123,10 +135,15 @@ class TokenEndpointClient:
         ``deadline`` (event-loop time) replaces "now + timeout" when the caller must know the
         request is over by then (a refresh under a lease). ``json_body`` sends the fields as a
         JSON object instead of a form; ``parse`` reads the answer (an upstream's knobs)."""
-        status, body = await self.post_form(
-            endpoint, form, credentials, upstream=upstream, deadline=deadline, json_body=json_body
-        )
-        return parse(status, body)
+        answer = await self._send(endpoint, form, credentials, upstream, deadline, json_body, "token")
+        try:
+            return parse(answer.status, answer.body)
+        except (TokenRequestRejected, UpstreamUnavailable) as exc:
+            # RFC 9110 section 10.2.3: the server said when to come back (a 429 or 503); the
+            # refresh backoff honours it (broker/lifecycle.py). Never read from the body.
+            if exc.retry_after is None:
+                exc.retry_after = answer.retry_after
+            raise
 
     async def post_form(
         self,
@@ -141,10 +158,23 @@ class TokenEndpointClient:
     ) -> tuple[int, bytes]:
         """Post ``form`` and read the answer's status and (bounded) body. ``call`` names the kind
         of request in its trace span: ``token`` or ``revocation``."""
+        answer = await self._send(endpoint, form, credentials, upstream, deadline, json_body, call)
+        return answer.status, answer.body
+
+    async def _send(
+        self,
+        endpoint: str,
+        form: Sequence[tuple[str, str]],
+        credentials: ClientCredentials,
+        upstream: str | None,
+        deadline: float | None,
+        json_body: bool,
+        call: str,
+    ) -> Answer:
         with self.spans.http(call, "POST", endpoint, upstream=upstream) as span:
-            status, body = await self._post_form(endpoint, form, credentials, upstream, deadline, json_body)
-            span.status(status)
-            return status, body
+            answer = await self._post_form(endpoint, form, credentials, upstream, deadline, json_body)
+            span.status(answer.status)
+            return answer
 
     async def _post_form(
         self,
@@ -154,7 +184,7 @@ class TokenEndpointClient:
         upstream: str | None,
         deadline: float | None,
         json_body: bool,
-    ) -> tuple[int, bytes]:
+    ) -> Answer:
         fields = list(form)
         headers: dict[str, str] = {}
         credentials.apply(fields, headers)
@@ -178,7 +208,7 @@ class TokenEndpointClient:
                     json=values if json_body else None,
                 ) as resp:
                     body = await self._read(resp)
-                    return resp.status_code, body
+                    return Answer(resp.status_code, body, _retry_after(resp))
         except (TimeoutError, httpx.TimeoutException):
             if not have_slot:
                 raise UpstreamUnavailable(
@@ -186,8 +216,11 @@ class TokenEndpointClient:
                     "(http.max_concurrent_requests); the authorization server is slow"
                 ) from None
             raise UpstreamUnavailable("the authorization server timed out") from None
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
             # The exception text can name the URL; it is dropped on purpose.
+            problem = certificate_problem(exc)
+            if problem is not None:
+                raise UpstreamUnavailable(untrusted("the authorization server", problem)) from None
             raise UpstreamUnavailable("could not reach the authorization server") from None
 
     async def _read(self, resp: httpx.Response) -> bytes:
@@ -214,6 +247,25 @@ class TokenEndpointClient:
         pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             await pool.aclose()
+
+
+class Answer(NamedTuple):
+    """A token endpoint's answer: status, bounded body, and the wait its Retry-After asks for."""
+
+    status: int
+    body: bytes
+    retry_after: float | None = None
+
+
+#: The statuses whose Retry-After means "come back then" (RFC 6585 section 4, RFC 9110 section
+#: 15.6.4); on any other status the header is ignored.
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    if resp.status_code not in RETRY_AFTER_STATUSES:
+        return None
+    return retry_after_seconds(resp.headers.get("retry-after"), resp.headers.get("date"), time.time())
 
 
 def dict_multi(fields: Sequence[tuple[str, str]]) -> dict[str, str | list[str]]:

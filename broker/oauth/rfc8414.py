@@ -8,6 +8,7 @@ the endpoints the config does not name. The documents are cached per issuer for 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +17,7 @@ import httpx
 
 from broker.config import BrokerConfig, check_endpoint_url
 from broker.errors import ConfigError
+from broker.oauth.tls import certificate_problem
 from broker.tracing import NO_SPANS, Spans
 
 MAX_METADATA_BYTES = 256 * 1024
@@ -69,9 +71,15 @@ class MetadataCache:
     """Fetches each issuer's metadata once and keeps it."""
 
     def __init__(
-        self, *, timeout: float, transport: httpx.BaseTransport | None = None, spans: Spans = NO_SPANS
+        self,
+        *,
+        timeout: float,
+        transport: httpx.BaseTransport | None = None,
+        spans: Spans = NO_SPANS,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._spans = spans
+        self._verify = verify
         self._documents: dict[str, dict[str, Any]] = {}
         self._timeout = timeout
         self._transport = transport
@@ -84,7 +92,11 @@ class MetadataCache:
             return cached
         problems = []
         with httpx.Client(
-            timeout=self._timeout, transport=self._transport, follow_redirects=False, trust_env=False
+            timeout=self._timeout,
+            transport=self._transport,
+            verify=self._verify,
+            follow_redirects=False,
+            trust_env=False,
         ) as http:
             for url in metadata_urls(issuer):
                 # The timeout bounds each fetch as a whole, not only each read: a server that
@@ -105,8 +117,11 @@ class MetadataCache:
                             if time.monotonic() > deadline:
                                 raise ValueError("timed out")
                     document = parse_metadata(issuer, resp.status_code, body)
-                except httpx.HTTPError:
-                    problems.append(f"{url}: unreachable")
+                except httpx.HTTPError as exc:
+                    problem = certificate_problem(exc)
+                    problems.append(
+                        f"{url}: " + (f"certificate not trusted: it {problem}" if problem else "unreachable")
+                    )
                     continue
                 except ValueError as exc:
                     problems.append(f"{url}: {exc}")

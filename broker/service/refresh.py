@@ -260,7 +260,7 @@ class RefreshService(ServiceBase):
         else:
             failures = credential.failure_count + 1
             status = CredentialStatus.ERROR
-            wait = lifecycle.backoff_seconds(failures)
+            wait = lifecycle.retry_wait(exc, failures)  # the backoff, at least the Retry-After
             if kind == "timeout":
                 # A request cut at its deadline may still be processed by a slow server: give it
                 # at least one more timeout before the same refresh token is presented again.
