@@ -17,12 +17,17 @@ Atomicity across replicas:
 Errors: every psycopg/pool error becomes a StoreError (UNAVAILABLE) here, once. Messages carry
 the error class and SQLSTATE, never the DSN or its password. After a connection failure, reads
 stop waiting for the pool for a short while (they run on the event loop) and fail fast until a
-connection comes back; the pool reconnects in the background by itself.
+connection comes back; the pool reconnects in the background by itself. A pooled connection the
+server ended while idle (a restart, a failover) is never handed out, so none of them fails a call
+once the database is back; a database that stops answering without a word fails a call within
+seconds (``_NETWORK_DEFAULTS``); a replica frozen inside a write transaction has it ended by the
+server within 2 s, releasing the locks every other replica's writes wait for.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +37,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from broker.errors import StoreError
 from broker.store.base import (
@@ -62,6 +68,20 @@ _SUSPECT_SECONDS = 2.0  # after a connection failure, reads fail fast for this l
 _SUSPECT_READ_WAIT_SECONDS = 0.02
 _WRITE_WAIT_SECONDS = 5.0
 _RECONNECT_TIMEOUT_SECONDS = 2.0  # a pool slot gives up and is re-grown on demand after this
+
+# Connection parameters a DSN does not set itself. A database that stops answering without a
+# word (a network partition, a connection a NAT or load balancer dropped silently) is noticed in
+# seconds rather than when TCP gives up, about 15 minutes later (Resolve reads on the event loop):
+# data unacknowledged for ``tcp_user_timeout`` ms ends the connection (Linux), keepalives find a
+# dead idle connection (and keep NAT mappings alive), and a connection attempt is bounded.
+_NETWORK_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "tcp_user_timeout": 5000,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 _CLEAR_LIFECYCLE = "next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, needs_reauth_at = NULL"
 
@@ -144,6 +164,23 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
 
 
+def _closed_while_idle(conn: psycopg.Connection[Any]) -> bool:
+    """True when the server ended this idle pooled connection. Costs no round trip when it did
+    not: an idle connection has nothing to read unless the server sent something (its
+    termination message and end of file, or rarely a notice); only then is it asked."""
+    if conn.closed:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False
+        conn.execute("")  # raises when the server is gone; consumes a harmless notice
+    except (psycopg.Error, OSError, ValueError):
+        return True
+    return False
+
+
 class PostgresStore(UpkeepQueries):
     """Credentials and pending flows in PostgreSQL, shared by every replica."""
 
@@ -162,13 +199,18 @@ class PostgresStore(UpkeepQueries):
 
     def __init__(self, dsn: str, *, pool_size: int = 10, name: str = "credential-broker") -> None:
         self._dsn = dsn
+        try:
+            given = conninfo_to_dict(dsn)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the PostgreSQL store: {describe(exc)}") from None
+        self._network = {key: value for key, value in _NETWORK_DEFAULTS.items() if key not in given}
         self._suspect_until = 0.0
         self._lock = threading.Lock()
         self.pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
             dsn,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True, "application_name": name},
+            kwargs={"autocommit": True, "application_name": name, **self._network},
             configure=self._configure,
             reconnect_timeout=_RECONNECT_TIMEOUT_SECONDS,
             name=name,
@@ -189,6 +231,11 @@ class PostgresStore(UpkeepQueries):
         # Bound every wait on a row or advisory lock, and every statement.
         conn.execute("SET lock_timeout = '5s'")
         conn.execute("SET statement_timeout = '30s'")
+        # A transaction of ours never waits between its statements; one that does belongs to a
+        # replica that froze or lost the database mid-write. The server ends it (releasing its
+        # row locks and the event lock every replica's writes take) well within the others'
+        # lock_timeout, instead of when TCP keepalive gives up, hours later.
+        conn.execute("SET idle_in_transaction_session_timeout = '2s'")
 
     # -- connections ---------------------------------------------------------------------
 
@@ -197,8 +244,19 @@ class PostgresStore(UpkeepQueries):
             self._suspect_until = time.monotonic() + _SUSPECT_SECONDS
 
     @contextmanager
-    def _connection(self, wait: float) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self, wait: float, retry_wait: float) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection, waiting up to ``wait`` for one. One the server ended while it sat
+        idle in the pool (a restart, a failover, pg_terminate_backend, a proxy's idle limit) is
+        never handed out: it likely ended every idle one, so all are tested (the dead discarded
+        and re-made in the background) and another is awaited up to ``retry_wait``."""
         with self.pool.connection(timeout=wait) as conn:
+            if not _closed_while_idle(conn):
+                yield conn
+                return
+            conn.close()  # the pool discards it when it comes back
+        self._suspect_until = time.monotonic() + _SUSPECT_SECONDS
+        self.pool.check()
+        with self.pool.connection(timeout=retry_wait) as conn:
             yield conn
 
     def _read(self, query: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
@@ -207,7 +265,7 @@ class PostgresStore(UpkeepQueries):
         wait = _SUSPECT_READ_WAIT_SECONDS if suspect else _READ_WAIT_SECONDS
         for attempt in (1, 2):
             try:
-                with self._connection(wait) as conn:
+                with self._connection(wait, _SUSPECT_READ_WAIT_SECONDS) as conn:
                     rows = conn.execute(query, params).fetchall()
                 self._suspect_until = 0.0
                 return rows
@@ -231,7 +289,7 @@ class PostgresStore(UpkeepQueries):
         # The connections are in autocommit mode: outside a transaction block, each statement is
         # its own transaction.
         try:
-            with self._connection(_WRITE_WAIT_SECONDS) as conn:
+            with self._connection(_WRITE_WAIT_SECONDS, _WRITE_WAIT_SECONDS) as conn:
                 yield conn
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             self._failed(exc)
@@ -368,7 +426,7 @@ class PostgresStore(UpkeepQueries):
         while not stop.is_set():
             try:
                 with psycopg.connect(
-                    self._dsn, autocommit=True, application_name="credential-broker-listen"
+                    self._dsn, autocommit=True, application_name="credential-broker-listen", **self._network
                 ) as conn:
                     conn.execute(f"LISTEN {EVENT_CHANNEL}")
                     wake()

@@ -205,8 +205,8 @@ class SqliteStore(UpkeepQueries):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
         try:
+            conn = self._conn()  # a thread's first write opens its connection: that may fail too
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
