@@ -72,7 +72,10 @@ class TokenExchanger:
         """A credential valid for ``window`` seconds if one can be had; one valid for ``floor``
         (the caller's own minimum) when no new exchange is possible."""
         mode = upstream.auth_broker.mode
-        cached = self._load(user, upstream, recent=True)
+        if self._vault.must_wait(user, upstream.key, recent=True):  # PostgreSQL, nothing remembered
+            cached = await asyncio.to_thread(self._load, user, upstream, True)
+        else:
+            cached = self._load(user, upstream, recent=True)
         now = self._clock.now()
         if cached is not None and cached.valid_for(now, window):
             return cached
@@ -164,7 +167,10 @@ class TokenExchanger:
     ) -> Credential:
         """One exchange, inside the single flight for (user, upstream)."""
         # Another caller (or replica) may have just stored a fresh one.
-        cached = self._load(user, upstream)
+        if self._vault.must_wait(user, upstream.key):
+            cached = await asyncio.to_thread(self._load, user, upstream)
+        else:
+            cached = self._load(user, upstream)
         if cached is not None and cached.valid_for(self._clock.now(), window):
             return cached
         auth = upstream.auth_broker

@@ -154,6 +154,9 @@ class CredentialVault:
         read_cache_seconds: float = 0.0,
     ):
         self.store = cast(CredentialStore, _WriteTracking(store, self._wrote))
+        #: The store's reads go over the network and may wait on a lock (PostgreSQL): the
+        #: service then reads in a worker thread, never on the event loop (see must_wait).
+        self.reads_may_wait: bool = getattr(store, "READS_MAY_WAIT", False)
         self._cipher = cipher
         self._read_ttl = read_cache_seconds
         # Writes by this process, counted; a remembered read older than the latest write of its
@@ -210,15 +213,10 @@ class CredentialVault:
         ``recent``: an answer read within ``read_cache_seconds`` will do, or a longer-remembered
         one while events are followed (see the class doc)."""
         key = (user_id, upstream_key)
-        if recent and self._read_ttl > 0:
-            hit = self._recent.get(key)
-            if hit is not None and hit[0] >= self._floor and hit[0] >= self._dirty.get(key, 0):
-                now = time.monotonic()
-                age = now - hit[1]
-                if age < self._read_ttl or (
-                    age < FOLLOWED_READ_SECONDS and now - self._followed < self._read_ttl
-                ):
-                    return hit[2]
+        if recent:
+            hit = self._remembered(key)
+            if hit is not None:
+                return hit[2]
         epoch, read_at = self._epoch, time.monotonic()  # taken before the read: a write during it wins
         try:
             row = self.store.get_credential(user_id, upstream_key)
@@ -232,6 +230,28 @@ class CredentialVault:
             self._recent[key] = (epoch, read_at, found)
         return found
 
+    def _remembered(
+        self, key: tuple[str, str]
+    ) -> tuple[int, float, tuple[Credential, CredentialRow] | None] | None:
+        """The remembered read of ``key`` while it may still answer a ``recent`` get, else None."""
+        if self._read_ttl <= 0:
+            return None
+        hit = self._recent.get(key)
+        if hit is not None and hit[0] >= self._floor and hit[0] >= self._dirty.get(key, 0):
+            now = time.monotonic()
+            age = now - hit[1]
+            if age < self._read_ttl or (
+                age < FOLLOWED_READ_SECONDS and now - self._followed < self._read_ttl
+            ):
+                return hit
+        return None
+
+    def must_wait(self, user_id: str, upstream_key: str, recent: bool = False) -> bool:
+        """Whether :meth:`get` may wait on the store: its reads may (PostgreSQL) and no
+        remembered read answers. The caller then reads in a worker thread, so that a read
+        stuck behind a lock (VACUUM FULL, a migration) or a slow network stalls no other call."""
+        return self.reads_may_wait and not (recent and self._remembered((user_id, upstream_key)) is not None)
+
     def open_row(self, row: CredentialRow) -> Credential:
         """Open a row: the ciphertext, its key id column and its sealed copy of the clear
         columns must all agree, or the one DecryptionError is raised."""
@@ -241,7 +261,8 @@ class CredentialVault:
         cached = self._cache.get(key)
         # A hit needs the very same sealed bytes, so a record changed on disk is opened again.
         if cached is not None and cached[0] == row.generation and cached[1] == row.sealed:
-            self._cache.move_to_end(key)
+            with contextlib.suppress(KeyError):  # evicted meanwhile by a read in another thread
+                self._cache.move_to_end(key)
             secrets, meta = cached[2], cached[3]
         else:
             plain = self._cipher.open(row.sealed, self._context(_CREDENTIALS, *key))
@@ -254,7 +275,8 @@ class CredentialVault:
                 raise DecryptionError()
             self._cache[key] = (row.generation, row.sealed, secrets, meta)
             if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+                with contextlib.suppress(KeyError):  # emptied meanwhile by another thread
+                    self._cache.popitem(last=False)
         clear = _meta(row.token_type, row.scopes, row.expires_at, row.obtained_via, row.updated_at)
         if meta is not None and meta != clear:
             raise DecryptionError()

@@ -1,7 +1,9 @@
 """The broker's use cases: connect flow, refresh and resolve. No gRPC, no SQL here.
 
-Store writes run in worker threads (``asyncio.to_thread``); the single-row read that a cached
-Resolve needs runs inline because it takes microseconds and a thread hop would cost more.
+Store writes run in worker threads (``asyncio.to_thread``). The single-row read of a
+credential runs inline on SQLite, because it takes microseconds and a thread hop would cost
+more; on PostgreSQL (``vault.must_wait``) it runs in a worker thread too, unless the read cache
+answers, so a read stuck behind a lock or a slow network stalls no other call.
 
 - base.py: the constructor, shared state (single flights, refresh lease owner) and upstream lookups
 - connect_flow.py: start, reuse, complete and deny connect flows; ``check_iss`` (RFC 9207)

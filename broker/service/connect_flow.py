@@ -158,7 +158,7 @@ class ConnectFlowService(ServiceBase):
             return await self._authorization(upstream, newest)
         params: connection_values.Pairs = ()
         if connection_values.needs_params(upstream):
-            stored = self._load(user, upstream)
+            stored = await self._read(user, upstream)
             params = stored.secrets.params if stored is not None else ()
             if not params:
                 return None if newest is None else await self._authorization(upstream, newest)

@@ -118,7 +118,7 @@ class RefreshService(ServiceBase):
         first_failures = 0
         raced = False
         while True:
-            credential = self._load(user, upstream)
+            credential = await self._read(user, upstream)
             if credential is None:
                 raise await self._connect_error(NotConnected, user, upstream)
             now = self._clock.now()
@@ -215,7 +215,7 @@ class RefreshService(ServiceBase):
                 exc.oauth_error == "invalid_grant" or exc.reconnect
             ):
                 # A race, not a revocation, when someone stored a new refresh token meanwhile.
-                fresh = self._load(user, upstream)
+                fresh = await self._read(user, upstream)
                 if (
                     fresh is not None
                     and fresh.status is not CredentialStatus.NEEDS_REAUTH
@@ -239,7 +239,7 @@ class RefreshService(ServiceBase):
         generation = await asyncio.to_thread(self._vault.save, renewed, credential.generation, now, event)
         if generation is None:
             # Someone rewrote the row meanwhile (a reconnect, or a lease that expired): theirs wins.
-            winner = self._load(user, upstream)
+            winner = await self._read(user, upstream)
             if winner is None:
                 raise await self._connect_error(NotConnected, user, upstream)
             return winner

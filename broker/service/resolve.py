@@ -1,11 +1,13 @@
 """The resolve use case: a valid access token for (user, upstream), refreshed or exchanged
 first when it is about to expire, or the error that says how to connect. Performance-tuned:
-the single-row read a cached Resolve needs runs inline (a thread hop would cost more than the
-read), and the answer is built positionally.
+the single-row read a cached Resolve needs runs inline on SQLite (a thread hop would cost more
+than the read; on PostgreSQL it goes to a worker thread unless the read cache answers), and the
+answer is built positionally.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,7 +66,10 @@ class ResolveService(ServiceBase):
         if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
             exchanged = await self._exchanger.resolve(user, upstream, subject_token, floor, window)
             return self._resolved(exchanged, upstream)
-        credential = self._load(user, upstream, recent=True)
+        if self._vault.must_wait(user, upstream.key, recent=True):  # PostgreSQL, nothing remembered
+            credential = await asyncio.to_thread(self._load, user, upstream, True)
+        else:
+            credential = self._load(user, upstream, recent=True)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream, required)
         if required:
@@ -113,6 +118,13 @@ class ResolveService(ServiceBase):
         return credential.refreshed_within(
             now, self._config.min_refresh_interval_seconds
         ) and credential.valid_for(now, self._config.refresh_window_seconds)
+
+    async def _read(self, user: str, upstream: UpstreamConfig) -> Credential | None:
+        """The stored credential (:meth:`_load`), read in a worker thread when the store's reads
+        may wait (PostgreSQL): a read stuck behind a lock stalls no other call."""
+        if self._vault.must_wait(user, upstream.key):
+            return await asyncio.to_thread(self._load, user, upstream)
+        return self._load(user, upstream)
 
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:

@@ -184,6 +184,9 @@ def _closed_while_idle(conn: psycopg.Connection[Any]) -> bool:
 class PostgresStore(UpkeepQueries):
     """Credentials and pending flows in PostgreSQL, shared by every replica."""
 
+    #: Reads go over the network and may wait on a lock: never made on the event loop.
+    READS_MAY_WAIT = True
+
     schema_version = SCHEMA_VERSION
     PLACEHOLDER = "%s"
     INSERT_ORDER = "seq"
