@@ -113,3 +113,21 @@ async def test_disconnect_given_up_by_its_caller_still_deletes(
         assert kinds[-1] == "disconnected"
         audited = [e for e in broker.extra["audit"].events if e.action == "disconnect"]
         assert audited and all(e.outcome == "success" for e in audited)
+
+
+async def test_a_complete_that_fails_after_its_caller_gave_up_is_still_audited(broker: Broker) -> None:
+    """Nobody is left to answer, but the audit trail still records the failed acquisition."""
+    started = await broker.start_flow()
+    callback = await asyncio.to_thread(broker.auth.authorize, started.authorization_url, "alice")
+    broker.auth.fail_next("oauth_error", status=400, error="invalid_grant", delay=1.0)
+    request = pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await broker.stub.Complete(request, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def acquired() -> list[tuple[str, str, str]]:
+        return [(e.outcome, e.user, e.reason) for e in broker.extra["audit"].events if e.action == "acquire"]
+
+    assert await _until(lambda: acquired() != []), "the failure after the caller left was not audited"
+    assert acquired() == [("failure", "alice", "TOKEN_REQUEST_REJECTED")]
+    assert _credentials(broker) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -80,16 +81,29 @@ class RunToTheEnd:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def run(self, work: Awaitable[T]) -> T:
+    async def run(self, work: Awaitable[T], orphaned: Callable[[BaseException], object]) -> T:
+        """``work``'s result; ``orphaned`` gets its failure when its caller has gone by then."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._ended)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller has gone and the work goes on: a failure has nobody left to answer.
+            task.add_done_callback(lambda done: _report_failure(done, orphaned))
+            raise
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: its caller may be gone (a live one got it raised)
+
+
+def _report_failure(task: asyncio.Task[Any], orphaned: Callable[[BaseException], object]) -> None:
+    if not task.cancelled():
+        failure = task.exception()
+        if failure is not None:
+            orphaned(failure)
 
 
 class MalformedRequest:
@@ -134,6 +148,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self._answers: dict[tuple[object, ...], pb.ResolveResponse] = {}
         self._to_the_end = RunToTheEnd()
 
+    async def _run_to_the_end(self, method: str, request: object, work: Awaitable[T]) -> T:
+        """``work`` and its audit record in a task its caller's going away cannot cut short
+        (RunToTheEnd); a failure after the caller has gone is still audited (and logged)."""
+        return await self._to_the_end.run(
+            self._audited(method, request, work), functools.partial(self._failed, method, request)
+        )
+
     async def _audited(self, method: str, request: object, work: Awaitable[T]) -> T:
         """``work``, then its success audited: both within the task a caller cannot cancel."""
         result = await work
@@ -161,13 +182,17 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> NoReturn:
         """Audit the failure and answer it: a BrokerError through the status table, anything else
         as INTERNAL (a foreign exception's message may carry anything: only its type is logged)."""
+        await context.abort_with_status(self._failed(method, request, exc))
+        raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
+
+    def _failed(self, method: str, request: object, exc: BaseException) -> grpc.Status:
+        """Audit a failure (and log a foreign exception's type); the status that answers it."""
         if isinstance(exc, BrokerError):
             _audit(self._audit, method, request, "failure", exc.code, None)
-            await context.abort_with_status(to_status(exc))
+            return to_status(exc)
         self._log.error("unexpected error", extra=fields(method=method, error=type(exc).__name__))
         _audit(self._audit, method, request, "failure", "INTERNAL", None)
-        await context.abort_with_status(internal_status())
-        raise AssertionError("abort_with_status returns by raising")  # pragma: no cover
+        return internal_status()
 
     # Each RPC: check, verify the user, do the work, audit, answer. Kept flat (no closures or
     # helper coroutines) because Resolve runs this on every call.
@@ -196,18 +221,16 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            info = await self._to_the_end.run(
-                self._audited(
-                    "Complete",
-                    request,
-                    self._service.complete(
-                        request.state,
-                        request.code,
-                        request.user_id,
-                        request.iss,
-                        dict(request.callback_params),
-                    ),
-                )
+            info = await self._run_to_the_end(
+                "Complete",
+                request,
+                self._service.complete(
+                    request.state,
+                    request.code,
+                    request.user_id,
+                    request.iss,
+                    dict(request.callback_params),
+                ),
             )
         except Exception as exc:
             await self._fail(context, "Complete", request, exc)
@@ -299,10 +322,8 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         try:
             self._check(request)
             await self._user(context, request.user_id)
-            result = await self._to_the_end.run(
-                self._audited(
-                    "Disconnect", request, self._manager().disconnect(request.user_id, request.upstream)
-                )
+            result = await self._run_to_the_end(
+                "Disconnect", request, self._manager().disconnect(request.user_id, request.upstream)
             )
         except Exception as exc:
             await self._fail(context, "Disconnect", request, exc)
@@ -324,12 +345,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if self._offboarding is None:
                 raise NotImplementedMode("DisconnectAll is not wired in this server")
             await self._user(context, request.user_id)
-            done = await self._to_the_end.run(
-                self._audited(
-                    "DisconnectAll",
-                    request,
-                    self._offboarding.disconnect_all(request.user_id, who.may_use if who else lambda _: True),
-                )
+            done = await self._run_to_the_end(
+                "DisconnectAll",
+                request,
+                self._offboarding.disconnect_all(request.user_id, who.may_use if who else lambda _: True),
             )
         except Exception as exc:
             await self._fail(context, "DisconnectAll", request, exc)
