@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from broker import connection_values, validation
 from broker.audit import Auditor
 from broker.clock import Clock
+from broker.config import UpstreamConfig
 from broker.errors import BrokerError, DecryptionError
 from broker.logs import fields, get_logger
 from broker.oauth import rfc6749, rfc7636
@@ -59,6 +60,9 @@ class HostedConnect:
         self._clock = clock
         self._audit = auditor or Auditor()
         self._log = logger or get_logger()
+        # Callbacks being completed by this process: state hash -> (the browser hash that
+        # matched, the outcome once known).
+        self._running: dict[str, tuple[str, asyncio.Future[Outcome | None]]] = {}
 
     async def start(self, reference: str, browser_hash: str) -> str | None:
         """Bind the flow of ``reference`` to the browser whose secret hashes to
@@ -98,6 +102,9 @@ class HostedConnect:
         callback = dict(callback_params or {})
         connection_values.check_callback_params(callback)
         state_hash = rfc7636.state_hash(state)
+        earlier = await self._earlier(state_hash, browser_hashes)
+        if earlier is not None:
+            return earlier
         row = await asyncio.to_thread(self._vault.peek_flow, state_hash)
         if row is None:
             # Used, purged or never existed. A browser with no binding cookie at all is refused
@@ -112,6 +119,43 @@ class HostedConnect:
                 extra=fields(user_id=row.user_id, upstream=name or None),
             )
             return None
+        earlier = await self._earlier(state_hash, browser_hashes)  # a twin came in meanwhile
+        if earlier is not None:
+            return earlier
+        answer: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
+        entry = (matched, answer)
+        self._running[state_hash] = entry
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._complete(state_hash, matched, upstream, name, code, error, iss, callback)
+            return outcome
+        finally:
+            if self._running.get(state_hash) is entry:
+                del self._running[state_hash]
+            answer.set_result(outcome)  # None (it raised or was cancelled): a reload starts afresh
+
+    async def _earlier(self, state_hash: str, browser_hashes: Sequence[str]) -> Outcome | None:
+        """The outcome of a callback of the same flow, from the same browser, that this process
+        is completing (the user reloaded the callback page during a slow token request): that
+        request took the flow, so this one would otherwise say flow_not_found for a flow being
+        connected. None when there is none (or it ended without an outcome)."""
+        running = self._running.get(state_hash)
+        if running is None or _matching(running[0], browser_hashes) is None:
+            return None
+        return await asyncio.shield(running[1])
+
+    async def _complete(
+        self,
+        state_hash: str,
+        matched: str,
+        upstream: UpstreamConfig | None,
+        name: str,
+        code: str,
+        error: str,
+        iss: str,
+        callback: Mapping[str, str],
+    ) -> Outcome:
+        """Take the flow bound to the browser hash ``matched`` and complete or deny it."""
         try:
             flow = await asyncio.to_thread(self._vault.take_bound_flow, state_hash, matched)
         except DecryptionError:

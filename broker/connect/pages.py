@@ -28,4 +28,11 @@ BAD_REQUEST = page("Bad request", "This is not a valid connect request.")
 UNAVAILABLE = page(
     "Temporarily unavailable", "The connection service cannot answer right now. Try again in a moment."
 )
+# /start binds the link to the browser before the authorization server is asked (a pushed
+# authorization request), so after such a failure the link is used up: no "try again".
+PROVIDER_FAILED = page(
+    "Sign-in could not start",
+    "The sign-in service of this connection could not be reached. Nothing was connected. "
+    "Go back to the application and connect again.",
+)
 NOT_FOUND = page("Not found", "There is nothing here.")

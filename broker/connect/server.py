@@ -41,6 +41,25 @@ async def _secure_headers(request: web.Request, response: web.StreamResponse) ->
     response.headers["Server"] = "credential-broker"  # not the framework and its version
 
 
+class _ProtocolLog(logging.Logger):
+    """aiohttp's own log for a request it answers before any handler runs (an oversized request
+    line or header, bytes that are not HTTP). Its exception text quotes the request: the start
+    of the callback URL (``state``, ``code``) or of the Cookie header (the binding secret). So
+    only a fixed line goes on, to the broker's log, naming the error's class."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__(target.name + ".connect.http")
+        self._target = target
+
+    def handle(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        self._target.log(
+            min(record.levelno, logging.WARNING),  # the client's doing, not the broker's
+            "hosted connect: a request could not be read",
+            extra=fields(error=type(error).__name__ if error is not None else None),
+        )
+
+
 def _html(status: int, body: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="text/html", charset="utf-8")
 
@@ -85,7 +104,9 @@ class ConnectServer:
     async def start(self) -> None:
         """Bind and serve. Raises ConfigError (one line, naming connect.listen) when the
         address cannot be bound."""
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.application(), access_log=None, handle_signals=False, logger=_ProtocolLog(self._log)
+        )
         await runner.setup()
         listen = self._config.listen
         host, port = listen_host(listen) or "", int(listen.rpartition(":")[2])
@@ -129,7 +150,7 @@ class ConnectServer:
             return _html(503, pages.UNAVAILABLE)
         except BrokerError as exc:  # e.g. a pushed authorization request (RFC 9126) that failed
             self._log.warning("hosted connect: the upstream failed", extra=fields(error=exc.code))
-            return _html(502, pages.UNAVAILABLE)
+            return _html(502, pages.PROVIDER_FAILED)
         except Exception as exc:  # a bug: a fixed page, the class name in the log, never the text
             self._log.error("hosted connect request failed", extra=fields(error=type(exc).__name__))
             return _html(500, pages.UNAVAILABLE)
