@@ -9,15 +9,18 @@ yet under the primary.
 
 A running broker follows the keyring file through :class:`KeyringFollower`: before each seal,
 and when a record names a key id it does not hold, it compares the file's fingerprint and
-reloads on change. Keys it held before are kept in memory (as active), so a reload never makes a
-record unreadable to a process that could read it.
+reloads on change; a reload that fails is tried again every ``RELOAD_RETRY_SECONDS``. Keys it held
+before are kept in memory (as active), so a reload never makes a record unreadable to a process
+that could read it.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker.crypto.envelope import EnvelopeCipher, key_id_of
@@ -37,6 +40,9 @@ from broker.store.base import CredentialStore, SealedRecord
 from broker.vault import sealed_record_context
 
 DEFAULT_BATCH = 200
+#: A changed keyring file that failed to load (root key source down, mode too open) is tried
+#: again at most this often, while the keys in memory go on serving.
+RELOAD_RETRY_SECONDS = 5.0
 
 
 class KeyringFollower:
@@ -45,10 +51,21 @@ class KeyringFollower:
     Returns the current keyring, reloaded from the source when its fingerprint changed; cheap
     (one ``stat``) when nothing changed. A source that cannot change is never re-read."""
 
-    def __init__(self, source: KeySource, keyring: Keyring, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        source: KeySource,
+        keyring: Keyring,
+        logger: logging.Logger | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._source = source
+        self._monotonic = monotonic
         self._keyring = keyring
         self._fingerprint = source_fingerprint(source)
+        # The fingerprint of a file that failed to load, and when to try it again.
+        self._failed: object | None = None
+        self._retry_at = 0.0
         self._lock = threading.Lock()
         self._log = logger or get_logger()
         self.reloads = 0
@@ -57,19 +74,31 @@ class KeyringFollower:
         seen = source_fingerprint(self._source)
         if seen is None or seen == self._fingerprint:
             return self._keyring
+        if seen == self._failed and self._monotonic() < self._retry_at:
+            return self._keyring  # this very file failed a moment ago: do not ask on every seal
         with self._lock:
             if seen == self._fingerprint:
                 return self._keyring
-            self._fingerprint = seen
+            if seen == self._failed and self._monotonic() < self._retry_at:
+                return self._keyring
             try:
                 # One attempt: a wrapped keyring's root key source may be down while we serve.
                 newer = getattr(self._source, "reload", self._source.load)()
+                self._refuse_changed_material(newer)
             except KeyringError as exc:
-                # Keep serving with the keys in memory; the message names the file, not a key.
-                self._log.warning(
-                    "keyring reload failed; keeping the loaded keys", extra=fields(error=exc.message)
-                )
+                # Keep serving with the keys in memory, and try this file again later: the KMS
+                # may come back, the mode may be fixed (chmod changes no fingerprint).
+                if seen != self._failed:
+                    # The message names the file, not a key.
+                    self._log.warning(
+                        "keyring reload failed; keeping the loaded keys, retrying",
+                        extra=fields(error=exc.message, retry_seconds=RELOAD_RETRY_SECONDS),
+                    )
+                self._failed = seen
+                self._retry_at = self._monotonic() + RELOAD_RETRY_SECONDS
                 return self._keyring
+            self._fingerprint = seen
+            self._failed = None
             known = set(newer.ids())
             kept = [
                 KeyEntry(e.id, "active", e.created_at, e.material)
@@ -83,6 +112,20 @@ class KeyringFollower:
                 extra=fields(primary=self._keyring.primary_id, keys=",".join(self._keyring.ids())),
             )
             return self._keyring
+
+    def _refuse_changed_material(self, newer: Keyring) -> None:
+        """KeyringError when ``newer`` gives a key id this process holds other material: never a
+        rotation (``keys`` never changes a key), but a bad hand edit or another keyring."""
+        held = self._keyring.materials()
+        changed = [
+            e.id for e in newer.entries if e.id in held and not hmac.compare_digest(held[e.id], e.material)
+        ]
+        if changed:
+            raise KeyringError(
+                f"the keyring file gives the key ids {', '.join(changed)} other key material than "
+                "the keys this process holds under those ids; not followed. Restore the file (a "
+                "key's material never changes: rotate with `credential-broker keys add`)"
+            )
 
 
 @dataclass

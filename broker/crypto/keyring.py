@@ -49,13 +49,23 @@ class KeyEntry:
 class Keyring:
     """An immutable set of KEKs with exactly one primary."""
 
-    def __init__(self, entries: list[KeyEntry]) -> None:
+    def __init__(self, entries: list[KeyEntry], *, where: str = "") -> None:
+        """``where`` (the file) starts each refusal, which names the key ids and what to change."""
+        at = f"{where}: " if where else ""
+        ids = [e.id for e in entries]
+        twice = sorted({kid for kid in ids if ids.count(kid) > 1})
+        if twice:
+            raise KeyringError(
+                f"{at}the keyring has the key id twice: {', '.join(twice)}; remove one of them (or "
+                "restore the file from a backup)"
+            )
         primaries = [e for e in entries if e.state == "primary"]
         if len(primaries) != 1:
-            raise KeyringError(f"the keyring must have exactly one primary key (it has {len(primaries)})")
-        ids = [e.id for e in entries]
-        if len(set(ids)) != len(ids):
-            raise KeyringError("the keyring has two keys with the same id")
+            named = f": {', '.join(e.id for e in primaries)}" if primaries else ""
+            raise KeyringError(
+                f"{at}the keyring must have exactly one primary key (it has {len(primaries)}{named}); "
+                'give exactly one key "state": "primary" and the others "state": "active"'
+            )
         self._entries = list(entries)
         self.primary_id = primaries[0].id
 
@@ -98,7 +108,7 @@ class Keyring:
         entries = []
         for index, raw in enumerate(raw_keys):
             entries.append(_entry(raw, f"{where}: keys[{index}]"))
-        return cls(entries)
+        return cls(entries, where=where)
 
 
 def new_key_entry(state: str) -> KeyEntry:

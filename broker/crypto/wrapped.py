@@ -131,7 +131,7 @@ class WrappedKeyringFile:
             entries.append(KeyEntry(item.id, item.state, item.created_at, material))
         if refused:
             raise refusal(self.root, self.path, refused)
-        return Keyring(entries)
+        return Keyring(entries, where=str(self.path))
 
     def _read(self) -> list[_Wrapped]:
         return read_wrapped(self.path)

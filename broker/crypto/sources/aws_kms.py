@@ -33,10 +33,20 @@ T = TypeVar("T")
 _REFUSED = {
     "InvalidCiphertextException",
     "IncorrectKeyException",
-    "NotFoundException",
-    "DisabledException",
-    "KMSInvalidStateException",
     "InvalidKeyUsageException",
+}
+# Answers about the key itself, whatever the blob: the operator must fix the key or the config,
+# not the keyring file (telling them to restore the file would replace a good keyring).
+_KEY_STATE = {
+    "NotFoundException": (
+        "not found (a wrong keyring.wrapped_by.key_id or region, or a deleted key); check key_id and region"
+    ),
+    "DisabledException": "disabled; enable it (aws kms enable-key) and start again",
+    "KMSInvalidStateException": (
+        "not usable in its current state (scheduled for deletion, or its key material is pending "
+        "import); if it is pending deletion, run aws kms cancel-key-deletion, then aws kms "
+        "enable-key, and start again"
+    ),
 }
 _DENIED = {"AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"}
 _INVALID = {
@@ -94,7 +104,8 @@ class AwsKmsRootKey:
         answer = self._call(
             lambda kms: kms.decrypt(
                 CiphertextBlob=_body(blob), EncryptionContext=encryption_context(kek_id), **named
-            )
+            ),
+            configured=not any_version,
         )
         material = bytes(answer["Plaintext"])
         if len(material) != 32:
@@ -109,15 +120,24 @@ class AwsKmsRootKey:
                 SourceEncryptionContext=context,
                 DestinationKeyId=self.key_id,
                 DestinationEncryptionContext=context,
-            )
+            ),
+            configured=False,
         )
         return MAGIC + bytes(answer["CiphertextBlob"])
 
-    def _call(self, operation: Callable[[Any], T]) -> T:
+    def _call(self, operation: Callable[[Any], T], *, configured: bool = True) -> T:
+        """``configured``: the call uses only the configured key (not also one a blob names)."""
         try:
             return operation(self.client())
         except botocore.exceptions.ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _KEY_STATE:
+                which = (
+                    f"the KMS key {self.key_id} in {self.region}"
+                    if configured
+                    else "a KMS key of this keyring (the configured one, or the one that wrapped its keys)"
+                )
+                raise KeyringError(f"{self.describe()}: {which} is {_KEY_STATE[code]} ({code})") from None
             if code in _REFUSED:
                 raise RootKeyRefused(code) from None
             if code in _DENIED:

@@ -91,17 +91,23 @@ class Pkcs11RootKey:
 
     @classmethod
     def from_config(cls, config: Pkcs11RootKeyConfig, environ: Mapping[str, str]) -> Pkcs11RootKey:
+        # A refused PIN counts against the token (a real HSM locks it after a few): take the PIN
+        # as an editor or a Secret delivers it, without a byte order mark or a line end.
         if config.pin_env is not None:
-            pin = environ.get(config.pin_env)
+            pin = environ.get(config.pin_env, "").removeprefix("\ufeff").rstrip("\r\n")
             if not pin:
                 raise KeyringError(f"keyring.wrapped_by.pin_env: {config.pin_env} is not set")
         else:
             assert config.pin_file is not None
             try:
-                pin = config.pin_file.read_text().strip()
+                pin = config.pin_file.read_bytes().decode("utf-8-sig").strip()
             except OSError as exc:
                 raise KeyringError(
                     f"keyring.wrapped_by.pin_file: cannot read {config.pin_file} ({exc.strerror})"
+                ) from None
+            except UnicodeDecodeError:
+                raise KeyringError(
+                    f"keyring.wrapped_by.pin_file: {config.pin_file} is not UTF-8 text"
                 ) from None
             if not pin:
                 raise KeyringError(f"keyring.wrapped_by.pin_file: {config.pin_file} is empty")
@@ -167,12 +173,24 @@ class Pkcs11RootKey:
     def _session(self) -> Iterator[Any]:
         library = _library(self.module)
         try:
-            token = library.get_token(token_label=self.token_label)
-        except p11.NoSuchToken:
-            library.reinitialize()  # a token that appeared since (an HSM back online)
-            token = library.get_token(token_label=self.token_label)
-        with token.open(rw=True, user_pin=self.pin) as session:
+            session = self._open(library)
+        except (p11.NoSuchToken, p11.GeneralError, *_UNAVAILABLE):
+            # The token went away or came back (an HSM restarted or back online) since the module
+            # was initialised: its slot list is stale, and SoftHSM2 answers CKR_GENERAL_ERROR
+            # until C_Finalize/C_Initialize. Start the module afresh and try once more.
+            with _lock:
+                library.reinitialize()
+            try:
+                session = self._open(library)
+            except p11.GeneralError:
+                # Before any key is used, a general error is the device's, never "does not unwrap".
+                raise RootKeyUnavailable(f"{self.describe()}: GeneralError") from None
+        with session:
             yield session
+
+    def _open(self, library: Any) -> Any:
+        """A logged-in read-write session on the token (PIN errors pass through)."""
+        return library.get_token(token_label=self.token_label).open(rw=True, user_pin=self.pin)
 
     def _key(self, session: Any, label: str) -> Any:
         return session.get_key(label=label, key_type=KeyType.AES, object_class=ObjectClass.SECRET_KEY)
