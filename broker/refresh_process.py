@@ -17,7 +17,8 @@ the store, and the parent's read cache (``read_cache_seconds``) sees a refreshed
 replica's would.
 
 If the child exits on its own (a crash, the KMS unreachable at its start) it is started again
-after a backoff (1 s doubling to 60 s), with an error logged each time.
+after a backoff (1 s doubling to 60 s), with an error logged each time; a child that lived longer
+than 60 s before it died is started again after 1 s.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -81,18 +83,23 @@ class RefresherProcess:
         await task
 
     async def _supervise(self) -> None:
-        backoff = RESTART_BACKOFF_SECONDS[0]
+        first, longest = RESTART_BACKOFF_SECONDS
+        backoff = first
         while not self._stopping.is_set():
+            started = time.monotonic()
             code = await self._run_once()
             if self._stopping.is_set():
                 return
+            if time.monotonic() - started >= longest:
+                # It lived longer than the longest backoff: a new failure, not the same crash loop.
+                backoff = first
             self._log.error(
                 "background refresh process exited; starting it again",
                 extra=fields(exit_code=code, retry_in_seconds=backoff),
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, RESTART_BACKOFF_SECONDS[1])
+            backoff = min(backoff * 2, longest)
 
     async def _run_once(self) -> int | None:
         """Run one child until it exits or we are stopping; its exit code."""

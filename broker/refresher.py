@@ -26,7 +26,8 @@ skips the credential until then.
 
 Concurrency: at most ``max_concurrent`` background refreshes per upstream per process, and never
 more than half of that upstream's ``http.max_concurrent_requests`` (the bulkhead), so Resolve
-always has request slots left.
+always has request slots left. Each upstream has a timer of its own: a token endpoint that hangs
+until every request's deadline holds back only its own upstream's next scan, never another's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ JITTER_FRACTION = 0.2
 DEFER_UNREFRESHABLE_SECONDS = 365 * 86400.0
 # Never schedule a refresh sooner than this after the previous one (degenerate token lifetimes).
 MIN_GAP_SECONDS = 1.0
+# Failed scans (the store unavailable) are logged at most once in this many seconds.
+SCAN_WARNING_SECONDS = 60.0
 
 
 @dataclass
@@ -99,8 +103,10 @@ class BackgroundRefresher:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = RefreshStats()
-        # The latest tick found a full batch due: tick again without waiting (see tick).
-        self._backlog = False
+        # The latest scan's lag behind schedule, by upstream key (stats.lag_seconds is the largest).
+        self._lags: dict[str, float] = {}
+        # When a failed scan was last logged (time.monotonic()); None once a scan succeeds.
+        self._scan_warned_at: float | None = None
         # Credentials without a refresh token met by ``due``, by (user, upstream key): generation.
         self._unrefreshable: dict[tuple[str, str], int] = {}
 
@@ -168,25 +174,34 @@ class BackgroundRefresher:
         await task
 
     async def _run(self) -> None:
+        # One timer per upstream: a token endpoint that hangs holds back only its own upstream's
+        # scans (its batch drains at its own concurrency), never another upstream's.
+        await asyncio.gather(*(self._run_upstream(upstream) for upstream in self._by_key.values()))
+
+    async def _run_upstream(self, upstream: UpstreamConfig) -> None:
+        backlog = False
         while not self._stopping.is_set():
-            if not self._backlog:
+            if not backlog:
                 wait = self._interval * self._rng.uniform(0.8, 1.2)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), wait)
             if self._stopping.is_set():
                 return
             try:
-                await self.tick()
+                _, backlog = await self._tick_upstream(upstream, self._clock.now())
             except Exception as exc:  # a bug must not end the timer for the life of the process
-                self._backlog = False
+                backlog = False
                 self._log.error("background refresh tick failed", extra=fields(error=type(exc).__name__))
 
     # -- one tick ------------------------------------------------------------------------
 
-    async def scan(self, now: float) -> list[tuple[DueCredential, UpstreamConfig, float]]:
-        """The due credentials of this tick with their upstream and scheduled time."""
+    async def scan(
+        self, now: float, upstreams: list[UpstreamConfig] | None = None
+    ) -> list[tuple[DueCredential, UpstreamConfig, float]]:
+        """The due credentials of this tick (of ``upstreams``, default every one) with their
+        upstream and scheduled time."""
         found: list[DueCredential] = []
-        for upstream in self._by_key.values():
+        for upstream in self._by_key.values() if upstreams is None else upstreams:
             found += await asyncio.to_thread(
                 self._store.due_for_refresh, upstream.key, now + self._ahead, now, BATCH_SIZE
             )
@@ -207,27 +222,37 @@ class BackgroundRefresher:
         return list(due.values())
 
     async def tick(self) -> int:
-        """Scan once and refresh what is due; how many this process refreshed. A store failure
-        is logged, never raised: the next tick tries again."""
+        """Scan every upstream once and refresh what is due; how many this process refreshed. A
+        store failure is logged, never raised: the next tick tries again."""
         now = self._clock.now()
+        results = await asyncio.gather(
+            *(self._tick_upstream(upstream, now) for upstream in self._by_key.values())
+        )
+        return sum(done for done, _ in results)
+
+    async def _tick_upstream(self, upstream: UpstreamConfig, now: float) -> tuple[int, bool]:
+        """One upstream's scan and refreshes: how many this process refreshed, and whether a
+        backlog may be waiting (the next scan of this upstream should start at once)."""
         try:
-            due = await self.scan(now)
+            due = await self.scan(now, [upstream])
         except BrokerError as exc:
-            self._backlog = False
-            self._log.warning("background refresh scan failed", extra=fields(error=exc.code))
-            return 0
+            # Every upstream's scan meets a store outage: one warning a minute, not one per scan.
+            at = time.monotonic()
+            if self._scan_warned_at is None or at - self._scan_warned_at >= SCAN_WARNING_SECONDS:
+                self._scan_warned_at = at
+                self._log.warning("background refresh scan failed", extra=fields(error=exc.code))
+            return 0, False
+        self._scan_warned_at = None
         self.stats.ticks += 1
-        self._backlog = False
+        self._lags[upstream.key] = max(0.0, max((now - at for _, _, at in due), default=0.0))
+        self.stats.lag_seconds = max(self._lags.values())
         if not due:
-            self.stats.lag_seconds = 0.0
-            return 0
-        self.stats.lag_seconds = max(0.0, max(now - at for _, _, at in due))
-        done = sum(await asyncio.gather(*(self.refresh_one(row, upstream) for row, upstream, _ in due)))
+            return 0, False
+        done = sum(await asyncio.gather(*(self.refresh_one(row, owner) for row, owner, _ in due)))
         # A full batch was due and this process did a good share of it: more may be waiting
-        # behind it, so the next tick starts at once instead of after the interval (a herd drains
+        # behind it, so the next scan starts at once instead of after the interval (a herd drains
         # at the refresh rate). Not when other replicas did most of it (their leases): no spin.
-        self._backlog = len(due) >= BATCH_SIZE and done >= BATCH_SIZE // 4
-        return done
+        return done, len(due) >= BATCH_SIZE and done >= BATCH_SIZE // 4
 
     async def refresh_one(self, row: DueCredential, upstream: UpstreamConfig) -> int:
         async with self._slots[upstream.key]:

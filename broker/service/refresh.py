@@ -83,8 +83,10 @@ class RefreshService(ServiceBase):
             return verdict[-1]
 
         try:
+            # Not joinable: it may give up without refreshing (no longer due, another process's
+            # lease), which must never be the answer to a Resolve or Refresh that came meanwhile.
             result = await self._flights.run(
-                (user, upstream.key), lambda: self._refresh(user, upstream, None, still_due)
+                (user, upstream.key), lambda: self._refresh(user, upstream, None, still_due), joinable=False
             )
         except BrokerError as exc:
             self._audit.record("refresh", "failure", user=user, upstream=upstream.name, reason=exc.code)
