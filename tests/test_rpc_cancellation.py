@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -131,3 +132,26 @@ async def test_a_complete_that_fails_after_its_caller_gave_up_is_still_audited(b
     assert await _until(lambda: acquired() != []), "the failure after the caller left was not audited"
     assert acquired() == [("failure", "alice", "TOKEN_REQUEST_REJECTED")]
     assert _credentials(broker) == 0
+
+
+def test_a_complete_whose_caller_gave_up_still_lands_when_the_broker_is_stopped(live_broker: Any) -> None:
+    """A rolling restart (SIGTERM) right after the caller gave up: the broker finishes the
+    completion before it closes its store, so the user's login is not lost."""
+    from tests.live import REQUEST_HEADER
+
+    stub = live_broker.stub()
+    md = (REQUEST_HEADER,)
+    started = stub.BuildAuthorizationURL(
+        pb.BuildAuthorizationURLRequest(user_id="alice", upstream=live_broker.upstream), metadata=md
+    )
+    callback = live_broker.auth.authorize(started.authorization_url, "alice")
+    live_broker.auth.fail_next("timeout", seconds=1.5)  # answers normally, 1.5 s late
+    request = pb.CompleteRequest(state=started.state, code=callback["code"], user_id="alice")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Complete(request, metadata=md, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert live_broker.stop() == 0
+    database = live_broker.config_path.parent / "data" / "broker.db"
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        (count,) = conn.execute("SELECT COUNT(*) FROM credentials").fetchone()
+    assert count == 1, "the login was lost when the broker stopped"

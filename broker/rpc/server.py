@@ -24,6 +24,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: default is one every 5 minutes, and a third early one closes the connection with GOAWAY
 #: "too_many_pings"); the server allows a second less, for timer jitter.
 KEEPALIVE_PING_SECONDS = 5
+#: At shutdown, how long work whose caller has gone (a Complete, a Disconnect) may still run
+#: before the store closes: a token or revocation request's deadline and its write.
+DRAIN_SECONDS = 30.0
 
 
 def _handlers(servicer: CredentialBrokerServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -68,6 +71,7 @@ class BrokerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", (KEEPALIVE_PING_SECONDS - 1) * 1000),
         ]
+        self._servicer = servicer
         self._credentials = _server_credentials(tls) if tls is not None else None
         self._server = grpc.aio.server(options=options, interceptors=tuple(interceptors))
         # Registered, not generic: gRPC core matches the method itself (as it does for the health
@@ -149,9 +153,11 @@ class BrokerServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
-        """Flip health to NOT_SERVING first, then let in-flight calls finish within ``grace``."""
+        """Flip health to NOT_SERVING first, then let in-flight calls finish within ``grace``, and
+        work their callers gave up on within DRAIN_SECONDS."""
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        await self._servicer.drain(DRAIN_SECONDS)
         if self._health_server is not None:
             await self._health_server.stop(0)
         self._remove_sockets()

@@ -93,6 +93,12 @@ class RunToTheEnd:
             task.add_done_callback(lambda done: _report_failure(done, orphaned))
             raise
 
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the work still running (shutdown: before the store
+        closes, so a login whose caller gave up is still stored)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled():
@@ -147,6 +153,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self._connections = connections
         self._answers: dict[tuple[object, ...], pb.ResolveResponse] = {}
         self._to_the_end = RunToTheEnd()
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: let Complete, Disconnect and DisconnectAll whose callers have gone finish."""
+        await self._to_the_end.drain(timeout)
 
     async def _run_to_the_end(self, method: str, request: object, work: Awaitable[T]) -> T:
         """``work`` and its audit record in a task its caller's going away cannot cut short
