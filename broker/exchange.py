@@ -72,10 +72,7 @@ class TokenExchanger:
         """A credential valid for ``window`` seconds if one can be had; one valid for ``floor``
         (the caller's own minimum) when no new exchange is possible."""
         mode = upstream.auth_broker.mode
-        if self._vault.must_wait(user, upstream.key, recent=True):  # PostgreSQL, nothing remembered
-            cached = await asyncio.to_thread(self._load, user, upstream, True)
-        else:
-            cached = self._load(user, upstream, recent=True)
+        cached = await self._read(user, upstream, recent=True)
         now = self._clock.now()
         if cached is not None and cached.valid_for(now, window):
             return cached
@@ -138,6 +135,13 @@ class TokenExchanger:
             # The refresh found the grant dead (invalid_grant, a reconnect error, no refresh token).
             raise renewal_refused(upstream) from None
 
+    async def _read(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
+        """:meth:`_load`, in a worker thread when the store's reads may wait (PostgreSQL) and
+        the read cache cannot answer (``vault.must_wait``)."""
+        if self._vault.must_wait(user, upstream.key, recent):
+            return await asyncio.to_thread(self._load, user, upstream, recent)
+        return self._load(user, upstream, recent)
+
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
             found = self._vault.get(user, upstream.key, recent=recent)
@@ -167,10 +171,7 @@ class TokenExchanger:
     ) -> Credential:
         """One exchange, inside the single flight for (user, upstream)."""
         # Another caller (or replica) may have just stored a fresh one.
-        if self._vault.must_wait(user, upstream.key):
-            cached = await asyncio.to_thread(self._load, user, upstream)
-        else:
-            cached = self._load(user, upstream)
+        cached = await self._read(user, upstream)
         if cached is not None and cached.valid_for(self._clock.now(), window):
             return cached
         auth = upstream.auth_broker

@@ -135,7 +135,7 @@ class TokenEndpointClient:
         ``deadline`` (event-loop time) replaces "now + timeout" when the caller must know the
         request is over by then (a refresh under a lease). ``json_body`` sends the fields as a
         JSON object instead of a form; ``parse`` reads the answer (an upstream's knobs)."""
-        answer = await self._send(endpoint, form, credentials, upstream, deadline, json_body, "token")
+        answer = await self._post_form(endpoint, form, credentials, upstream, deadline, json_body, "token")
         try:
             return parse(answer.status, answer.body)
         except (TokenRequestRejected, UpstreamUnavailable) as exc:
@@ -158,23 +158,8 @@ class TokenEndpointClient:
     ) -> tuple[int, bytes]:
         """Post ``form`` and read the answer's status and (bounded) body. ``call`` names the kind
         of request in its trace span: ``token`` or ``revocation``."""
-        answer = await self._send(endpoint, form, credentials, upstream, deadline, json_body, call)
+        answer = await self._post_form(endpoint, form, credentials, upstream, deadline, json_body, call)
         return answer.status, answer.body
-
-    async def _send(
-        self,
-        endpoint: str,
-        form: Sequence[tuple[str, str]],
-        credentials: ClientCredentials,
-        upstream: str | None,
-        deadline: float | None,
-        json_body: bool,
-        call: str,
-    ) -> Answer:
-        with self.spans.http(call, "POST", endpoint, upstream=upstream) as span:
-            answer = await self._post_form(endpoint, form, credentials, upstream, deadline, json_body)
-            span.status(answer.status)
-            return answer
 
     async def _post_form(
         self,
@@ -184,44 +169,49 @@ class TokenEndpointClient:
         upstream: str | None,
         deadline: float | None,
         json_body: bool,
+        call: str,
     ) -> Answer:
-        fields = list(form)
-        headers: dict[str, str] = {}
-        credentials.apply(fields, headers)
-        url = httpx.URL(endpoint)
-        origin = (url.scheme, url.host, url.port)
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self.timeout if deadline is None else deadline
-        have_slot = False
-        try:
-            async with (
-                asyncio.timeout_at(until),
-                self._slot(upstream or f"{url.scheme}://{url.netloc.decode()}"),
-            ):
-                have_slot = True
-                values = dict_multi(fields)
-                async with self._pool(origin).stream(
-                    "POST",
-                    url,
-                    headers=headers,
-                    data=None if json_body else values,
-                    json=values if json_body else None,
-                ) as resp:
-                    body = await self._read(resp)
-                    return Answer(resp.status_code, body, _retry_after(resp))
-        except (TimeoutError, httpx.TimeoutException):
-            if not have_slot:
-                raise UpstreamUnavailable(
-                    "timed out waiting for a free token request slot for this upstream "
-                    "(http.max_concurrent_requests); the authorization server is slow"
-                ) from None
-            raise UpstreamUnavailable("the authorization server timed out") from None
-        except httpx.HTTPError as exc:
-            # The exception text can name the URL; it is dropped on purpose.
-            problem = certificate_problem(exc)
-            if problem is not None:
-                raise UpstreamUnavailable(untrusted("the authorization server", problem)) from None
-            raise UpstreamUnavailable("could not reach the authorization server") from None
+        """One POST in its trace span (``call``: ``token`` or ``revocation``): the answer's
+        status, its bounded body and the wait its Retry-After asks for."""
+        with self.spans.http(call, "POST", endpoint, upstream=upstream) as span:
+            fields = list(form)
+            headers: dict[str, str] = {}
+            credentials.apply(fields, headers)
+            url = httpx.URL(endpoint)
+            origin = (url.scheme, url.host, url.port)
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self.timeout if deadline is None else deadline
+            have_slot = False
+            try:
+                async with (
+                    asyncio.timeout_at(until),
+                    self._slot(upstream or f"{url.scheme}://{url.netloc.decode()}"),
+                ):
+                    have_slot = True
+                    values = dict_multi(fields)
+                    async with self._pool(origin).stream(
+                        "POST",
+                        url,
+                        headers=headers,
+                        data=None if json_body else values,
+                        json=values if json_body else None,
+                    ) as resp:
+                        body = await self._read(resp)
+                        span.status(resp.status_code)
+                        return Answer(resp.status_code, body, _retry_after(resp))
+            except (TimeoutError, httpx.TimeoutException):
+                if not have_slot:
+                    raise UpstreamUnavailable(
+                        "timed out waiting for a free token request slot for this upstream "
+                        "(http.max_concurrent_requests); the authorization server is slow"
+                    ) from None
+                raise UpstreamUnavailable("the authorization server timed out") from None
+            except httpx.HTTPError as exc:
+                # The exception text can name the URL; it is dropped on purpose.
+                problem = certificate_problem(exc)
+                if problem is not None:
+                    raise UpstreamUnavailable(untrusted("the authorization server", problem)) from None
+                raise UpstreamUnavailable("could not reach the authorization server") from None
 
     async def _read(self, resp: httpx.Response) -> bytes:
         encoding = resp.headers.get("content-encoding", "identity").strip().lower()

@@ -172,7 +172,9 @@ class ServiceBase:
 
         def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None: ...
 
-        async def _read(self, user: str, upstream: UpstreamConfig) -> Credential | None: ...
+        async def _read(
+            self, user: str, upstream: UpstreamConfig, recent: bool = False
+        ) -> Credential | None: ...
 
         async def _connect_error(
             self,

@@ -66,10 +66,7 @@ class ResolveService(ServiceBase):
         if upstream.auth_broker.mode is not Mode.OAUTH_CONNECT:
             exchanged = await self._exchanger.resolve(user, upstream, subject_token, floor, window)
             return self._resolved(exchanged, upstream)
-        if self._vault.must_wait(user, upstream.key, recent=True):  # PostgreSQL, nothing remembered
-            credential = await asyncio.to_thread(self._load, user, upstream, True)
-        else:
-            credential = self._load(user, upstream, recent=True)
+        credential = await self._read(user, upstream, recent=True)
         if credential is None:
             raise await self._connect_error(NotConnected, user, upstream, required)
         if required:
@@ -119,12 +116,13 @@ class ResolveService(ServiceBase):
             now, self._config.min_refresh_interval_seconds
         ) and credential.valid_for(now, self._config.refresh_window_seconds)
 
-    async def _read(self, user: str, upstream: UpstreamConfig) -> Credential | None:
+    async def _read(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         """The stored credential (:meth:`_load`), read in a worker thread when the store's reads
-        may wait (PostgreSQL): a read stuck behind a lock stalls no other call."""
-        if self._vault.must_wait(user, upstream.key):
-            return await asyncio.to_thread(self._load, user, upstream)
-        return self._load(user, upstream)
+        may wait (PostgreSQL) and the read cache cannot answer: a read stuck behind a lock
+        stalls no other call."""
+        if self._vault.must_wait(user, upstream.key, recent):
+            return await asyncio.to_thread(self._load, user, upstream, recent)
+        return self._load(user, upstream, recent)
 
     def _load(self, user: str, upstream: UpstreamConfig, recent: bool = False) -> Credential | None:
         try:
